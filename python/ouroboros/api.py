@@ -1,0 +1,153 @@
+"""``ouroboros.generate``: lossless greedy generation with a chosen proposal method (batch size 1)."""
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from .config import METHODS, resolve_config
+from .engine import GenerationStats, decode
+from .forward import uses_our_attention
+from .pool import PhrasePool
+
+__all__ = ["generate", "stream", "TESTED_MODEL_TYPES"]
+
+TESTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text",
+                                "phi3"})
+_MASKABLE_ATTENTION = ("eager", "sdpa")
+_warned_types: set[str] = set()
+
+
+def _vocab_size(model) -> int:
+    emb = model.get_output_embeddings()
+    return emb.weight.shape[0] if emb is not None else model.config.get_text_config().vocab_size
+
+
+def _check_model(model, role: str) -> None:
+    if not hasattr(model, "config") or not hasattr(model, "forward"):
+        raise ValueError(f"{role} must be a Hugging Face causal LM (a PreTrainedModel), got {type(model).__name__}")
+    impl = getattr(model.config, "_attn_implementation", None) or "eager"
+    if not uses_our_attention(model) and impl not in _MASKABLE_ATTENTION:
+        raise ValueError(f"{role} uses attn_implementation={impl!r}, which cannot take a 4D tree mask; load it with "
+                         f"attn_implementation='sdpa' or 'eager', or call ouroboros.patch(model)")
+    model_type = model.config.get_text_config().model_type
+    if model_type not in TESTED_MODEL_TYPES and model_type not in _warned_types:
+        _warned_types.add(model_type)
+        warnings.warn(f"ouroboros is untested on model_type={model_type!r}; tested: {sorted(TESTED_MODEL_TYPES)}",
+                      stacklevel=3)
+
+
+def _prompt_list(input_ids) -> list[int]:
+    if isinstance(input_ids, torch.Tensor):
+        if input_ids.dim() == 2:
+            if input_ids.shape[0] != 1:
+                raise ValueError(f"batch size must be 1, got input_ids of shape {tuple(input_ids.shape)}")
+            input_ids = input_ids[0]
+        elif input_ids.dim() != 1:
+            raise ValueError(f"input_ids must be (1, L) or (L,), got shape {tuple(input_ids.shape)}")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+        tokens = input_ids.tolist()
+    else:
+        tokens = list(input_ids)
+        if tokens and isinstance(tokens[0], (list, tuple)):
+            if len(tokens) != 1:
+                raise ValueError(f"batch size must be 1, got {len(tokens)} sequences")
+            tokens = list(tokens[0])
+    if not tokens:
+        raise ValueError("the prompt is empty: input_ids needs at least one token")
+    return [int(t) for t in tokens]
+
+
+def _eos_set(target, eos_token_id) -> frozenset[int]:
+    if eos_token_id is None:
+        gen = getattr(target, "generation_config", None)
+        eos_token_id = getattr(gen, "eos_token_id", None)
+    if eos_token_id is None:
+        return frozenset()
+    if isinstance(eos_token_id, int):
+        return frozenset([eos_token_id])
+    return frozenset(int(t) for t in eos_token_id)
+
+
+def _prepare(target, draft, input_ids, max_new_tokens, method, pool, params):
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    _check_model(target, "target")
+    prompt = _prompt_list(input_ids)
+    vocab = _vocab_size(target)
+    if max(prompt) >= vocab or min(prompt) < 0:
+        raise ValueError(f"input_ids hold token ids outside the target vocabulary [0, {vocab})")
+    if method in ("speculative", "ouroboros"):
+        if draft is None:
+            raise ValueError(f"method {method!r} needs a draft model")
+        _check_model(draft, "draft")
+        if _vocab_size(draft) != vocab:
+            raise ValueError(f"draft and target vocabularies differ: draft has {_vocab_size(draft)} tokens, "
+                             f"target has {vocab}; they must share one tokenizer")
+        if draft.device != target.device:
+            raise ValueError(f"draft is on {draft.device} but target is on {target.device}; put both on one device")
+    if pool is not None and params.get("ngram") is None:
+        params["ngram"] = pool.ngram
+    cfg = resolve_config(target.device, **params)
+    uses_pool = method in ("lookahead", "prompt_lookup", "ouroboros")
+    if uses_pool:
+        if pool is None:
+            pool = PhrasePool(ngram=cfg.ngram, guess_set=cfg.guess_set)
+        elif pool.ngram != cfg.ngram:
+            raise ValueError(f"the pool holds {pool.ngram}-grams but ngram={cfg.ngram} was asked for")
+    return prompt, cfg, (pool if uses_pool else None)
+
+
+def stream(target, draft=None, input_ids=None, *, max_new_tokens: int, method: str = "ouroboros",
+           pool: PhrasePool | None = None, gamma: int | None = None, ngram: int | None = None,
+           window: int | None = None, guess_set: int | None = None, topk: int | None = None,
+           eos_token_id: int | Sequence[int] | None = None,
+           stats: GenerationStats | None = None) -> Iterator[list[int]]:
+    """Like :func:`generate`, but yield the new tokens as each cycle emits them (fills ``stats`` if given)."""
+    params = dict(gamma=gamma, ngram=ngram, window=window, guess_set=guess_set, topk=topk)
+    prompt, cfg, pool = _prepare(target, draft, input_ids, max_new_tokens, method, pool, params)
+    stats = stats if stats is not None else GenerationStats()
+    stats.method, stats.config = method, cfg.as_dict()
+    with torch.inference_mode():
+        yield from decode(target, draft, prompt, method=method, cfg=cfg, max_new_tokens=max_new_tokens,
+                          eos=_eos_set(target, eos_token_id), pool=pool, stats=stats)
+
+
+def generate(target, draft=None, input_ids=None, *, max_new_tokens: int, method: str = "ouroboros",
+             pool: PhrasePool | None = None, gamma: int | None = None, ngram: int | None = None,
+             window: int | None = None, guess_set: int | None = None, topk: int | None = None,
+             eos_token_id: int | Sequence[int] | None = None, return_stats: bool = False,
+             on_tokens: Callable[[list[int]], None] | None = None):
+    """Greedy generation that returns exactly the target's own greedy tokens (batch size 1).
+
+    Parameters
+    ----------
+    target, draft : HF causal LMs sharing one tokenizer (``draft`` needed for "speculative" and "ouroboros").
+    input_ids : (1, L) or (L,) token ids, L >= 1.
+    method : "greedy" | "speculative" | "lookahead" | "prompt_lookup" | "ouroboros".
+    pool : a :class:`PhrasePool` to use and keep warm across calls (history reuse); a fresh one if None.
+    gamma, ngram, window, guess_set, topk : SPEC §2 parameters; None picks the device default (``ouroboros.config``).
+    eos_token_id : stop after this token (or any of these); default: the target's ``generation_config``.
+    on_tokens : called with each cycle's new tokens (streaming).
+
+    Returns
+    -------
+    LongTensor (1, L + n) on the target's device, n <= max_new_tokens, ending at the first EOS if one was produced;
+    with ``return_stats=True`` a tuple ``(ids, GenerationStats)``.
+    Raises ``ValueError`` naming the problem for bad input (batch > 1, empty prompt, vocab mismatch, ...).
+    """
+    stats = GenerationStats()
+    out: list[int] = []
+    for new in stream(target, draft, input_ids, max_new_tokens=max_new_tokens, method=method, pool=pool,
+                      gamma=gamma, ngram=ngram, window=window, guess_set=guess_set, topk=topk,
+                      eos_token_id=eos_token_id, stats=stats):
+        out.extend(new)
+        if on_tokens is not None:
+            on_tokens(new)
+    prompt = _prompt_list(input_ids)
+    ids = torch.tensor([prompt + out], dtype=torch.long, device=target.device)
+    return (ids, stats) if return_stats else ids

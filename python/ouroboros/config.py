@@ -1,0 +1,47 @@
+"""Decoding parameters and their device-aware defaults."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+import torch
+
+__all__ = ["DecodeConfig", "GPU_DEFAULTS", "CPU_DEFAULTS", "METHODS", "resolve_config"]
+
+METHODS = ("greedy", "speculative", "lookahead", "prompt_lookup", "ouroboros")
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Parameters of SPEC §2 (names used everywhere).
+
+    gamma: draft length in tokens per cycle. ngram: n-gram size N (phrases hold N-1 tokens). window: lookahead window
+    width W (columns). guess_set: phrases per key G (pool capacity per key, and guesses verified per draft forward).
+    topk: candidate suffixes K appended to the draft for verification.
+    """
+
+    gamma: int = 12
+    ngram: int = 7
+    window: int = 20
+    guess_set: int = 20
+    topk: int = 3
+
+    def __post_init__(self) -> None:
+        for name, low in (("gamma", 1), ("ngram", 2), ("window", 0), ("guess_set", 1), ("topk", 0)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+# The original code's values (Yi-34B/6B, HumanEval): a wide tree is nearly free on a GPU (SPEC §4).
+GPU_DEFAULTS = DecodeConfig(gamma=12, ngram=7, window=20, guess_set=20, topk=3)
+# On a CPU every tree token costs compute, so the draft tree is kept narrow.
+CPU_DEFAULTS = DecodeConfig(gamma=8, ngram=5, window=3, guess_set=4, topk=2)
+
+
+def resolve_config(device: torch.device | str, **overrides: int | None) -> DecodeConfig:
+    """The defaults for ``device`` ("cuda" -> GPU_DEFAULTS, else CPU_DEFAULTS) with non-None ``overrides`` applied."""
+    base = GPU_DEFAULTS if torch.device(device).type == "cuda" else CPU_DEFAULTS
+    return replace(base, **{k: v for k, v in overrides.items() if v is not None})

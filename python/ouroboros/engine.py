@@ -1,0 +1,258 @@
+"""The Ouroboros cycle (SPEC §2) and the baselines, sharing one verify / accept / KV path.
+
+Every method proposes a token tree, the target verifies it in one forward (``tree_step``), and the accepted path plus
+the target's bonus token is emitted. Every emitted token is the target's argmax given the true prefix: lossless.
+"""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+from .config import DecodeConfig
+from .forward import ModelRunner
+from .pool import PhrasePool
+from .tokentree import TokenTree
+
+__all__ = ["GenerationStats", "StepResult", "LookaheadWindow", "tree_step", "decode"]
+
+
+@dataclass
+class GenerationStats:
+    """What one generation did. Times are seconds of wall clock."""
+
+    method: str = ""
+    config: dict = field(default_factory=dict)
+    tokens: int = 0
+    cycles: int = 0
+    target_forwards: int = 0
+    draft_forwards: int = 0
+    draft_tokens: int = 0            # tokens the draft phase produced (before truncation to gamma)
+    trunk_accepted: int = 0          # draft tokens the target accepted
+    branch_accepted: int = 0         # tokens accepted from concatenated phrases (suffix branches)
+    guess_accepted: int = 0          # tokens the drafting model accepted from window/pool guesses
+    kv_gathers: int = 0              # caches compacted by a non-contiguous gather
+    pool_size: int = 0
+    pool_keys: int = 0
+    pool_lookups: int = 0
+    pool_hits: int = 0
+    time_total: float = 0.0
+    time_draft: float = 0.0
+    time_verify: float = 0.0
+    trace: list = field(default_factory=list, repr=False)
+
+    @property
+    def time_bookkeeping(self) -> float:
+        return max(0.0, self.time_total - self.time_draft - self.time_verify)
+
+    @property
+    def accepted_per_target_forward(self) -> float:
+        return self.tokens / self.target_forwards if self.target_forwards else 0.0
+
+    @property
+    def tokens_per_draft_forward(self) -> float:
+        return self.draft_tokens / self.draft_forwards if self.draft_forwards else 0.0
+
+    @property
+    def pool_hit_rate(self) -> float:
+        return self.pool_hits / self.pool_lookups if self.pool_lookups else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.time_total if self.time_total else 0.0
+
+    def summary(self) -> dict:
+        """Counters and derived rates as a flat JSON-ready dict (no trace)."""
+        out = {k: v for k, v in self.__dict__.items() if k != "trace"}
+        for name in ("time_bookkeeping", "accepted_per_target_forward", "tokens_per_draft_forward",
+                     "pool_hit_rate", "tokens_per_second"):
+            out[name] = getattr(self, name)
+        return out
+
+
+@dataclass
+class StepResult:
+    """One tree forward: the tree, the model's argmax at every node, and the accepted path below the given tokens."""
+
+    tree: TokenTree
+    argmax: list[int]
+    given: list[int]            # nodes of the tokens that were already decided (uncached prefix tail)
+    trunk: list[int]            # nodes of the draft trunk
+    branches: list[list[int]]   # nodes of each branch, in the order given
+    path: list[int]             # accepted nodes below the last given node
+
+    @property
+    def tip(self) -> int:
+        return self.trunk[-1] if self.trunk else self.given[-1]
+
+    @property
+    def emitted(self) -> list[int]:
+        """Accepted tokens plus the model's own next token after them (the bonus)."""
+        last = self.path[-1] if self.path else self.given[-1]
+        return [self.tree.tokens[n] for n in self.path] + [self.argmax[last]]
+
+    @property
+    def trunk_accepted(self) -> int:
+        trunk = set(self.trunk)
+        return sum(1 for n in self.path if n in trunk)
+
+
+def tree_step(runner: ModelRunner, pending: Sequence[int], trunk: Sequence[int] = (),
+              branches: Sequence[Sequence[int]] = ()) -> StepResult:
+    """Run ``pending`` (uncached, decided tokens), then ``trunk``, then ``branches`` off the trunk's tip, as one trie.
+
+    Guarantees: one forward; afterwards the runner's cache holds exactly the old prefix + pending + accepted path.
+    """
+    tree = TokenTree()
+    given = tree.add_path(-1, pending)
+    trunk_ids = tree.add_path(given[-1], trunk)
+    tip = trunk_ids[-1] if trunk_ids else given[-1]
+    branch_ids = [tree.add_path(tip, b) for b in branches]
+    prefix = runner.n_cached
+    argmax = runner.forward_tree(tree)
+    path = tree.walk(given[-1], argmax)
+    runner.keep(prefix, given + path)
+    return StepResult(tree, argmax, given, trunk_ids, branch_ids, path)
+
+
+class LookaheadWindow:
+    """The 2-D Jacobi window: ``width`` columns of N-1 levels, each a chain hanging off the last token.
+
+    After a forward, each column yields the n-gram (column[0]; column[1:] + prediction at its last level), which goes
+    into the pool, and the column becomes that phrase (the window slides one level).
+    """
+
+    def __init__(self, ngram: int, width: int, context: Sequence[int], seed: int = 0) -> None:
+        rng = random.Random(seed)
+        self.columns = [[int(context[rng.randrange(len(context))]) for _ in range(ngram - 1)] for _ in range(width)]
+
+    def advance(self, result: StepResult, pool: PhrasePool) -> None:
+        """Slide every column using the predictions in ``result`` (whose first branches are the columns)."""
+        for c, nodes in enumerate(result.branches[:len(self.columns)]):
+            column = self.columns[c]
+            phrase = column[1:] + [result.argmax[nodes[-1]]]
+            pool.insert(column[0], phrase)
+            self.columns[c] = phrase
+
+
+def _clip(tokens: list[int], budget: int, eos: frozenset[int]) -> tuple[list[int], bool]:
+    """At most ``budget`` tokens, cut after the first EOS; second value: generation is finished."""
+    tokens = tokens[:budget]
+    for i, tok in enumerate(tokens):
+        if tok in eos:
+            return tokens[:i + 1], True
+    return tokens, len(tokens) == budget
+
+
+def draft_tokens(drafter: ModelRunner, seq: list[int], gamma: int, eos: frozenset[int], stats: GenerationStats,
+                 window: LookaheadWindow | None = None, pool: PhrasePool | None = None,
+                 guess_set: int = 0) -> list[int]:
+    """Extend ``seq`` (in place) by up to ``gamma`` tokens of the drafting model's greedy text; return the draft.
+
+    With a window and pool this is phrase-level drafting (lookahead decoding on the draft model, SPEC §2 step 1):
+    each forward verifies pool guesses and advances the window, adding 1..N tokens. Without, one token per forward.
+    """
+    start = len(seq)
+    while len(seq) - start < gamma:
+        pending = seq[drafter.n_cached:]
+        guesses = pool.lookup(pending[-1], guess_set) if pool is not None and guess_set else []
+        columns = window.columns if window is not None else []
+        result = tree_step(drafter, pending, branches=[*columns, *guesses])
+        if window is not None:
+            window.advance(result, pool)
+        new = result.emitted
+        stats.draft_forwards += 1
+        stats.draft_tokens += len(new)
+        stats.guess_accepted += len(new) - 1
+        seq.extend(new)
+        if eos.intersection(new):
+            break
+    return _clip(seq[start:], gamma, eos)[0]
+
+
+def mine_verification(pool: PhrasePool, result: StepResult, draft: Sequence[int],
+                      suffixes: Sequence[Sequence[int]]) -> None:
+    """Phrases from verification (SPEC §2 step 4): (a) the target's argmax runs after rejected draft positions;
+    (b) every verified suffix rewritten as the target's own predictions, replacing it in place."""
+    n = pool.phrase_len
+    argmax, trunk = result.argmax, result.trunk
+    accepted = result.trunk_accepted
+    if accepted < len(draft):
+        for j in range(accepted, len(draft) - n + 1):
+            pool.insert(draft[j], [argmax[trunk[j + i]] for i in range(n)])
+    key = result.tree.tokens[result.tip]
+    for suffix, nodes in zip(suffixes, result.branches):
+        pool.replace(key, suffix, [argmax[result.tip]] + [argmax[node] for node in nodes[:n - 1]])
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int], start: int) -> int:
+    n = min(len(a), len(b))
+    i = start
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def decode(target, draft, prompt: Sequence[int], *, method: str, cfg: DecodeConfig, max_new_tokens: int,
+           eos: frozenset[int], pool: PhrasePool | None, stats: GenerationStats) -> Iterator[list[int]]:
+    """Yield the emitted tokens cycle by cycle until EOS or ``max_new_tokens`` (SPEC §2 "One cycle")."""
+    t0 = time.perf_counter()
+    x = [int(t) for t in prompt]
+    tgt = ModelRunner(target)
+    tgt.prefill(x[:-1])
+    drf = None
+    if method in ("speculative", "ouroboros"):
+        drf = ModelRunner(draft)
+        drf.prefill(x[:-1])
+    window = LookaheadWindow(cfg.ngram, cfg.window, x) if method in ("lookahead", "ouroboros") else None
+    if pool is not None:
+        pool.seed_from(x)
+        lookups0, hits0 = pool.stats.lookups, pool.stats.hits
+    produced, done = 0, False
+    while not done:
+        d0, v0 = (drf.forward_time if drf else 0.0), tgt.forward_time
+        n_draft_fwd = stats.draft_forwards
+        draft_seq: list[int] = []
+        suffixes: list = []
+        if method == "lookahead":      # step 1 on the target itself: its own forward verifies the guesses
+            guesses = pool.lookup(x[-1], cfg.guess_set)
+            result = tree_step(tgt, x[tgt.n_cached:], branches=[*window.columns, *guesses])
+            window.advance(result, pool)
+            stats.guess_accepted += len(result.path)
+        else:
+            if drf is not None:         # speculative: one token per draft forward; ouroboros: phrase by phrase
+                seq = list(x)
+                draft_seq = draft_tokens(drf, seq, cfg.gamma, eos, stats, window, pool,
+                                         cfg.guess_set if method == "ouroboros" else 0)
+            if method in ("prompt_lookup", "ouroboros") and cfg.topk and not eos.intersection(draft_seq):
+                suffixes = pool.lookup(draft_seq[-1] if draft_seq else x[-1], cfg.topk)
+            result = tree_step(tgt, x[tgt.n_cached:], trunk=draft_seq, branches=suffixes)
+            if method == "ouroboros":
+                mine_verification(pool, result, draft_seq, suffixes)
+        stats.target_forwards += 1
+        stats.trunk_accepted += result.trunk_accepted
+        stats.branch_accepted += len(result.path) - result.trunk_accepted if method != "lookahead" else 0
+        new, done = _clip(result.emitted, max_new_tokens - produced, eos)
+        old_len = len(x)
+        x.extend(new)
+        produced += len(new)
+        if drf is not None:             # roll the draft cache back to what agrees with the accepted text
+            drf.rollback(min(_common_prefix(seq, x, old_len - 1), len(x) - 1))
+        if pool is not None:            # the emitted text's own n-grams (prompt-lookup style)
+            n = cfg.ngram
+            for i in range(max(0, old_len - n + 1), len(x) - n + 1):
+                pool.insert(x[i], x[i + 1:i + n])
+        stats.cycles += 1
+        stats.tokens = produced
+        stats.time_draft += (drf.forward_time - d0) if drf else 0.0
+        stats.time_verify += tgt.forward_time - v0
+        stats.trace.append({"tree_size": len(result.tree), "accepted": len(new), "draft_len": len(draft_seq),
+                            "draft_forwards": stats.draft_forwards - n_draft_fwd})
+        stats.time_total = time.perf_counter() - t0
+        yield new
+    stats.kv_gathers = tgt.gathers + (drf.gathers if drf else 0)
+    if pool is not None:
+        stats.pool_size, stats.pool_keys = len(pool), pool.num_keys()
+        stats.pool_lookups, stats.pool_hits = pool.stats.lookups - lookups0, pool.stats.hits - hits0
+    stats.time_total = time.perf_counter() - t0

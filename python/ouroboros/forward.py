@@ -1,0 +1,133 @@
+"""One forward of an unmodified HF model over a token tree appended to its KV cache (SPEC §2 step 3).
+
+``ModelRunner`` owns a model's cache and the count of tokens it holds. Tree tokens get position ``prefix + depth``
+and see the whole cache, their ancestors and themselves: through our patched attention (a packed bit mask travels as
+the ``ouro_tree`` kwarg) or, on an unpatched model, through a 4D additive mask passed to ``forward``.
+"""
+from __future__ import annotations
+
+import inspect
+import time
+from typing import Sequence
+
+import torch
+
+from ouroboros_kernels import ancestor_mask, pack_mask
+
+from .cache import cache_length, crop_cache, keep_entries, new_cache
+from .tokentree import TokenTree
+
+__all__ = ["ModelRunner", "dense_tree_masks", "uses_our_attention"]
+
+
+def uses_our_attention(model) -> bool:
+    """True when ``ouroboros.patch`` routed this model's attention through our kernels."""
+    try:
+        from .patch import is_patched
+    except ImportError:
+        return False
+    return is_patched(model)
+
+
+def dense_tree_masks(config, prefix_len: int, parents: Sequence[int], depths: Sequence[int],
+                     dtype: torch.dtype, device: torch.device):
+    """The 4D additive mask(s) ``(1, 1, T, prefix_len + T)`` HF ``forward`` takes for a tree.
+
+    Returns one tensor, or a dict ``layer_type -> mask`` for models that mix sliding and full attention layers.
+    Sliding windows follow HF's rule (key position > query position - window) on logical positions.
+    """
+    t = len(parents)
+    visible = torch.cat([torch.ones(t, prefix_len, dtype=torch.bool), ancestor_mask(parents)], dim=1).to(device)
+    q_pos = prefix_len + torch.as_tensor(list(depths), dtype=torch.long, device=device)
+    k_pos = torch.cat([torch.arange(prefix_len, device=device), q_pos])
+
+    def additive(mask: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
+        return out[None, None]
+
+    def windowed(window: int) -> torch.Tensor:
+        return visible & (k_pos[None, :] > q_pos[:, None] - window)
+
+    window = getattr(config, "sliding_window", None)
+    layer_types = set(getattr(config, "layer_types", None) or [])
+    if "sliding_attention" in layer_types:
+        masks = {}
+        for kind in layer_types:
+            if kind == "full_attention":
+                masks[kind] = additive(visible)
+            elif kind == "sliding_attention":
+                masks[kind] = additive(windowed(window))
+            else:
+                raise ValueError(f"layer type {kind!r} is not supported by ouroboros tree verification")
+        return masks
+    if layer_types - {"full_attention"}:
+        raise ValueError(f"layer types {sorted(layer_types)} are not supported by ouroboros tree verification")
+    if window is not None and not layer_types and getattr(config, "use_sliding_window", True):
+        return additive(windowed(window))
+    return additive(visible)
+
+
+class ModelRunner:
+    """A model, its KV cache, and counters. ``n_cached`` tokens of the sequence are in the cache."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.config = model.config.get_text_config()
+        self.device = model.device
+        self.cache = new_cache()
+        params = inspect.signature(model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._logits_to_keep = "logits_to_keep" in params
+        self.forwards = 0
+        self.forward_time = 0.0
+        self.gathers = 0
+
+    @property
+    def n_cached(self) -> int:
+        return cache_length(self.cache)
+
+    def _call(self, ids: torch.Tensor, **kw):
+        kw[self._cache_kw] = self.cache
+        start = time.perf_counter()
+        out = self.model(input_ids=ids, use_cache=True, **kw)
+        self.forwards += 1
+        return out, start
+
+    def prefill(self, tokens: Sequence[int]) -> None:
+        """Put ``tokens`` (may be empty) into the cache with one causal forward."""
+        if not tokens:
+            return
+        ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
+        kw = {"logits_to_keep": 1} if self._logits_to_keep else {}
+        out, start = self._call(ids, **kw)
+        out.logits.sum().item()  # wait for the device so the timing is honest
+        self.forward_time += time.perf_counter() - start
+
+    def forward_tree(self, tree: TokenTree) -> list[int]:
+        """Append ``tree`` to the cache, run one forward, return the model's argmax token at every node."""
+        prefix = self.n_cached
+        ids = torch.tensor([tree.tokens], dtype=torch.long, device=self.device)
+        pos = torch.tensor([tree.depths], dtype=torch.long, device=self.device) + prefix
+        if uses_our_attention(self.model):
+            from .patch import TreeSpec
+            packed = pack_mask(ancestor_mask(tree.parents)).to(self.device)
+            spec = TreeSpec(prefix_len=prefix, mask=packed, depths=pos[0] - prefix)
+            kw = {"attention_mask": None, "ouro_tree": spec}
+        else:
+            mask = dense_tree_masks(self.config, prefix, tree.parents, tree.depths, self.model.dtype, self.device)
+            kw = {"attention_mask": mask}
+        out, start = self._call(ids, position_ids=pos, **kw)
+        argmax = out.logits[0].argmax(-1).tolist()
+        self.forward_time += time.perf_counter() - start
+        return argmax
+
+    def keep(self, prefix_len: int, nodes: Sequence[int]) -> None:
+        """After ``forward_tree``: keep the cache prefix plus the entries of ``nodes`` (a root-down path)."""
+        if list(nodes) != list(range(len(nodes))):
+            self.gathers += 1
+        keep_entries(self.cache, prefix_len, nodes)
+
+    def rollback(self, length: int) -> None:
+        """Keep only the first ``length`` cached tokens."""
+        if length < self.n_cached:
+            crop_cache(self.cache, length)
