@@ -12,6 +12,10 @@ import transformers  # noqa: E402
 
 VOCAB = 96
 
+# Tiny models are dominated by per-op overhead: one intra-op thread is several times faster than two, and immune to
+# oversubscription when pytest shares the machine.
+torch.set_num_threads(int(os.environ.get("OUROBOROS_TEST_THREADS", "1")))
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "real: needs the real pretrained pair (pip install -e '.[models]'); "

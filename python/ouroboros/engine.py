@@ -247,7 +247,8 @@ def decode(target, draft, prompt: Sequence[int], *, method: str, cfg: DecodeConf
         stats.tokens = produced
         stats.time_draft += (drf.forward_time - d0) if drf else 0.0
         stats.time_verify += tgt.forward_time - v0
-        stats.trace.append({"tree_size": len(result.tree), "accepted": len(new), "draft_len": len(draft_seq),
+        stats.trace.append({"tree_size": len(result.tree), "accepted": len(new), "verified": len(result.emitted),
+                            "draft_len": len(draft_seq),
                             "draft_forwards": stats.draft_forwards - n_draft_fwd})
         stats.time_total = time.perf_counter() - t0
         yield new

@@ -45,6 +45,12 @@ from .pool import POOL_FORMAT, PhrasePool, PoolStats
 __all__ = ["GpuPhrasePool", "HostPoolAdapter"]
 
 
+def _default_device(device: torch.device | str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
 class GpuPhrasePool:
     """Bounded two-level LRU phrase pool in device tensors (same guarantees as :class:`PhrasePool`).
 
@@ -61,7 +67,7 @@ class GpuPhrasePool:
     """
 
     def __init__(self, ngram: int = 7, guess_set: int = 20, max_keys: int = 1 << 20, *, vocab_size: int,
-                 device: torch.device | str = "cuda", backend: str | None = None) -> None:
+                 device: torch.device | str | None = None, backend: str | None = None) -> None:
         if ngram < 2:
             raise ValueError(f"ngram must be >= 2 (a key plus at least one token), got {ngram}")
         if guess_set < 1 or max_keys < 1:
@@ -69,7 +75,7 @@ class GpuPhrasePool:
         if vocab_size < 1:
             raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
         self.ngram, self.guess_set, self.max_keys, self.vocab_size = ngram, guess_set, max_keys, vocab_size
-        self.device = torch.device(device)
+        self.device = _default_device(device)
         self.backend = backend
         self.tensors: NgramPool = ngram_pool_empty(vocab_size, min(max_keys, vocab_size), guess_set, ngram - 1,
                                                    self.device)
@@ -202,7 +208,7 @@ class GpuPhrasePool:
         }
 
     @classmethod
-    def from_state_dict(cls, state: dict, device: torch.device | str = "cuda", vocab_size: int | None = None,
+    def from_state_dict(cls, state: dict, device: torch.device | str | None = None, vocab_size: int | None = None,
                         backend: str | None = None) -> "GpuPhrasePool":
         """A pool from a :meth:`PhrasePool.state_dict` / :meth:`state_dict` dict.
 
@@ -264,7 +270,7 @@ class GpuPhrasePool:
         return pool
 
     @classmethod
-    def from_cpu(cls, pool: PhrasePool, device: torch.device | str = "cuda", vocab_size: int | None = None,
+    def from_cpu(cls, pool: PhrasePool, device: torch.device | str | None = None, vocab_size: int | None = None,
                  backend: str | None = None) -> "GpuPhrasePool":
         """A device pool equal to ``pool`` (see :meth:`from_state_dict` for ``vocab_size``); counters copied too."""
         out = cls.from_state_dict(pool.state_dict(), device=device, vocab_size=vocab_size, backend=backend)
@@ -276,7 +282,7 @@ class GpuPhrasePool:
         torch.save(self.state_dict(), str(path))
 
     @classmethod
-    def load(cls, path: str | Path, device: torch.device | str = "cuda", vocab_size: int | None = None,
+    def load(cls, path: str | Path, device: torch.device | str | None = None, vocab_size: int | None = None,
              backend: str | None = None) -> "GpuPhrasePool":
         """Read a pool written by :meth:`save` or :meth:`PhrasePool.save`."""
         return cls.from_state_dict(torch.load(str(path), weights_only=True), device=device, vocab_size=vocab_size,
