@@ -11,20 +11,20 @@ A dense ``key -> slot`` index of ``V`` int32 plus a bounded table of ``S = min(m
 ``G`` phrases of ``P = N - 1`` int32 tokens, a count, and links of a doubly linked key-LRU list. Bytes:
 ``4 * V`` (index) + ``S * (4 * G * P + 16)`` (slots). At G=20, N=7 a slot is 496 B:
 
-=========  =====================  =====================  =========================  ================================
-vocab V    dense (V, G, P) table  ours, max_keys >= V    ours, max_keys = 16384     open-addressing hash, 16384 keys
-=========  =====================  =====================  =========================  ================================
-32 000     15.4 MB                15.9 MB                8.3 MB                     ~8.4 MB (at load 0.5: 16.5 MB)
-152 064    73.0 MB                76.0 MB                8.7 MB                     same
-256 000    122.9 MB               128.0 MB               9.2 MB                     same
-=========  =====================  =====================  =========================  ================================
+=========  =====================  =====================  ========================  =============================
+vocab V    dense (V, G, P) table  ours, max_keys >= V    ours, max_keys = 16384    hash (2x buckets), 16384 keys
+=========  =====================  =====================  ========================  =============================
+32 000     15.4 MB                16.0 MB                8.3 MB                    8.4 MB
+152 064    73.0 MB                76.0 MB                8.7 MB                    8.4 MB
+256 000    122.9 MB               128.0 MB               9.2 MB                    8.4 MB
+=========  =====================  =====================  ========================  =============================
 
 Why not a hash table: the key index costs only ``4 V`` bytes (1 MB at 256k), is one load per lookup (no probing, no
 tombstones under eviction, trivially graph-capturable), and the phrase memory is bounded by ``max_keys`` exactly as
 the CPU pool's is. Why not a dense ``(V, G, P)`` table: it cannot honour ``max_keys`` (the CPU pool's key eviction)
 and costs 123 MB at 256k whatever the pool holds; with slots, a server that wants a small device footprint sets
 ``max_keys`` (16k keys = 8-9 MB) and gets the same eviction order as the CPU pool. With the default
-``max_keys = 2**20 >= V`` the slot table is as large as the dense table (+3%) and no key is ever evicted, because a
+``max_keys = 2**20 >= V`` the slot table is as large as the dense table (+4%) and no key is ever evicted, because a
 vocabulary of ``V`` tokens has at most ``V`` keys.
 
 API: the tensor path (``insert_many``, ``replace_many``, ``lookup``, ``seed_from``) never syncs; :attr:`host` is a
@@ -134,19 +134,7 @@ class GpuPhrasePool:
         """
         keys = self._tokens(keys)
         k = self.guess_set if k is None else k
-        phrases, valid = ngram_lookup(self.tensors, keys, k, backend=self.backend)
-        if keys.numel():
-            counted = keys >= 0
-            hit = valid[:, 0] if k > 0 else self._has_phrases(keys)
-            self._stats += torch.stack([counted.sum(), (hit & counted).sum()])
-        return phrases, valid
-
-    def _has_phrases(self, keys: torch.Tensor) -> torch.Tensor:
-        t = self.tensors
-        ok = (keys >= 0) & (keys < self.vocab_size)
-        slot = t.key_to_slot.index_select(0, keys.clamp(0, self.vocab_size - 1)).long()
-        count = t.counts.index_select(0, slot.clamp(min=0))
-        return ok & (slot >= 0) & (count > 0)
+        return ngram_lookup(self.tensors, keys, k, stats=self._stats, backend=self.backend)
 
     def seed_from(self, tokens: torch.Tensor | Sequence[int]) -> None:
         """Insert every n-gram of ``tokens`` (key = token ``i``, phrase = the next ``ngram-1``), left to right."""
@@ -357,13 +345,13 @@ class HostPoolAdapter:
 
     def lookup(self, key: int, k: int | None = None) -> list[tuple[int, ...]]:
         key = int(key)
-        k = self.gpu.guess_set if k is None else k
         if key < 0:  # the tensor path treats negative keys as padding; the CPU pool counts them as lookups
             self.gpu._stats[0] += 1
             return []
-        phrases, valid = self.gpu.lookup(torch.tensor([key]), min(k, self.gpu.guess_set))
-        n = int(valid[0].sum().item())
-        return [tuple(r) for r in phrases[0, :n].tolist()]
+        phrases, valid = self.gpu.lookup(torch.tensor([key]), self.gpu.guess_set)
+        rows = torch.cat([valid[0, :, None].long(), phrases[0]], dim=1).tolist()  # one device -> host copy
+        out = [tuple(r[1:]) for r in rows if r[0]]
+        return out if k is None else out[:k]
 
     def phrases(self, key: int) -> list[tuple[int, ...]]:
         """All phrases of ``key``, oldest first (no counters touched)."""
