@@ -1,6 +1,7 @@
 """Backend selection: "cuda" > "triton" > "reference"; ``OUROBOROS_BACKEND`` forces one."""
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 
@@ -16,6 +17,7 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@functools.lru_cache(maxsize=None)
 def _cuda_ext():
     try:
         return importlib.import_module("ouroboros_kernels._cuda")
@@ -23,12 +25,22 @@ def _cuda_ext():
         return None
 
 
+@functools.lru_cache(maxsize=None)
+def _status(interpret: bool) -> tuple[tuple[str, str], ...]:
+    return tuple(_backend_status(interpret).items())
+
+
 def backend_status() -> dict[str, str]:
+    """For each backend, ``"available"`` or the reason it is not (cached per ``TRITON_INTERPRET`` setting)."""
+    return dict(_status(triton_interpret()))
+
+
+def _backend_status(interpret: bool) -> dict[str, str]:
     """For each backend, ``"available"`` or the reason it is not."""
     status = {"reference": "available"}
     try:
         import triton  # noqa: F401
-        if torch.cuda.is_available() or triton_interpret():
+        if torch.cuda.is_available() or interpret:
             status["triton"] = "available"
         else:
             status["triton"] = "no CUDA device (set TRITON_INTERPRET=1 to run on CPU tensors)"

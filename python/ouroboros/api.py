@@ -105,7 +105,7 @@ def _prepare(target, draft, input_ids, max_new_tokens, method, pool, params):
 def stream(target, draft=None, input_ids=None, *, max_new_tokens: int, method: str = "ouroboros",
            pool: PhrasePool | None = None, gamma: int | None = None, ngram: int | None = None,
            window: int | None = None, guess_set: int | None = None, topk: int | None = None,
-           eos_token_id: int | Sequence[int] | None = None,
+           eos_token_id: int | Sequence[int] | None = None, fast: bool | None = None,
            stats: GenerationStats | None = None) -> Iterator[list[int]]:
     """Like :func:`generate`, but yield the new tokens as each cycle emits them (fills ``stats`` if given)."""
     params = dict(gamma=gamma, ngram=ngram, window=window, guess_set=guess_set, topk=topk)
@@ -114,14 +114,15 @@ def stream(target, draft=None, input_ids=None, *, max_new_tokens: int, method: s
     stats.method, stats.config = method, cfg.as_dict()
     with torch.inference_mode():
         yield from decode(target, draft, prompt, method=method, cfg=cfg, max_new_tokens=max_new_tokens,
-                          eos=_eos_set(target, eos_token_id), pool=pool, stats=stats)
+                          eos=_eos_set(target, eos_token_id), pool=pool, stats=stats,
+                          fast=(target.device.type == "cuda") if fast is None else fast)
 
 
 def generate(target, draft=None, input_ids=None, *, max_new_tokens: int, method: str = "ouroboros",
              pool: PhrasePool | None = None, gamma: int | None = None, ngram: int | None = None,
              window: int | None = None, guess_set: int | None = None, topk: int | None = None,
              eos_token_id: int | Sequence[int] | None = None, return_stats: bool = False,
-             on_tokens: Callable[[list[int]], None] | None = None):
+             on_tokens: Callable[[list[int]], None] | None = None, fast: bool | None = None):
     """Greedy generation that returns exactly the target's own greedy tokens (batch size 1).
 
     Parameters
@@ -133,6 +134,7 @@ def generate(target, draft=None, input_ids=None, *, max_new_tokens: int, method:
     gamma, ngram, window, guess_set, topk : SPEC §2 parameters; None picks the device default (``ouroboros.config``).
     eos_token_id : stop after this token (or any of these); default: the target's ``generation_config``.
     on_tokens : called with each cycle's new tokens (streaming).
+    fast : the static-cache step path with CUDA graphs per tree-size bucket (default: on for CUDA models).
 
     Returns
     -------
@@ -144,7 +146,7 @@ def generate(target, draft=None, input_ids=None, *, max_new_tokens: int, method:
     out: list[int] = []
     for new in stream(target, draft, input_ids, max_new_tokens=max_new_tokens, method=method, pool=pool,
                       gamma=gamma, ngram=ngram, window=window, guess_set=guess_set, topk=topk,
-                      eos_token_id=eos_token_id, stats=stats):
+                      eos_token_id=eos_token_id, fast=fast, stats=stats):
         out.extend(new)
         if on_tokens is not None:
             on_tokens(new)

@@ -194,16 +194,26 @@ def _common_prefix(a: Sequence[int], b: Sequence[int], start: int) -> int:
     return i
 
 
+def make_runner(model, fast: bool, max_len: int):
+    """The dynamic-cache runner, or the static-cache one (fast path) holding at least ``max_len`` tokens."""
+    if not fast:
+        return ModelRunner(model)
+    from .static import BUCKETS, StaticRunner
+    return StaticRunner(model, max_len + BUCKETS[-1])
+
+
 def decode(target, draft, prompt: Sequence[int], *, method: str, cfg: DecodeConfig, max_new_tokens: int,
-           eos: frozenset[int], pool: PhrasePool | None, stats: GenerationStats) -> Iterator[list[int]]:
+           eos: frozenset[int], pool: PhrasePool | None, stats: GenerationStats,
+           fast: bool = False) -> Iterator[list[int]]:
     """Yield the emitted tokens cycle by cycle until EOS or ``max_new_tokens`` (SPEC §2 "One cycle")."""
     t0 = time.perf_counter()
     x = [int(t) for t in prompt]
-    tgt = ModelRunner(target)
+    max_len = len(x) + max_new_tokens + cfg.gamma + cfg.ngram
+    tgt = make_runner(target, fast, max_len)
     tgt.prefill(x[:-1])
     drf = None
     if method in ("speculative", "ouroboros"):
-        drf = ModelRunner(draft)
+        drf = make_runner(draft, fast, max_len)
         drf.prefill(x[:-1])
     window = LookaheadWindow(cfg.ngram, cfg.window, x) if method in ("lookahead", "ouroboros") else None
     if pool is not None:

@@ -17,7 +17,7 @@ from ouroboros_kernels import ancestor_mask, pack_mask
 from .cache import cache_length, crop_cache, keep_entries, new_cache
 from .tokentree import TokenTree
 
-__all__ = ["ModelRunner", "dense_tree_masks", "uses_our_attention"]
+__all__ = ["ModelRunner", "dense_tree_masks", "layer_masks", "uses_our_attention"]
 
 
 def uses_our_attention(model) -> bool:
@@ -29,21 +29,16 @@ def uses_our_attention(model) -> bool:
     return is_patched(model)
 
 
-def dense_tree_masks(config, prefix_len: int, parents: Sequence[int], depths: Sequence[int],
-                     dtype: torch.dtype, device: torch.device):
-    """The 4D additive mask(s) ``(1, 1, T, prefix_len + T)`` HF ``forward`` takes for a tree.
+def layer_masks(config, visible: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, dtype: torch.dtype):
+    """4D additive mask(s) ``(1, 1, T, S)`` for HF ``forward`` from a boolean visibility ``(T, S)``.
 
-    Returns one tensor, or a dict ``layer_type -> mask`` for models that mix sliding and full attention layers.
-    Sliding windows follow HF's rule (key position > query position - window) on logical positions.
+    ``q_pos``/``k_pos`` are the logical positions of queries and keys. Returns one tensor, or a dict
+    ``layer_type -> mask`` for models that mix sliding and full attention layers. Sliding windows follow HF's rule
+    (key position > query position - window). Pure tensor ops: no host sync, graph-capturable.
     """
-    t = len(parents)
-    visible = torch.cat([torch.ones(t, prefix_len, dtype=torch.bool), ancestor_mask(parents)], dim=1).to(device)
-    q_pos = prefix_len + torch.as_tensor(list(depths), dtype=torch.long, device=device)
-    k_pos = torch.cat([torch.arange(prefix_len, device=device), q_pos])
-
     def additive(mask: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
-        return out[None, None]
+        zero = torch.zeros((), dtype=dtype, device=mask.device)
+        return torch.where(mask, zero, torch.finfo(dtype).min)[None, None]
 
     def windowed(window: int) -> torch.Tensor:
         return visible & (k_pos[None, :] > q_pos[:, None] - window)
@@ -65,6 +60,16 @@ def dense_tree_masks(config, prefix_len: int, parents: Sequence[int], depths: Se
     if window is not None and not layer_types and getattr(config, "use_sliding_window", True):
         return additive(windowed(window))
     return additive(visible)
+
+
+def dense_tree_masks(config, prefix_len: int, parents: Sequence[int], depths: Sequence[int],
+                     dtype: torch.dtype, device: torch.device):
+    """The 4D mask(s) ``(1, 1, T, prefix_len + T)`` for a tree appended to ``prefix_len`` cached tokens."""
+    t = len(parents)
+    visible = torch.cat([torch.ones(t, prefix_len, dtype=torch.bool), ancestor_mask(parents)], dim=1).to(device)
+    q_pos = prefix_len + torch.as_tensor(list(depths), dtype=torch.long, device=device)
+    k_pos = torch.cat([torch.arange(prefix_len, device=device), q_pos])
+    return layer_masks(config, visible, q_pos, k_pos, dtype)
 
 
 class ModelRunner:

@@ -60,8 +60,9 @@ class GpuPhrasePool:
         As for :class:`PhrasePool` (phrases have ``ngram - 1`` tokens).
     vocab_size : int
         Keys are token ids in ``[0, vocab_size)``; the tensor ops skip keys outside (``-1`` is padding).
-    device : torch.device or str
-        Where the tensors live ("cuda" for the fast path; CPU works with the reference / interpreted Triton ops).
+    device : torch.device or str, optional
+        Where the tensors live (default: "cuda" when available, else "cpu", where the reference ops and the Triton
+        interpreter run).
     backend : str, optional
         Force "reference", "triton" or "cuda" for the ops (default: the best available).
     """

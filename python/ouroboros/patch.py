@@ -26,6 +26,7 @@ anything the kernel runs, otherwise the dense path applies the window. ``softcap
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -97,6 +98,28 @@ def _causal_visibility(t: int, s: int, window: int | None, device) -> torch.Tens
     return vis
 
 
+# ------------------------------------------------------------------------------------------------- backend choice
+_RESOLVED: dict[tuple, str] = {}
+
+
+def _resolve_backend(requested: str, q: torch.Tensor) -> str:
+    """The kernel backend for this call, cached per (request, device type, dtype, head dim).
+
+    "auto" takes the best usable backend (``OUROBOROS_BACKEND`` forces one), but steps down from "cuda" to "triton"
+    (or "reference") for what the CUDA kernel does not cover (fp32, head dims other than 64/128/256). A named backend
+    is used as asked (its own errors say what it cannot do), and so is one forced by ``OUROBOROS_BACKEND``."""
+    key = (requested, q.device.type, q.dtype, q.shape[-1])
+    name = _RESOLVED.get(key)
+    if name is None:
+        name = ouroboros_kernels.select_backend(q.device, None if requested == "auto" else requested)
+        if requested == "auto" and name == "cuda" and not os.environ.get("OUROBOROS_BACKEND"):
+            from ouroboros_kernels import cuda_ops
+            if q.dtype not in cuda_ops.SUPPORTED_DTYPES or q.shape[-1] not in cuda_ops.SUPPORTED_HEAD_DIMS:
+                name = ouroboros_kernels.select_backend(q.device, None, supported=("triton", "reference"))
+        _RESOLVED[key] = name
+    return name
+
+
 # ------------------------------------------------------------------------------------------------ attention function
 def ouroboros_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                         attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
@@ -109,8 +132,7 @@ def ouroboros_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
     """
     if dropout:
         raise ValueError("ouroboros attention is inference-only (got dropout > 0); call model.eval()")
-    backend = getattr(module, _BACKEND_ATTR, "auto")
-    backend = None if backend == "auto" else backend
+    backend = _resolve_backend(getattr(module, _BACKEND_ATTR, "auto"), query)
     b, hq, t, d = query.shape
     s = key.shape[2]
     scale = d ** -0.5 if scaling is None else scaling
