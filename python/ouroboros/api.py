@@ -9,6 +9,7 @@ import torch
 from .config import METHODS, resolve_config
 from .engine import GenerationStats, decode
 from .forward import uses_our_attention
+from .gpu_pool import GpuPhrasePool
 from .pool import PhrasePool
 
 __all__ = ["generate", "stream", "TESTED_MODEL_TYPES"]
@@ -71,7 +72,7 @@ def _eos_set(target, eos_token_id) -> frozenset[int]:
     return frozenset(int(t) for t in eos_token_id)
 
 
-def _prepare(target, draft, input_ids, max_new_tokens, method, pool, params):
+def _prepare(target, draft, input_ids, max_new_tokens, method, pool, params, pool_device=None):
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -95,7 +96,9 @@ def _prepare(target, draft, input_ids, max_new_tokens, method, pool, params):
     cfg = resolve_config(target.device, **params)
     uses_pool = method in ("lookahead", "prompt_lookup", "ouroboros")
     if uses_pool:
-        if pool is None:
+        if pool is None and pool_device is not None:
+            pool = GpuPhrasePool(ngram=cfg.ngram, guess_set=cfg.guess_set, vocab_size=vocab, device=pool_device)
+        elif pool is None:
             pool = PhrasePool(ngram=cfg.ngram, guess_set=cfg.guess_set)
         elif pool.ngram != cfg.ngram:
             raise ValueError(f"the pool holds {pool.ngram}-grams but ngram={cfg.ngram} was asked for")
@@ -106,10 +109,11 @@ def stream(target, draft=None, input_ids=None, *, max_new_tokens: int, method: s
            pool: PhrasePool | None = None, gamma: int | None = None, ngram: int | None = None,
            window: int | None = None, guess_set: int | None = None, topk: int | None = None,
            eos_token_id: int | Sequence[int] | None = None, fast: bool | None = None,
+           pool_device: str | torch.device | None = None,
            stats: GenerationStats | None = None) -> Iterator[list[int]]:
     """Like :func:`generate`, but yield the new tokens as each cycle emits them (fills ``stats`` if given)."""
     params = dict(gamma=gamma, ngram=ngram, window=window, guess_set=guess_set, topk=topk)
-    prompt, cfg, pool = _prepare(target, draft, input_ids, max_new_tokens, method, pool, params)
+    prompt, cfg, pool = _prepare(target, draft, input_ids, max_new_tokens, method, pool, params, pool_device)
     stats = stats if stats is not None else GenerationStats()
     stats.method, stats.config = method, cfg.as_dict()
     with torch.inference_mode():
@@ -122,7 +126,8 @@ def generate(target, draft=None, input_ids=None, *, max_new_tokens: int, method:
              pool: PhrasePool | None = None, gamma: int | None = None, ngram: int | None = None,
              window: int | None = None, guess_set: int | None = None, topk: int | None = None,
              eos_token_id: int | Sequence[int] | None = None, return_stats: bool = False,
-             on_tokens: Callable[[list[int]], None] | None = None, fast: bool | None = None):
+             on_tokens: Callable[[list[int]], None] | None = None, fast: bool | None = None,
+             pool_device: str | torch.device | None = None):
     """Greedy generation that returns exactly the target's own greedy tokens (batch size 1).
 
     Parameters
@@ -135,6 +140,8 @@ def generate(target, draft=None, input_ids=None, *, max_new_tokens: int, method:
     eos_token_id : stop after this token (or any of these); default: the target's ``generation_config``.
     on_tokens : called with each cycle's new tokens (streaming).
     fast : the static-cache step path with CUDA graphs per tree-size bucket (default: on for CUDA models).
+    pool_device : keep a fresh pool on this device (a :class:`GpuPhrasePool`); "ouroboros" then drafts with no host
+        sync per draft forward. Passing a ``GpuPhrasePool`` as ``pool`` does the same.
 
     Returns
     -------
@@ -146,7 +153,7 @@ def generate(target, draft=None, input_ids=None, *, max_new_tokens: int, method:
     out: list[int] = []
     for new in stream(target, draft, input_ids, max_new_tokens=max_new_tokens, method=method, pool=pool,
                       gamma=gamma, ngram=ngram, window=window, guess_set=guess_set, topk=topk,
-                      eos_token_id=eos_token_id, fast=fast, stats=stats):
+                      eos_token_id=eos_token_id, fast=fast, pool_device=pool_device, stats=stats):
         out.extend(new)
         if on_tokens is not None:
             on_tokens(new)

@@ -12,6 +12,7 @@ from typing import Iterator, Sequence
 
 from .config import DecodeConfig
 from .forward import ModelRunner
+from .gpu_pool import GpuPhrasePool
 from .pool import PhrasePool
 from .tokentree import TokenTree
 
@@ -174,16 +175,16 @@ def draft_tokens(drafter: ModelRunner, seq: list[int], gamma: int, eos: frozense
 def mine_verification(pool: PhrasePool, result: StepResult, draft: Sequence[int],
                       suffixes: Sequence[Sequence[int]]) -> None:
     """Phrases from verification (SPEC §2 step 4): (a) the target's argmax runs after rejected draft positions;
-    (b) every verified suffix rewritten as the target's own predictions, replacing it in place."""
+    (b) every verified suffix rewritten as the target's own predictions, replacing it in place. One batch each."""
     n = pool.phrase_len
     argmax, trunk = result.argmax, result.trunk
     accepted = result.trunk_accepted
     if accepted < len(draft):
-        for j in range(accepted, len(draft) - n + 1):
-            pool.insert(draft[j], [argmax[trunk[j + i]] for i in range(n)])
+        pool.insert_many((draft[j], [argmax[trunk[j + i]] for i in range(n)])
+                         for j in range(accepted, len(draft) - n + 1))
     key = result.tree.tokens[result.tip]
-    for suffix, nodes in zip(suffixes, result.branches):
-        pool.replace(key, suffix, [argmax[result.tip]] + [argmax[node] for node in nodes[:n - 1]])
+    pool.replace_many((key, suffix, [argmax[result.tip]] + [argmax[node] for node in nodes[:n - 1]])
+                      for suffix, nodes in zip(suffixes, result.branches))
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int], start: int) -> int:
@@ -205,16 +206,27 @@ def make_runner(model, fast: bool, max_len: int):
 def decode(target, draft, prompt: Sequence[int], *, method: str, cfg: DecodeConfig, max_new_tokens: int,
            eos: frozenset[int], pool: PhrasePool | None, stats: GenerationStats,
            fast: bool = False) -> Iterator[list[int]]:
-    """Yield the emitted tokens cycle by cycle until EOS or ``max_new_tokens`` (SPEC §2 "One cycle")."""
+    """Yield the emitted tokens cycle by cycle until EOS or ``max_new_tokens`` (SPEC §2 "One cycle").
+
+    ``pool`` may be a :class:`GpuPhrasePool`: then ouroboros drafts on the device (``DeviceDrafter``) and the host
+    touches the pool only in batches.
+    """
     t0 = time.perf_counter()
     x = [int(t) for t in prompt]
     max_len = len(x) + max_new_tokens + cfg.gamma + cfg.ngram
+    drafter, device_pool = None, pool if isinstance(pool, GpuPhrasePool) else None
+    if device_pool is not None:
+        pool = device_pool.host
     tgt = make_runner(target, fast, max_len)
     tgt.prefill(x[:-1])
     drf = None
     if method in ("speculative", "ouroboros"):
-        drf = make_runner(draft, fast, max_len)
+        on_device = method == "ouroboros" and device_pool is not None
+        drf = make_runner(draft, fast or on_device, max_len + 2 * cfg.gamma * cfg.ngram)
         drf.prefill(x[:-1])
+        if on_device:
+            from .device_draft import DeviceDrafter
+            drafter = DeviceDrafter(drf, device_pool, cfg.ngram, cfg.window, cfg.guess_set, cfg.gamma, x)
     window = LookaheadWindow(cfg.ngram, cfg.window, x) if method in ("lookahead", "ouroboros") else None
     if pool is not None:
         pool.seed_from(x)
@@ -231,11 +243,20 @@ def decode(target, draft, prompt: Sequence[int], *, method: str, cfg: DecodeConf
             window.advance(result, pool)
             stats.guess_accepted += len(result.path)
         else:
-            if drf is not None:         # speculative: one token per draft forward; ouroboros: phrase by phrase
+            if drafter is not None:     # ouroboros drafting with the pool on the device: one read per cycle
+                draft_seq, suffixes, total = drafter.draft(x[drf.n_cached:])
+                draft_seq = _clip(draft_seq, cfg.gamma, eos)[0]
+                suffixes = suffixes[:cfg.topk] if not eos.intersection(draft_seq) else []
+                seq = x + draft_seq
+                stats.draft_forwards += drafter.steps
+                stats.draft_tokens += total
+                stats.guess_accepted += total - drafter.steps
+            elif drf is not None:       # speculative: one token per draft forward; ouroboros: phrase by phrase
                 seq = list(x)
                 draft_seq = draft_tokens(drf, seq, cfg.gamma, eos, stats, window, pool,
                                          cfg.guess_set if method == "ouroboros" else 0)
-            if method in ("prompt_lookup", "ouroboros") and cfg.topk and not eos.intersection(draft_seq):
+            if drafter is None and method in ("prompt_lookup", "ouroboros") and cfg.topk \
+                    and not eos.intersection(draft_seq):
                 suffixes = pool.lookup(draft_seq[-1] if draft_seq else x[-1], cfg.topk)
             result = tree_step(tgt, x[tgt.n_cached:], trunk=draft_seq, branches=suffixes)
             if method == "ouroboros":
@@ -251,8 +272,7 @@ def decode(target, draft, prompt: Sequence[int], *, method: str, cfg: DecodeConf
             drf.rollback(min(_common_prefix(seq, x, old_len - 1), len(x) - 1))
         if pool is not None:            # the emitted text's own n-grams (prompt-lookup style)
             n = cfg.ngram
-            for i in range(max(0, old_len - n + 1), len(x) - n + 1):
-                pool.insert(x[i], x[i + 1:i + n])
+            pool.insert_many((x[i], x[i + 1:i + n]) for i in range(max(0, old_len - n + 1), len(x) - n + 1))
         stats.cycles += 1
         stats.tokens = produced
         stats.time_draft += (drf.forward_time - d0) if drf else 0.0

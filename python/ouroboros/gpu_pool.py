@@ -344,6 +344,11 @@ class HostPoolAdapter:
     def replace(self, key: int, old: Sequence[int], new: Sequence[int]) -> None:
         self.gpu.replace_many([self._key(key)], [self._phrase(old)], [self._phrase(new)])
 
+    def replace_many(self, items: Iterable[tuple[int, Sequence[int], Sequence[int]]]) -> None:
+        items = [(self._key(k), self._phrase(o), self._phrase(n)) for k, o, n in items]
+        if items:
+            self.gpu.replace_many(*([it[i] for it in items] for i in range(3)))
+
     def lookup(self, key: int, k: int | None = None) -> list[tuple[int, ...]]:
         key = int(key)
         if key < 0:  # the tensor path treats negative keys as padding; the CPU pool counts them as lookups

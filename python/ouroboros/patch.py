@@ -103,12 +103,13 @@ _RESOLVED: dict[tuple, str] = {}
 
 
 def _resolve_backend(requested: str, q: torch.Tensor) -> str:
-    """The kernel backend for this call, cached per (request, device type, dtype, head dim).
+    """The kernel backend for this call, cached per (request, device type, dtype, head dim, environment).
 
     "auto" takes the best usable backend (``OUROBOROS_BACKEND`` forces one), but steps down from "cuda" to "triton"
     (or "reference") for what the CUDA kernel does not cover (fp32, head dims other than 64/128/256). A named backend
     is used as asked (its own errors say what it cannot do), and so is one forced by ``OUROBOROS_BACKEND``."""
-    key = (requested, q.device.type, q.dtype, q.shape[-1])
+    key = (requested, q.device.type, q.dtype, q.shape[-1],
+           os.environ.get("OUROBOROS_BACKEND"), os.environ.get("TRITON_INTERPRET"))
     name = _RESOLVED.get(key)
     if name is None:
         name = ouroboros_kernels.select_backend(q.device, None if requested == "auto" else requested)
@@ -169,15 +170,23 @@ def ouroboros_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
 
 
 def _ouroboros_mask(*args, **kwargs):
-    """Mask function for ``AttentionMaskInterface``: no mask at all when the kernel's own rule is exact (no 2-D
-    padding mask and the keys end at the last query), else the SDPA-style 4-D boolean mask."""
+    """Mask function for ``AttentionMaskInterface``.
+
+    Returns None (the kernel applies bottom-right causal itself) when that is exactly the mask transformers means: no
+    2-D padding mask and the keys end at the last query. Otherwise the SDPA-style 4-D boolean mask; SDPA's own "None"
+    shortcut is taken only where it agrees with bottom-right causal (T = 1, or as many keys as queries), since for a
+    longer static cache it means SDPA's top-left ``is_causal``.
+    """
     from transformers.masking_utils import sdpa_mask
 
     q_length, kv_length, q_offset = kwargs.get("q_length"), kwargs.get("kv_length"), kwargs.get("q_offset", 0)
     if kwargs.get("attention_mask") is None and not isinstance(q_offset, torch.Tensor) \
             and q_length is not None and kv_length is not None and q_offset + q_length == kv_length:
         return None
-    return sdpa_mask(*args, **kwargs)
+    mask = sdpa_mask(*args, **kwargs)
+    if mask is None and not (q_length == 1 or q_length == kv_length):
+        mask = sdpa_mask(*args, **{**kwargs, "allow_is_causal_skip": False})
+    return mask
 
 
 def _register() -> None:

@@ -123,6 +123,11 @@ class PhrasePool:
         phrases.clear()
         phrases.update((p, None) for p in items)
 
+    def replace_many(self, items: Iterable[tuple[int, Sequence[int], Sequence[int]]]) -> None:
+        """Apply :meth:`replace` to each ``(key, old, new)`` in order."""
+        for key, old, new in items:
+            self.replace(key, old, new)
+
     def lookup(self, key: int, k: int | None = None) -> list[Phrase]:
         """Up to ``k`` (default ``guess_set``) phrases of ``key``, newest first."""
         self.stats.lookups += 1
