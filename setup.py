@@ -4,6 +4,9 @@ The CUDA extension is built when torch has CUDA and nvcc is found (``OUROBOROS_B
 """
 from __future__ import annotations
 
+import os
+import sys
+
 from setuptools import setup
 
 PACKAGES = ["ouroboros", "ouroboros_kernels", "ouroboros_kernels.triton"]
@@ -11,9 +14,57 @@ PACKAGE_DIR = {"ouroboros": "python/ouroboros", "ouroboros_kernels": "ouroboros_
                "ouroboros_kernels.triton": "ouroboros_kernels/triton"}
 
 
+CUDA_SOURCES = ["csrc/bindings.cpp", "csrc/tree_attention.cu"]
+DEFAULT_CUDA_ARCHS = "8.0;9.0"
+
+
+def _why_no_cuda_build() -> str | None:
+    """None when torch has CUDA and nvcc is found, else the reason the extension cannot be built."""
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME
+    except ImportError as exc:
+        return (f"torch is not importable in the build environment ({exc}); "
+                "use `pip install --no-build-isolation` to build against the installed torch")
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} has no CUDA"
+    nvcc = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else None
+    if nvcc is None or not os.path.exists(nvcc):
+        return f"nvcc was not found (torch {torch.__version__} has CUDA {torch.version.cuda}; set CUDA_HOME)"
+    return None
+
+
 def cuda_extensions() -> tuple[list, dict]:
-    """(ext_modules, cmdclass) for the CUDA build, or empty ones with a one-line reason printed."""
-    return [], {}
+    """(ext_modules, cmdclass) for the CUDA build, or empty ones with a one-line reason printed.
+
+    Built when torch has CUDA and nvcc is found; ``OUROBOROS_BUILD_CUDA=0`` skips it, ``=1`` makes failure an error.
+    Architectures come from ``TORCH_CUDA_ARCH_LIST`` (default "8.0;9.0"; the kernels need sm_80+).
+    """
+    force = os.environ.get("OUROBOROS_BUILD_CUDA", "").strip()
+    if force not in ("", "0", "1"):
+        raise SystemExit(f"OUROBOROS_BUILD_CUDA must be 0 or 1, got {force!r}")
+    if force == "0":
+        print("ouroboros: installing the pure-Python package (OUROBOROS_BUILD_CUDA=0: CUDA extension skipped)")
+        return [], {}
+    why = _why_no_cuda_build()
+    if why is not None:
+        if force == "1":
+            raise SystemExit(f"ouroboros: OUROBOROS_BUILD_CUDA=1 but the CUDA extension cannot be built: {why}")
+        print(f"ouroboros: installing the pure-Python package without the CUDA extension: {why}")
+        return [], {}
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+    root = os.path.dirname(os.path.abspath(__file__))
+    ext = CUDAExtension(
+        name="ouroboros_kernels._cuda",
+        sources=CUDA_SOURCES,
+        include_dirs=[os.path.join(root, "csrc", "include")],
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo", "--threads=4"]},
+    )
+    print(f"ouroboros: building the CUDA extension ouroboros_kernels._cuda for "
+          f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}", file=sys.stderr)
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = cuda_extensions()

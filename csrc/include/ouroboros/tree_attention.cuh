@@ -1,0 +1,76 @@
+// Tree attention: host API of the pure CUDA kernel (no torch headers; safe to include from a host-only .cpp).
+//
+// Contract (SPEC §3): q (B, Hq, T, D) holds the T tree tokens; k, v (B, Hkv, S, D) hold the cache whose entries
+// [prefix_len, prefix_len + T) are the tree tokens; entries at or past prefix_len + T are ignored. Token i sees every
+// one of the first prefix_len entries plus tree entry prefix_len + j iff bit (j % 32) of word (j / 32) in row i of the
+// packed int32 mask (T, ceil(T / 32)) is set; a null mask means a plain causal chain (bottom-right causal).
+// o (B, Hq, T, D) = softmax(mask(softcap(scale * q k^T))) v, computed in fp32, stored in the input dtype.
+//
+// Layout requirements (checked by tree_attention_check):
+//   * the last dim of q, k, v, o is contiguous (stride 1); the other strides are given in ELEMENTS and must be
+//     multiples of 8; every base pointer is 16-byte aligned (the kernel moves 16-byte chunks with cp.async);
+//   * tree_mask, when given, is a contiguous row-major (T, ceil(T / 32)) int32 array on the device;
+//   * D in {64, 128, 256}; dtype fp16 or bf16; Hq % Hkv == 0; T >= 1; 0 <= prefix_len, prefix_len + T <= S;
+//   * the kernels need sm_80 or newer (bf16 tensor cores, cp.async).
+//
+// Work split: one CTA owns one (batch, kv head) pair, a tile of query rows made of ALL the query heads of that KV group
+// (rows ordered token-major: row = t * (Hq / Hkv) + g), so each K/V tile is read from memory once per group, and one
+// contiguous chunk of the key range (flash-decoding split over S). With more than one split the CTAs write fp32
+// partial outputs + log-sum-exp to a workspace and a combine kernel merges them.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+namespace ouroboros {
+
+enum class DType : int { kFloat16 = 0, kBFloat16 = 1 };
+
+struct TreeAttentionParams {
+  const void* q = nullptr;            // (B, Hq, T, D)
+  const void* k = nullptr;            // (B, Hkv, S, D)
+  const void* v = nullptr;            // (B, Hkv, S, D)
+  const int32_t* tree_mask = nullptr; // (T, ceil(T / 32)) packed bits, or nullptr for causal
+  void* o = nullptr;                  // (B, Hq, T, D), written
+
+  // Strides in elements (the last dim is contiguous).
+  int64_t q_stride_b = 0, q_stride_h = 0, q_stride_t = 0;
+  int64_t k_stride_b = 0, k_stride_h = 0, k_stride_s = 0;
+  int64_t v_stride_b = 0, v_stride_h = 0, v_stride_s = 0;
+  int64_t o_stride_b = 0, o_stride_h = 0, o_stride_t = 0;
+
+  int batch = 0;
+  int num_q_heads = 0;   // Hq
+  int num_kv_heads = 0;  // Hkv
+  int tree_len = 0;      // T
+  int cache_len = 0;     // S
+  int head_dim = 0;      // D
+  int prefix_len = 0;
+
+  float scale = 0.f;     // multiplies q.k (1/sqrt(D) for the usual attention)
+  float softcap = 0.f;   // > 0: scores = softcap * tanh(scores / softcap) before masking (Gemma2); <= 0: off
+  DType dtype = DType::kFloat16;
+};
+
+// Fill the strides of contiguous (B, H, L, D) tensors.
+void tree_attention_set_contiguous_strides(TreeAttentionParams& p);
+
+// nullptr when the kernel supports `p`, else a static message naming the first problem.
+const char* tree_attention_check(const TreeAttentionParams& p);
+
+// Number of key-range splits the launch will use. requested > 0 forces (rounded so every split holds whole key
+// tiles, so the result can be smaller); requested <= 0 picks one from the SM count so the grid fills the GPU.
+int tree_attention_num_splits(const TreeAttentionParams& p, int num_sms, int requested);
+
+// Bytes of device workspace the launch needs for `num_splits` (0 when num_splits <= 1).
+size_t tree_attention_workspace_bytes(const TreeAttentionParams& p, int num_splits);
+
+// Enqueue the attention (and the combine kernel when num_splits > 1) on `stream`. Does not synchronize and does no
+// host<->device traffic, so it can be captured in a CUDA graph (for a fixed prefix_len). Returns cudaErrorInvalidValue
+// when tree_attention_check fails or the workspace is too small, else the launch error (cudaSuccess when queued).
+cudaError_t tree_attention(const TreeAttentionParams& p, int num_splits, void* workspace, size_t workspace_bytes,
+                           cudaStream_t stream);
+
+}  // namespace ouroboros
