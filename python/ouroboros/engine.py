@@ -195,6 +195,29 @@ def _common_prefix(a: Sequence[int], b: Sequence[int], start: int) -> int:
     return i
 
 
+def propose(method: str, x: list[int], drf, drafter, window: LookaheadWindow | None, pool: PhrasePool | None,
+            cfg: DecodeConfig, eos: frozenset[int], stats: GenerationStats) -> tuple[list[int], list, list[int]]:
+    """Steps 1-2 of a cycle: the draft trunk, the suffixes to hang off it, and the drafter's own sequence."""
+    draft_seq: list[int] = []
+    seq = x
+    if drafter is not None:             # ouroboros drafting with the pool on the device: one read per cycle
+        draft_seq, suffixes, total = drafter.draft(x[drf.n_cached:])
+        draft_seq = _clip(draft_seq, cfg.gamma, eos)[0]
+        seq = x + draft_seq
+        stats.draft_forwards += drafter.steps
+        stats.draft_tokens += total
+        stats.guess_accepted += total - drafter.steps
+        return draft_seq, (suffixes[:cfg.topk] if not eos.intersection(draft_seq) else []), seq
+    if drf is not None:                 # speculative: one token per draft forward; ouroboros: phrase by phrase
+        seq = list(x)
+        draft_seq = draft_tokens(drf, seq, cfg.gamma, eos, stats, window, pool,
+                                 cfg.guess_set if method == "ouroboros" else 0)
+    suffixes = []
+    if method in ("prompt_lookup", "ouroboros") and cfg.topk and not eos.intersection(draft_seq):
+        suffixes = pool.lookup(draft_seq[-1] if draft_seq else x[-1], cfg.topk)
+    return draft_seq, suffixes, seq
+
+
 def make_runner(model, fast: bool, max_len: int):
     """The dynamic-cache runner, or the static-cache one (fast path) holding at least ``max_len`` tokens."""
     if not fast:
@@ -235,29 +258,14 @@ def decode(target, draft, prompt: Sequence[int], *, method: str, cfg: DecodeConf
     while not done:
         d0, v0 = (drf.forward_time if drf else 0.0), tgt.forward_time
         n_draft_fwd = stats.draft_forwards
-        draft_seq: list[int] = []
-        suffixes: list = []
         if method == "lookahead":      # step 1 on the target itself: its own forward verifies the guesses
             guesses = pool.lookup(x[-1], cfg.guess_set)
             result = tree_step(tgt, x[tgt.n_cached:], branches=[*window.columns, *guesses])
             window.advance(result, pool)
             stats.guess_accepted += len(result.path)
+            draft_seq, seq = [], x
         else:
-            if drafter is not None:     # ouroboros drafting with the pool on the device: one read per cycle
-                draft_seq, suffixes, total = drafter.draft(x[drf.n_cached:])
-                draft_seq = _clip(draft_seq, cfg.gamma, eos)[0]
-                suffixes = suffixes[:cfg.topk] if not eos.intersection(draft_seq) else []
-                seq = x + draft_seq
-                stats.draft_forwards += drafter.steps
-                stats.draft_tokens += total
-                stats.guess_accepted += total - drafter.steps
-            elif drf is not None:       # speculative: one token per draft forward; ouroboros: phrase by phrase
-                seq = list(x)
-                draft_seq = draft_tokens(drf, seq, cfg.gamma, eos, stats, window, pool,
-                                         cfg.guess_set if method == "ouroboros" else 0)
-            if drafter is None and method in ("prompt_lookup", "ouroboros") and cfg.topk \
-                    and not eos.intersection(draft_seq):
-                suffixes = pool.lookup(draft_seq[-1] if draft_seq else x[-1], cfg.topk)
+            draft_seq, suffixes, seq = propose(method, x, drf, drafter, window, pool, cfg, eos, stats)
             result = tree_step(tgt, x[tgt.n_cached:], trunk=draft_seq, branches=suffixes)
             if method == "ouroboros":
                 mine_verification(pool, result, draft_seq, suffixes)
