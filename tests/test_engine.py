@@ -188,3 +188,30 @@ def test_untested_architecture_runs_with_one_warning():
     with pytest.warns(UserWarning, match="untested"):
         got, _ = run(model, model, prompt, 12, "ouroboros")
     assert got == expected
+
+
+# ---- the engine on models patched to our attention kernels --------------------------------------------------------
+PATCH_CASES = [("llama", "reference", METHODS), ("gemma2", "reference", METHODS), ("mistral", "reference", METHODS),
+               ("llama", "triton", ("greedy", "ouroboros"))]   # the Triton interpreter is slow: a smaller set
+
+
+@pytest.mark.parametrize("family,backend,methods", PATCH_CASES, ids=[f"{f}-{b}" for f, b, _ in PATCH_CASES])
+def test_patched_models_stay_lossless(family, backend, methods):
+    if backend == "triton":
+        pytest.importorskip("triton")
+    target = make_model(family)
+    draft = noisy_copy(target, 0.01)
+    prompts = [repetitive_prompt(71, 5, 5), random_prompt(72, 60), [4]][:3 if backend == "reference" else 2]
+    expected = [hf_greedy(target, p, 16) for p in prompts]
+    ouroboros.patch(target, backend=backend)
+    ouroboros.patch(draft, backend=backend)
+    try:
+        assert ouroboros.is_patched(target)
+        for prompt, exp in zip(prompts, expected):
+            for method in methods:
+                assert run(target, draft, prompt, 16, method)[0] == exp, (method, prompt)
+            assert run(target, draft, prompt, 16, "ouroboros", fast=True)[0] == exp
+    finally:
+        ouroboros.unpatch(target)
+        ouroboros.unpatch(draft)
+    assert not ouroboros.is_patched(target)

@@ -3,8 +3,9 @@ from .api import generate, stream
 from .config import CPU_DEFAULTS, GPU_DEFAULTS, METHODS, DecodeConfig
 from .engine import GenerationStats
 from .gpu_pool import GpuPhrasePool
+from .patch import TreeSpec, is_patched, patch, unpatch
 from .pool import PhrasePool
 
 __version__ = "0.1.0"
-__all__ = ["generate", "stream", "PhrasePool", "GpuPhrasePool", "GenerationStats", "DecodeConfig", "METHODS",
+__all__ = ["generate", "stream", "patch", "unpatch", "is_patched", "TreeSpec", "PhrasePool", "GpuPhrasePool", "GenerationStats", "DecodeConfig", "METHODS",
            "CPU_DEFAULTS", "GPU_DEFAULTS"]
