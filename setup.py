@@ -14,7 +14,7 @@ PACKAGE_DIR = {"ouroboros": "python/ouroboros", "ouroboros_kernels": "ouroboros_
                "ouroboros_kernels.triton": "ouroboros_kernels/triton"}
 
 
-CUDA_SOURCES = ["csrc/bindings.cpp", "csrc/tree_attention.cu"]
+CUDA_SOURCES = ["csrc/bindings.cpp", "csrc/tree_attention.cu", "csrc/ngram.cu"]
 DEFAULT_CUDA_ARCHS = "8.0;9.0"
 
 

@@ -6,8 +6,9 @@
 # Steps (each logged under $OUT, tee'd as it runs so a timeout still leaves partial logs):
 #   1. install.log    environment (GPU, driver, python, torch, nvcc) + `pip install --no-build-isolation -e .` (timed)
 #                     while, in the background, the torch-free CMake build of csrc/ runs (selftest.log)
-#   2. selftest.log   cmake configure + build, ctest (C++ reference self-test), compute-sanitizer memcheck (--quick),
-#                     kernel-only timings (ouroboros_selftest --bench)
+#   2. selftest.log   cmake configure + build, ctest (C++ reference self-tests: tree attention, n-gram pool),
+#                     compute-sanitizer memcheck (--quick; + racecheck of the n-gram kernels),
+#                     kernel-only timings (ouroboros_selftest --bench, ouroboros_ngram_selftest --bench)
 #   3. pytest.log     pytest -q tests (CUDA tests run here)
 #   4. attention.log  python bench/attention.py --out $OUT/attention.json (it also writes attention.png)
 #   5. summary.txt    the table printed last
@@ -100,7 +101,7 @@ if [ "$HAVE_CMAKE" = 1 ]; then
   cat "$OUT/selftest.log"
   if [ "$rc" -eq 0 ]; then
     run_step "ctest (selftest)" selftest.log "${STEP_TIMEOUT_CTEST:-300}" \
-      ctest --test-dir build/gpu_check --output-on-failure -R 'tree_attention_selftest$' -V
+      ctest --test-dir build/gpu_check --output-on-failure -R '^(tree_attention_selftest|ngram_selftest)$' -V
     SANITIZER="$(command -v compute-sanitizer || true)"
     for cand in "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" \
                 "${CUDA_HOME:-/usr/local/cuda}/compute-sanitizer/compute-sanitizer"; do
@@ -109,12 +110,19 @@ if [ "$HAVE_CMAKE" = 1 ]; then
     if [ -n "$SANITIZER" ]; then
       run_step "sanitizer memcheck" selftest.log "${STEP_TIMEOUT_SANITIZER:-300}" \
         "$SANITIZER" --tool memcheck --error-exitcode 3 --leak-check full build/gpu_check/ouroboros_selftest --quick
+      run_step "sanitizer ngram" selftest.log "${STEP_TIMEOUT_SANITIZER:-300}" \
+        "$SANITIZER" --tool memcheck --error-exitcode 3 --leak-check full build/gpu_check/ouroboros_ngram_selftest --quick
+      run_step "racecheck ngram" selftest.log "${STEP_TIMEOUT_SANITIZER:-300}" \
+        "$SANITIZER" --tool racecheck --error-exitcode 3 build/gpu_check/ouroboros_ngram_selftest --quick
     else
       record "sanitizer memcheck" skip "-" "compute-sanitizer not found"
     fi
     # Kernel-only timings of the SPEC §4 attention shapes (CUDA events, L2-rotated cache), no torch involved.
     run_step "kernel bench (C++)" selftest.log "${STEP_TIMEOUT_KBENCH:-180}" \
       build/gpu_check/ouroboros_selftest --quick --bench
+    # N-gram pool: insert / lookup / both-in-a-graph per step, V=152064 S=16384 G=20 P=6 (kernel only).
+    run_step "ngram bench (C++)" selftest.log "${STEP_TIMEOUT_KBENCH:-180}" \
+      build/gpu_check/ouroboros_ngram_selftest --quick --bench
   fi
 else
   record "cmake build" skip "-" "cmake or nvcc not found"

@@ -1,8 +1,10 @@
 // Torch bindings of the pure CUDA kernels: the ONLY file that includes torch headers.
 //
-// Registers the custom op `torch.ops.ouroboros.tree_attention` (schema below) with a CUDA implementation; the fake
-// (meta) implementation is registered from Python (ouroboros_kernels/cuda_ops.py) so the op works under
-// torch.compile and inside CUDA graphs (it allocates only through the caching allocator and never syncs).
+// Registers the custom ops `torch.ops.ouroboros.tree_attention`, `ngram_lookup` and `ngram_insert` (schemas below)
+// with CUDA implementations; the fake (meta) implementations are registered from Python
+// (ouroboros_kernels/cuda_ops.py) so the ops work under torch.compile and inside CUDA graphs (they allocate only
+// through the caching allocator and never sync). ngram_insert mutates the seven pool tensors in place (Tensor(a!)...),
+// ngram_lookup mutates only its optional stats tensor.
 // Built as the Python module `ouroboros_kernels._cuda` by setup.py.
 #include <torch/extension.h>
 
@@ -11,7 +13,9 @@
 #include <cuda_runtime_api.h>
 
 #include <optional>
+#include <tuple>
 
+#include "ouroboros/ngram.cuh"
 #include "ouroboros/tree_attention.cuh"
 
 namespace {
@@ -126,15 +130,156 @@ int64_t tree_attention_num_splits_for(const at::Tensor& q, const at::Tensor& k, 
   return ouroboros::tree_attention_num_splits(p, num_sms(q), int(num_splits));
 }
 
+// ---- n-gram phrase pool (contract and layout: ouroboros_kernels/ngram.py) -------------------------------------------
+ouroboros::IntType int_type(const at::Tensor& t, const char* op, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kChar: return ouroboros::IntType::kInt8;
+    case at::kByte: return ouroboros::IntType::kUInt8;
+    case at::kShort: return ouroboros::IntType::kInt16;
+    case at::kInt: return ouroboros::IntType::kInt32;
+    case at::kLong: return ouroboros::IntType::kInt64;
+    default:
+      TORCH_CHECK(false, "ouroboros ", op, ": ", name,
+                  " must be an integer tensor (int8/uint8/int16/int32/int64), got ", t.scalar_type());
+  }
+  return ouroboros::IntType::kInt64;  // unreachable
+}
+
+void check_pool_tensor(const at::Tensor& t, const char* op, const char* name, at::IntArrayRef shape,
+                       const at::Device& device) {
+  TORCH_CHECK(t.is_cuda() && t.device() == device, "ouroboros ", op, ": pool.", name, " must be on ", device,
+              ", got ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kInt && t.sizes() == shape && t.is_contiguous(), "ouroboros ", op, ": pool.",
+              name, " must be a contiguous int32 tensor of shape ", shape, ", got ", t.scalar_type(), " ", t.sizes(),
+              t.is_contiguous() ? "" : " (not contiguous)");
+}
+
+// A token input (keys (B) or phrases (B, P)) on the pool's device, contiguous.
+at::Tensor token_input(const at::Tensor& t, const char* op, const char* name, at::IntArrayRef shape,
+                       const at::Device& device) {
+  TORCH_CHECK(t.device() == device, "ouroboros ", op, ": ", name, " must be on the pool's device ", device, ", got ",
+              t.device());
+  TORCH_CHECK(t.sizes() == shape, "ouroboros ", op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
+  int_type(t, op, name);
+  return t.contiguous();
+}
+
+ouroboros::NgramPool pool_sizes(const at::Tensor& key_to_slot, const at::Tensor& counts, const at::Tensor& phrases,
+                                const char* op) {
+  TORCH_CHECK(key_to_slot.dim() == 1 && counts.dim() == 1 && phrases.dim() == 3, "ouroboros ", op,
+              ": pool.key_to_slot (V), pool.counts (S) and pool.phrases (S, G, P) have the wrong number of dims: ",
+              key_to_slot.sizes(), ", ", counts.sizes(), ", ", phrases.sizes());
+  TORCH_CHECK(key_to_slot.size(0) < INT32_MAX && phrases.size(1) < INT32_MAX && phrases.size(2) < INT32_MAX,
+              "ouroboros ", op, ": pool sizes must be < 2^31 - 1");
+  ouroboros::NgramPool p;
+  p.vocab_size = int(key_to_slot.size(0));
+  p.num_slots = int(counts.size(0));
+  p.guess_set = int(phrases.size(1));
+  p.phrase_len = int(phrases.size(2));
+  if (const char* why = ouroboros::ngram_pool_check(p)) TORCH_CHECK(false, "ouroboros ", op, ": ", why);
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor> ngram_lookup_cuda(const at::Tensor& key_to_slot, const at::Tensor& counts,
+                                                     const at::Tensor& phrases, const at::Tensor& keys, int64_t k,
+                                                     const std::optional<at::Tensor>& stats) {
+  const char* op = "ngram_lookup";
+  TORCH_CHECK(key_to_slot.is_cuda(), "ouroboros ngram_lookup: the pool must be on a CUDA device, got ",
+              key_to_slot.device());
+  const at::Device dev = key_to_slot.device();
+  ouroboros::NgramPool p = pool_sizes(key_to_slot, counts, phrases, op);
+  const int64_t s = p.num_slots, g = p.guess_set, pl = p.phrase_len;
+  check_pool_tensor(key_to_slot, op, "key_to_slot", {int64_t(p.vocab_size)}, dev);
+  check_pool_tensor(counts, op, "counts", {s}, dev);
+  check_pool_tensor(phrases, op, "phrases", {s, g, pl}, dev);
+  TORCH_CHECK(keys.dim() == 1, "ouroboros ngram_lookup: keys must be 1-D, got shape ", keys.sizes());
+  const int64_t b = keys.size(0);
+  const at::Tensor kc = token_input(keys, op, "keys", {b}, dev);
+  TORCH_CHECK(k >= 0 && k * pl <= INT32_MAX, "ouroboros ngram_lookup: k must be >= 0 with k * P < 2^31, got k = ", k);
+  int64_t* stats_ptr = nullptr;
+  if (stats.has_value()) {
+    const at::Tensor& st = *stats;
+    TORCH_CHECK(st.device() == dev && st.scalar_type() == at::kLong && st.dim() == 1 && st.size(0) == 2 &&
+                    st.is_contiguous(),
+                "ouroboros ngram_lookup: stats must be a contiguous int64 (2,) tensor on ", dev, ", got ",
+                st.scalar_type(), " ", st.sizes(), " on ", st.device());
+    stats_ptr = st.data_ptr<int64_t>();
+  }
+  const c10::cuda::CUDAGuard guard(dev);
+  at::Tensor out = at::empty({b, k, pl}, keys.options().dtype(at::kLong));
+  at::Tensor valid = at::empty({b, k}, keys.options().dtype(at::kBool));
+  p.key_to_slot = key_to_slot.data_ptr<int32_t>();
+  p.counts = counts.data_ptr<int32_t>();
+  p.phrases = phrases.data_ptr<int32_t>();
+  const cudaError_t err =
+      ouroboros::ngram_lookup(p, kc.data_ptr(), int_type(kc, op, "keys"), b, int(k), out.data_ptr<int64_t>(),
+                              valid.data_ptr<bool>(), stats_ptr, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == cudaSuccess, "ouroboros ngram_lookup: kernel launch failed: ", cudaGetErrorString(err));
+  return {out, valid};
+}
+
+void ngram_insert_cuda(const at::Tensor& key_to_slot, const at::Tensor& slot_key, const at::Tensor& counts,
+                       const at::Tensor& phrases, const at::Tensor& lru_prev, const at::Tensor& lru_next,
+                       const at::Tensor& num_keys, const at::Tensor& keys, const at::Tensor& new_phrases,
+                       const std::optional<at::Tensor>& old) {
+  const char* op = "ngram_insert";
+  TORCH_CHECK(key_to_slot.is_cuda(), "ouroboros ngram_insert: the pool must be on a CUDA device, got ",
+              key_to_slot.device());
+  const at::Device dev = key_to_slot.device();
+  ouroboros::NgramPool p = pool_sizes(key_to_slot, counts, phrases, op);
+  const int64_t s = p.num_slots, g = p.guess_set, pl = p.phrase_len;
+  check_pool_tensor(key_to_slot, op, "key_to_slot", {int64_t(p.vocab_size)}, dev);
+  check_pool_tensor(slot_key, op, "slot_key", {s}, dev);
+  check_pool_tensor(counts, op, "counts", {s}, dev);
+  check_pool_tensor(phrases, op, "phrases", {s, g, pl}, dev);
+  check_pool_tensor(lru_prev, op, "lru_prev", {s + 1}, dev);
+  check_pool_tensor(lru_next, op, "lru_next", {s + 1}, dev);
+  check_pool_tensor(num_keys, op, "num_keys", {1}, dev);
+  TORCH_CHECK(keys.dim() == 1, "ouroboros ngram_insert: keys must be 1-D, got shape ", keys.sizes());
+  const int64_t b = keys.size(0);
+  TORCH_CHECK(b <= INT32_MAX, "ouroboros ngram_insert: batch must be < 2^31, got ", b);
+  const at::Tensor kc = token_input(keys, op, "keys", {b}, dev);
+  const at::Tensor nc = token_input(new_phrases, op, "phrases", {b, pl}, dev);
+  at::Tensor oc;
+  if (old.has_value()) oc = token_input(*old, op, "old", {b, pl}, dev);
+  if (b == 0) return;
+  const c10::cuda::CUDAGuard guard(dev);
+  const size_t ws_bytes = ouroboros::ngram_insert_workspace_bytes(b);
+  at::Tensor workspace = at::empty({int64_t(ws_bytes)}, keys.options().dtype(at::kByte));
+  p.key_to_slot = key_to_slot.data_ptr<int32_t>();
+  p.slot_key = slot_key.data_ptr<int32_t>();
+  p.counts = counts.data_ptr<int32_t>();
+  p.phrases = phrases.data_ptr<int32_t>();
+  p.lru_prev = lru_prev.data_ptr<int32_t>();
+  p.lru_next = lru_next.data_ptr<int32_t>();
+  p.num_keys = num_keys.data_ptr<int32_t>();
+  const cudaError_t err = ouroboros::ngram_insert(
+      p, kc.data_ptr(), int_type(kc, op, "keys"), nc.data_ptr(), int_type(nc, op, "phrases"),
+      oc.defined() ? oc.data_ptr() : nullptr, oc.defined() ? int_type(oc, op, "old") : ouroboros::IntType::kInt64, b,
+      workspace.data_ptr(), ws_bytes, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == cudaSuccess, "ouroboros ngram_insert: kernel launch failed: ", cudaGetErrorString(err));
+}
+
 }  // namespace
 
 TORCH_LIBRARY(ouroboros, m) {
   m.def(
       "tree_attention(Tensor q, Tensor k, Tensor v, int prefix_len, Tensor? tree_mask, float scale, "
       "float softcap=0.0, int num_splits=0) -> Tensor");
+  m.def(
+      "ngram_lookup(Tensor key_to_slot, Tensor counts, Tensor phrases, Tensor keys, int k, Tensor(a!)? stats=None) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "ngram_insert(Tensor(a!) key_to_slot, Tensor(b!) slot_key, Tensor(c!) counts, Tensor(d!) phrases, "
+      "Tensor(e!) lru_prev, Tensor(f!) lru_next, Tensor(g!) num_keys, Tensor keys, Tensor new_phrases, "
+      "Tensor? old=None) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(ouroboros, CUDA, m) { m.impl("tree_attention", &tree_attention_cuda); }
+TORCH_LIBRARY_IMPL(ouroboros, CUDA, m) {
+  m.impl("tree_attention", &tree_attention_cuda);
+  m.impl("ngram_lookup", &ngram_lookup_cuda);
+  m.impl("ngram_insert", &ngram_insert_cuda);
+}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "ouroboros CUDA kernels; the ops are torch.ops.ouroboros.* (see ouroboros_kernels.cuda_ops)";

@@ -17,6 +17,7 @@ from . import _cuda  # noqa: F401  (ImportError when not built; loading it regis
 from .reference import check_tree_attention_args
 
 __all__ = ["tree_attention", "tree_attention_num_splits", "SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS"]
+# + "ngram_lookup", "ngram_insert" when the extension has the n-gram ops (see the end of this file)
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
@@ -74,3 +75,64 @@ def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len
 def tree_attention_num_splits(q: torch.Tensor, k: torch.Tensor, prefix_len: int, num_splits: int = 0) -> int:
     """Key-range splits the kernel uses for these shapes (``num_splits`` > 0 forces, rounded to whole key tiles)."""
     return int(_cuda.tree_attention_num_splits(q, k, int(prefix_len), int(num_splits)))
+
+
+# ---- n-gram phrase pool (contract and layout: ouroboros_kernels/ngram.py; kernels: csrc/ngram.cu) -------------------
+# Defined only when the built extension has the ops (one built before them does not): ouroboros_kernels.ngram offers
+# the "cuda" backend for these ops exactly when this module has both functions.
+if hasattr(torch.ops.ouroboros, "ngram_lookup") and hasattr(torch.ops.ouroboros, "ngram_insert"):
+
+    @torch.library.register_fake("ouroboros::ngram_lookup")
+    def _ngram_lookup_fake(key_to_slot, counts, phrases, keys, k, stats=None):
+        b, p = keys.shape[0], phrases.shape[2]
+        return keys.new_empty((b, k, p), dtype=torch.int64), keys.new_empty((b, k), dtype=torch.bool)
+
+    @torch.library.register_fake("ouroboros::ngram_insert")
+    def _ngram_insert_fake(key_to_slot, slot_key, counts, phrases, lru_prev, lru_next, num_keys, keys, new_phrases,
+                           old=None):
+        return None
+
+    def ngram_lookup(pool, keys: torch.Tensor, k: int,
+                     stats: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Up to ``k`` phrases of each key, newest first, on the CUDA kernel; same contract as
+        :func:`ouroboros_kernels.reference.ngram_lookup`.
+
+        Parameters
+        ----------
+        pool : NgramPool
+            The device pool (int32 contiguous CUDA tensors, layout in :mod:`ouroboros_kernels.ngram`); not modified.
+        keys : torch.Tensor
+            ``(B,)`` key tokens of any integer dtype on the pool's device; keys outside ``[0, V)`` find nothing.
+        k : int
+            Phrases per key.
+        stats : torch.Tensor, optional
+            int64 ``(2,)``: ``+= (#keys >= 0, #of those with >= 1 phrase)``, on the device (no sync).
+
+        Returns
+        -------
+        phrases : torch.Tensor
+            ``(B, k, P)`` int64, zero where not valid.
+        valid : torch.Tensor
+            ``(B, k)`` bool.
+        """
+        return torch.ops.ouroboros.ngram_lookup(pool.key_to_slot, pool.counts, pool.phrases, keys, int(k), stats)
+
+    def ngram_insert(pool, keys: torch.Tensor, phrases: torch.Tensor, old: torch.Tensor | None = None) -> None:
+        """Insert (or, with ``old``, replace) a batch in order, in place, on the CUDA kernels; same contract as
+        :func:`ouroboros_kernels.reference.ngram_insert` (the result equals applying the items one by one).
+
+        Parameters
+        ----------
+        pool : NgramPool
+            The device pool, modified in place.
+        keys : torch.Tensor
+            ``(B,)`` key tokens of any integer dtype; keys outside ``[0, V)`` (padding) are skipped.
+        phrases : torch.Tensor
+            ``(B, P)`` phrases to insert (the new phrase of a replace), any integer dtype.
+        old : torch.Tensor, optional
+            ``(B, P)``: item ``b`` becomes ``replace(keys[b], old[b], phrases[b])``.
+        """
+        torch.ops.ouroboros.ngram_insert(pool.key_to_slot, pool.slot_key, pool.counts, pool.phrases, pool.lru_prev,
+                                         pool.lru_next, pool.num_keys, keys, phrases, old)
+
+    __all__ += ["ngram_lookup", "ngram_insert"]
