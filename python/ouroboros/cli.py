@@ -54,7 +54,7 @@ def print_stats(stats: GenerationStats, out=None) -> None:
               f"target forwards {s['target_forwards']} ({s['accepted_per_target_forward']:.2f} tokens each), "
               f"draft forwards {s['draft_forwards']} ({s['tokens_per_draft_forward']:.2f} tokens each); "
               f"pool {s['pool_size']} phrases / {s['pool_keys']} keys, hit rate {s['pool_hit_rate']:.0%}; "
-              f"time draft {s['time_draft']:.2f}s verify {s['time_verify']:.2f}s "
+              f"time prefill {s['time_prefill']:.2f}s draft {s['time_draft']:.2f}s verify {s['time_verify']:.2f}s "
               f"bookkeeping {s['time_bookkeeping']:.2f}s\n")
 
 

@@ -39,13 +39,14 @@ class GenerationStats:
     pool_lookups: int = 0
     pool_hits: int = 0
     time_total: float = 0.0
+    time_prefill: float = 0.0        # putting the prompt into the caches (before the first cycle)
     time_draft: float = 0.0
     time_verify: float = 0.0
     trace: list = field(default_factory=list, repr=False)
 
     @property
     def time_bookkeeping(self) -> float:
-        return max(0.0, self.time_total - self.time_draft - self.time_verify)
+        return max(0.0, self.time_total - self.time_prefill - self.time_draft - self.time_verify)
 
     @property
     def accepted_per_target_forward(self) -> float:
@@ -254,6 +255,7 @@ def decode(target, draft, prompt: Sequence[int], *, method: str, cfg: DecodeConf
     if pool is not None:
         pool.seed_from(x)
         lookups0, hits0 = pool.stats.lookups, pool.stats.hits
+    stats.time_prefill = tgt.forward_time + (drf.forward_time if drf else 0.0)
     produced, done = 0, False
     while not done:
         d0, v0 = (drf.forward_time if drf else 0.0), tgt.forward_time
