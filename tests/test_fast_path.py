@@ -90,3 +90,14 @@ def test_graphs_on_cuda_are_lossless():
     for method in ouroboros.METHODS:
         assert run(target, draft, prompt, 32, method, fast=True)[0] == expected
     assert run(target, draft, prompt, 32, "ouroboros", fast=True, pool_device="cuda")[0] == expected
+
+
+def test_static_runner_is_reused_across_calls_and_draft_equal_target(family_models):
+    target, draft = family_models("qwen2")
+    prompt = repetitive_prompt(66, 4, 6)
+    expected = hf_greedy(target, prompt, 16)
+    assert run(target, draft, prompt, 16, "ouroboros", fast=True)[0] == expected
+    first = target._ouroboros_static_runner
+    assert run(target, draft, prompt, 16, "speculative", fast=True)[0] == expected
+    assert target._ouroboros_static_runner is first                  # same buffers (and graphs) reused
+    assert run(target, target, prompt, 16, "ouroboros", fast=True)[0] == expected   # draft is target: own runner

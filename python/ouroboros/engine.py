@@ -219,12 +219,22 @@ def propose(method: str, x: list[int], drf, drafter, window: LookaheadWindow | N
     return draft_seq, suffixes, seq
 
 
-def make_runner(model, fast: bool, max_len: int):
-    """The dynamic-cache runner, or the static-cache one (fast path) holding at least ``max_len`` tokens."""
+def make_runner(model, fast: bool, max_len: int, reuse: bool = True):
+    """The dynamic-cache runner, or the static-cache one (fast path) holding at least ``max_len`` tokens.
+
+    A static runner is kept on the model and reused by later calls (its CUDA graphs too) while it is large enough
+    and the model's device and dtype are unchanged; it starts each call empty.
+    """
     if not fast:
         return ModelRunner(model)
     from .static import BUCKETS, StaticRunner
-    return StaticRunner(model, max_len + BUCKETS[-1])
+    runner = getattr(model, "_ouroboros_static_runner", None) if reuse else None
+    if runner is None or not runner.fits(max_len + BUCKETS[-1]):
+        runner = StaticRunner(model, max(max_len + BUCKETS[-1], 4096))
+        if reuse:
+            model._ouroboros_static_runner = runner
+    runner.reset()
+    return runner
 
 
 def decode(target, draft, prompt: Sequence[int], *, method: str, cfg: DecodeConfig, max_new_tokens: int,
@@ -246,7 +256,7 @@ def decode(target, draft, prompt: Sequence[int], *, method: str, cfg: DecodeConf
     drf = None
     if method in ("speculative", "ouroboros"):
         on_device = method == "ouroboros" and device_pool is not None
-        drf = make_runner(draft, fast or on_device, max_len + 2 * cfg.gamma * cfg.ngram)
+        drf = make_runner(draft, fast or on_device, max_len + 2 * cfg.gamma * cfg.ngram, reuse=draft is not target)
         drf.prefill(x[:-1])
         if on_device:
             from .device_draft import DeviceDrafter

@@ -105,12 +105,24 @@ class StaticRunner:
         self.cache = StaticKVCache(self.config.num_hidden_layers, max_len, self.device)
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._dtype = model.dtype
         self.use_graphs = (self.device.type == "cuda") if use_graphs is None else use_graphs
         self._graphs: dict[int, tuple] = {}
         self._n = 0                      # host mirror of cache.length (valid unless a device op ran since)
         self.forwards = 0
         self.forward_time = 0.0
         self.gathers = 0
+
+    def fits(self, max_len: int) -> bool:
+        """True if this runner can serve a call needing ``max_len`` slots on the model as it is now."""
+        return (max_len <= self.cache.max_len and self.model.device == self.device
+                and self.model.dtype == self._dtype)
+
+    def reset(self) -> None:
+        """Start empty (the buffers and captured graphs stay)."""
+        self.cache.length.zero_()
+        self._n = 0
+        self.forwards, self.forward_time, self.gathers = 0, 0.0, 0
 
     # ---- device interface -------------------------------------------------------------------------------------
     def _forward_impl(self, ids: torch.Tensor, depths: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:

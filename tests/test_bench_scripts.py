@@ -1,0 +1,144 @@
+"""Benchmark scripts run end to end on a CPU in their tiny modes and write the JSON they promise."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+E2E_GPU = ROOT / "bench" / "e2e_gpu.py"
+
+
+def _env() -> dict:
+    """The parent's environment minus TRITON_INTERPRET (conftest sets it; the interpreter would make the CPU run
+    crawl, and the script's CPU path is the reference backend)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+def _load_e2e_gpu():
+    spec = importlib.util.spec_from_file_location("bench_e2e_gpu", E2E_GPU)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _cycle(tree, acc, fwd=0, dlen=0):
+    return {"tree_size": tree, "accepted": acc, "verified": acc, "draft_len": dlen, "draft_forwards": fwd}
+
+
+def _traces() -> dict:
+    """A small file in the real-models benchmark's format (bench/e2e.py writes traces_<dataset>.json)."""
+    ouro = [_cycle(15, 4, 3, 6), _cycle(17, 9, 4, 8), _cycle(12, 1, 2, 3), _cycle(20, 6, 5, 10)]
+    return {"what": "test", "methods": {
+        "greedy": {"resolved_params": None, "prompts": [{"trace": [_cycle(1, 1)] * 5}]},
+        "speculative": {"resolved_params": None, "prompts": [{"trace": [_cycle(9, 3, 8, 8), _cycle(9, 9, 8, 8)]}]},
+        "ouroboros": {"resolved_params": {"gamma": 8, "ngram": 5, "window": 3, "guess_set": 4, "topk": 2},
+                      "prompts": [{"trace": ouro}, {"trace": ouro[:2]}]},
+    }}
+
+
+def test_e2e_gpu_tiny_end_to_end(tmp_path):
+    traces = tmp_path / "traces.json"
+    traces.write_text(json.dumps(_traces()))
+    out = tmp_path / "e2e_gpu.json"
+    cmd = [sys.executable, str(E2E_GPU), "--tiny", "--traces", str(traces), "--out", str(out), "--iters", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=_env(), cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "REPLAYED ouroboros" in proc.stdout.splitlines()[-1] or "REPLAYED ouroboros" in proc.stdout
+
+    data = json.loads(out.read_text())
+    assert data["schema"] == "ouroboros.e2e_gpu/1" and data["tiny"] is True
+    assert data["card"] == "cpu" and data["versions"]["torch"] == torch.__version__
+    assert data["versions"]["transformers"]
+    assert data["settings"]["dtype"] == "float32" and data["settings"]["gpu_defaults"]["window"] == 20
+    assert data["errors"] == [], data["errors"]
+    assert set(data["pairs"]) == {"qwen", "llama"}
+    for name, pair in data["pairs"].items():
+        cols = pair["columns"]
+        for key in ("hf_eager", "hf_static_compile", "ours_greedy", "ours_ouroboros_live"):
+            assert cols[key]["decode_tok_s"] > 0 and cols[key]["e2e_tok_s"] > 0, (name, key, cols[key])
+        # float32: every greedy path emits HF's own greedy tokens
+        for key in ("hf_static_compile", "ours_greedy", "ours_ouroboros_live"):
+            assert cols[key]["exact_match_vs_hf_eager"] is True, (name, key)
+        assert cols["hf_static_compile"]["compiled"] is False        # no torch.compile on a CPU run
+        steps = pair["step_costs"]
+        assert set(steps["target_verify_device"]) == {"1", "16", "32", "64", "128"}
+        assert all(v > 0 for v in steps["target_verify_device"].values())
+        assert steps["draft_layout"]["tokens_logical"] == 1 + (20 + 20) * 6
+        assert steps["draft_layout"]["tokens_bucket"] == 256 and steps["draft_layout"]["full_step_ms"] > 0
+        for key in ("kv_gather_14_slots", "keep_gather_plus_rollback_host", "gpu_pool_lookup",
+                    "gpu_pool_insert_window", "host_tree_build_mask_walk"):
+            assert steps["bookkeeping"][key] > 0, key
+        replay = pair["replay"]["methods"]
+        assert set(replay) == {"greedy", "speculative", "ouroboros", "ouroboros@trace_layout", "greedy_synthetic"}
+        assert replay["ouroboros@trace_layout"]["draft_layout"]["tokens_logical"] == 1 + (3 + 4) * 4
+        assert replay["ouroboros@trace_layout"]["draft_buckets"] == [32]
+        assert replay["ouroboros@trace_layout"]["accepted_tokens"] == replay["ouroboros"]["accepted_tokens"]
+        assert replay["ouroboros"]["replayed"] is True and replay["ouroboros"]["kind"] == "ouroboros"
+        assert replay["ouroboros"]["cycles"] == 6
+        assert replay["ouroboros"]["accepted_tokens"] == 4 + 9 + 1 + 6 + 4 + 9
+        assert replay["ouroboros"]["forced_short_tokens"] == 0
+        assert replay["ouroboros"]["draft_buckets"] == [256]
+        assert replay["speculative"]["accepted_tokens"] == 12 and replay["greedy"]["accepted_tokens"] == 5
+        for rec in replay.values():
+            assert rec["tok_s"] > 0 and rec["vs_hf_static_compile"] > 0 and rec["vs_ours_greedy"] > 0
+        assert pair["ratios"]["replayed_ouroboros_vs_hf_static_compile"] == replay["ouroboros"]["vs_hf_static_compile"]
+    assert any(line.startswith("REPLAYED ouroboros") for line in data["table"])
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_e2e_gpu_trace_formats(tmp_path):
+    m = _load_e2e_gpu()
+    traces, status = m.load_traces(tmp_path / "missing.json")
+    assert traces is None and "not found" in status
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    assert m.load_traces(bad)[0] is None
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps({"methods": {"x": {"prompts": []}}}))
+    assert m.load_traces(empty)[0] is None
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps([_cycle(5, 2, 1, 3), _cycle(1, 1), {"junk": 1}]))
+    traces, _ = m.load_traces(plain)
+    assert list(traces) == ["trace"] and len(traces["trace"]["prompts"][0]) == 2
+    full = tmp_path / "full.json"
+    full.write_text(json.dumps(_traces()))
+    traces, _ = m.load_traces(full)
+    assert set(traces) == {"greedy", "speculative", "ouroboros"}
+    assert [len(p) for p in traces["ouroboros"]["prompts"]] == [4, 2]
+    assert traces["ouroboros"]["resolved_params"]["window"] == 3
+
+
+def test_e2e_gpu_missing_traces_skips_replay(tmp_path, capsys):
+    m = _load_e2e_gpu()
+    out = tmp_path / "e2e_gpu.json"
+    assert m.main(["--tiny", "--pairs", "llama", "--traces", str(tmp_path / "none.json"), "--out", str(out),
+                   "--no-plot", "--skip", "hf_eager,hf_static_compile,ours_ouroboros_live,step_costs"]) == 0
+    assert "replay: traces file not found" in capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert "not found" in data["pairs"]["llama"]["replay"]["status"]
+    assert data["pairs"]["llama"]["columns"]["ours_greedy"]["decode_tok_s"] > 0
+    assert data["pairs"]["llama"]["columns"]["hf_eager"] == {"skipped": "--skip"}
+
+
+def test_e2e_gpu_real_configs_have_the_real_sizes():
+    """The configs written in the script build models of the checkpoints' parameter counts (on the meta device)."""
+    m = _load_e2e_gpu()
+    expected = {"Qwen2.5-Coder-1.5B": 1.54e9, "Qwen2.5-Coder-0.5B": 0.494e9, "Llama-2-7B": 6.74e9,
+                "TinyLlama-1.1B": 1.10e9}
+    for pair in m.REAL_PAIRS.values():
+        for name, spec in pair.values():
+            model = m.build_model(spec, torch.bfloat16, torch.device("meta"), 0)
+            n = sum(p.numel() for p in model.parameters())
+            assert abs(n - expected[name]) / expected[name] < 0.01, (name, n)
+    q = m.REAL_PAIRS["qwen"]["target"][1]
+    assert (q["hidden_size"], q["num_hidden_layers"], q["num_attention_heads"], q["num_key_value_heads"],
+            q["intermediate_size"], q["vocab_size"], q["tie_word_embeddings"]) == (1536, 28, 12, 2, 8960, 151936, True)
