@@ -224,7 +224,8 @@ def test_patch_idempotent_and_unpatch_restores():
 
 
 def test_patched_forward_really_calls_ours(monkeypatch):
-    import ouroboros.patch as patch_mod
+    import importlib
+    patch_mod = importlib.import_module("ouroboros.patch")   # the attribute ouroboros.patch is the function
 
     calls = []
     real = patch_mod.ouroboros_kernels.tree_attention
