@@ -99,7 +99,7 @@ def test_draft_equal_target_accepts_everything(llama_pair):
     target, _ = llama_pair
     prompt = repetitive_prompt(41, 5, 6)
     expected = hf_greedy(target, prompt, 60)
-    got, stats = run(target, target, prompt, 60, "ouroboros", gamma=8, topk=3)
+    got, stats = run(target, target, prompt, 60, "ouroboros", gamma=8, topk=3, ngram=5, window=3, guess_set=4)
     assert got == expected
     assert stats.trunk_accepted == sum(t["draft_len"] for t in stats.trace)   # every draft token accepted
     assert stats.accepted_per_target_forward > 8          # full draft + bonus (+ branches) per forward
@@ -113,16 +113,17 @@ def test_branch_acceptance_and_gather(llama_pair):
     target, _ = llama_pair
     prompt = repetitive_prompt(42, 7, 8)
     expected = hf_greedy(target, prompt, 48)
-    got, stats = run(target, target, prompt, 48, "ouroboros", gamma=4, topk=3)
+    got, stats = run(target, target, prompt, 48, "ouroboros", gamma=4, topk=3, ngram=5, window=3, guess_set=4)
     assert got == expected
     assert stats.branch_accepted > 0
     assert stats.kv_gathers > 0
-    got, stats = run(target, None, prompt, 48, "prompt_lookup", topk=3)
+    got, stats = run(target, None, prompt, 48, "prompt_lookup", topk=3, ngram=5, guess_set=4)
     assert got == expected and stats.branch_accepted > 0
 
 
 def test_noisy_draft_partial_acceptance(llama_pair):
-    target, draft = llama_pair
+    target, _ = llama_pair
+    draft = noisy_copy(target, 0.2, seed=9)
     prompt = random_prompt(43, 30)
     expected = hf_greedy(target, prompt, 40)
     got, stats = run(target, draft, prompt, 40, "ouroboros")

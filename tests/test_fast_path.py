@@ -32,7 +32,7 @@ def test_device_drafting_with_device_pool(family_models, family):
             got, stats = run(target, d, prompt, 24, "ouroboros", pool_device="cpu")
             assert got == expected
             assert stats.draft_forwards > 0 and stats.pool_size > 0
-    _, stats = run(target, target, PROMPTS[1], 24, "ouroboros", pool_device="cpu")
+    _, stats = run(target, target, PROMPTS[1], 24, "ouroboros", pool_device="cpu", window=3, guess_set=4, topk=2)
     assert stats.guess_accepted > 0 and stats.trunk_accepted > 0 and stats.branch_accepted > 0
 
 

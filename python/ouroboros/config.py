@@ -37,8 +37,10 @@ class DecodeConfig:
 
 # The original code's values (Yi-34B/6B, HumanEval): a wide tree is nearly free on a GPU (SPEC §4).
 GPU_DEFAULTS = DecodeConfig(gamma=12, ngram=7, window=20, guess_set=20, topk=3)
-# On a CPU every tree token costs compute, so the draft tree is kept narrow.
-CPU_DEFAULTS = DecodeConfig(gamma=8, ngram=5, window=3, guess_set=4, topk=2)
+# On a CPU every tree token costs compute on both models (small-M GEMMs are far from free there), so the draft tree
+# is kept narrow: no Jacobi window, one pooled guess per draft forward, one concatenated phrase. Chosen by the sweep
+# in bench/results/cpu_tuning.json (real Qwen2.5-Coder 1.5B/0.5B pair, HumanEval, fp32, 2-core AMD EPYC).
+CPU_DEFAULTS = DecodeConfig(gamma=8, ngram=4, window=0, guess_set=1, topk=1)
 
 
 def resolve_config(device: torch.device | str, **overrides: int | None) -> DecodeConfig:
