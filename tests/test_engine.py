@@ -161,9 +161,10 @@ def test_parameters_are_honoured(llama_pair):
     expected = hf_greedy(target, prompt, 20)
     for params in (dict(gamma=1, ngram=2, window=0, guess_set=1, topk=0),
                    dict(gamma=12, ngram=7, window=20, guess_set=20, topk=3)):
-        got, stats = run(target, draft, prompt, 20, "ouroboros", **params)
-        assert got == expected
-        assert stats.config == params
+        for adaptive in (True, False):
+            got, stats = run(target, draft, prompt, 20, "ouroboros", adaptive=adaptive, **params)
+            assert got == expected
+            assert stats.config == {**params, "adaptive": adaptive}
 
 
 def test_stream_yields_chunks_and_stats(llama_pair):

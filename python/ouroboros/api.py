@@ -109,10 +109,10 @@ def stream(target, draft=None, input_ids=None, *, max_new_tokens: int, method: s
            pool: PhrasePool | None = None, gamma: int | None = None, ngram: int | None = None,
            window: int | None = None, guess_set: int | None = None, topk: int | None = None,
            eos_token_id: int | Sequence[int] | None = None, fast: bool | None = None,
-           pool_device: str | torch.device | None = None,
+           pool_device: str | torch.device | None = None, adaptive: bool | None = None,
            stats: GenerationStats | None = None) -> Iterator[list[int]]:
     """Like :func:`generate`, but yield the new tokens as each cycle emits them (fills ``stats`` if given)."""
-    params = dict(gamma=gamma, ngram=ngram, window=window, guess_set=guess_set, topk=topk)
+    params = dict(gamma=gamma, ngram=ngram, window=window, guess_set=guess_set, topk=topk, adaptive=adaptive)
     prompt, cfg, pool = _prepare(target, draft, input_ids, max_new_tokens, method, pool, params, pool_device)
     stats = stats if stats is not None else GenerationStats()
     stats.method, stats.config = method, cfg.as_dict()
@@ -127,7 +127,7 @@ def generate(target, draft=None, input_ids=None, *, max_new_tokens: int, method:
              window: int | None = None, guess_set: int | None = None, topk: int | None = None,
              eos_token_id: int | Sequence[int] | None = None, return_stats: bool = False,
              on_tokens: Callable[[list[int]], None] | None = None, fast: bool | None = None,
-             pool_device: str | torch.device | None = None):
+             pool_device: str | torch.device | None = None, adaptive: bool | None = None):
     """Greedy generation that returns exactly the target's own greedy tokens (batch size 1).
 
     Parameters
@@ -137,6 +137,7 @@ def generate(target, draft=None, input_ids=None, *, max_new_tokens: int, method:
     method : "greedy" | "speculative" | "lookahead" | "prompt_lookup" | "ouroboros".
     pool : a :class:`PhrasePool` to use and keep warm across calls (history reuse); a fresh one if None.
     gamma, ngram, window, guess_set, topk : SPEC §2 parameters; None picks the device default (``ouroboros.config``).
+    adaptive : draft length follows acceptance, starting at ``gamma`` (default True; False keeps it fixed).
     eos_token_id : stop after this token (or any of these); default: the target's ``generation_config``.
     on_tokens : called with each cycle's new tokens (streaming).
     fast : the static-cache step path with CUDA graphs per tree-size bucket (default: on for CUDA models).
@@ -153,7 +154,8 @@ def generate(target, draft=None, input_ids=None, *, max_new_tokens: int, method:
     out: list[int] = []
     for new in stream(target, draft, input_ids, max_new_tokens=max_new_tokens, method=method, pool=pool,
                       gamma=gamma, ngram=ngram, window=window, guess_set=guess_set, topk=topk,
-                      eos_token_id=eos_token_id, fast=fast, pool_device=pool_device, stats=stats):
+                      eos_token_id=eos_token_id, fast=fast, pool_device=pool_device, adaptive=adaptive,
+                      stats=stats):
         out.extend(new)
         if on_tokens is not None:
             on_tokens(new)

@@ -23,10 +23,12 @@ def _add_params(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128)
     for name in ("gamma", "ngram", "window", "guess-set", "topk"):
         p.add_argument(f"--{name}", type=int, default=None, help="SPEC §2 parameter (default: per device)")
+    p.add_argument("--fixed-gamma", action="store_true", help="keep the draft length fixed (no adaptation)")
 
 
 def _params(args) -> dict:
-    return dict(gamma=args.gamma, ngram=args.ngram, window=args.window, guess_set=args.guess_set, topk=args.topk)
+    return dict(gamma=args.gamma, ngram=args.ngram, window=args.window, guess_set=args.guess_set, topk=args.topk,
+                adaptive=False if args.fixed_gamma else None)
 
 
 class TextStreamer:

@@ -17,6 +17,8 @@ class DecodeConfig:
     gamma: draft length in tokens per cycle. ngram: n-gram size N (phrases hold N-1 tokens). window: lookahead window
     width W (columns). guess_set: phrases per key G (pool capacity per key, and guesses verified per draft forward).
     topk: candidate suffixes K appended to the draft for verification.
+    adaptive: let the draft length follow acceptance (HF's heuristic): +2 after a fully accepted draft, -1 after a
+    rejection, between 1 and ``4 * gamma``; ``gamma`` is then the starting length.
     """
 
     gamma: int = 12
@@ -24,12 +26,19 @@ class DecodeConfig:
     window: int = 20
     guess_set: int = 20
     topk: int = 3
+    adaptive: bool = True
 
     def __post_init__(self) -> None:
         for name, low in (("gamma", 1), ("ngram", 2), ("window", 0), ("guess_set", 1), ("topk", 0)):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < low:
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        if not isinstance(self.adaptive, bool):
+            raise ValueError(f"adaptive must be a bool, got {self.adaptive!r}")
+
+    @property
+    def max_gamma(self) -> int:
+        return 4 * self.gamma if self.adaptive else self.gamma
 
     def as_dict(self) -> dict:
         return asdict(self)

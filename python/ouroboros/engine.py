@@ -197,7 +197,8 @@ def _common_prefix(a: Sequence[int], b: Sequence[int], start: int) -> int:
 
 
 def propose(method: str, x: list[int], drf, drafter, window: LookaheadWindow | None, pool: PhrasePool | None,
-            cfg: DecodeConfig, eos: frozenset[int], stats: GenerationStats) -> tuple[list[int], list, list[int]]:
+            cfg: DecodeConfig, gamma: int, eos: frozenset[int],
+            stats: GenerationStats) -> tuple[list[int], list, list[int]]:
     """Steps 1-2 of a cycle: the draft trunk, the suffixes to hang off it, and the drafter's own sequence."""
     draft_seq: list[int] = []
     seq = x
@@ -211,7 +212,7 @@ def propose(method: str, x: list[int], drf, drafter, window: LookaheadWindow | N
         return draft_seq, (suffixes[:cfg.topk] if not eos.intersection(draft_seq) else []), seq
     if drf is not None:                 # speculative: one token per draft forward; ouroboros: phrase by phrase
         seq = list(x)
-        draft_seq = draft_tokens(drf, seq, cfg.gamma, eos, stats, window, pool,
+        draft_seq = draft_tokens(drf, seq, gamma, eos, stats, window, pool,
                                  cfg.guess_set if method == "ouroboros" else 0)
     suffixes = []
     if method in ("prompt_lookup", "ouroboros") and cfg.topk and not eos.intersection(draft_seq):
@@ -247,7 +248,7 @@ def decode(target, draft, prompt: Sequence[int], *, method: str, cfg: DecodeConf
     """
     t0 = time.perf_counter()
     x = [int(t) for t in prompt]
-    max_len = len(x) + max_new_tokens + cfg.gamma + cfg.ngram
+    max_len = len(x) + max_new_tokens + cfg.max_gamma + cfg.ngram
     drafter, device_pool = None, pool if isinstance(pool, GpuPhrasePool) else None
     if device_pool is not None:
         pool = device_pool.host
@@ -256,7 +257,7 @@ def decode(target, draft, prompt: Sequence[int], *, method: str, cfg: DecodeConf
     drf = None
     if method in ("speculative", "ouroboros"):
         on_device = method == "ouroboros" and device_pool is not None
-        drf = make_runner(draft, fast or on_device, max_len + 2 * cfg.gamma * cfg.ngram, reuse=draft is not target)
+        drf = make_runner(draft, fast or on_device, max_len + 2 * cfg.max_gamma * cfg.ngram, reuse=draft is not target)
         drf.prefill(x[:-1])
         if on_device:
             from .device_draft import DeviceDrafter
@@ -266,7 +267,7 @@ def decode(target, draft, prompt: Sequence[int], *, method: str, cfg: DecodeConf
         pool.seed_from(x)
         lookups0, hits0 = pool.stats.lookups, pool.stats.hits
     stats.time_prefill = tgt.forward_time + (drf.forward_time if drf else 0.0)
-    produced, done = 0, False
+    produced, done, gamma = 0, False, cfg.gamma
     while not done:
         d0, v0 = (drf.forward_time if drf else 0.0), tgt.forward_time
         n_draft_fwd = stats.draft_forwards
@@ -277,8 +278,11 @@ def decode(target, draft, prompt: Sequence[int], *, method: str, cfg: DecodeConf
             stats.guess_accepted += len(result.path)
             draft_seq, seq = [], x
         else:
-            draft_seq, suffixes, seq = propose(method, x, drf, drafter, window, pool, cfg, eos, stats)
+            draft_seq, suffixes, seq = propose(method, x, drf, drafter, window, pool, cfg, gamma, eos, stats)
             result = tree_step(tgt, x[tgt.n_cached:], trunk=draft_seq, branches=suffixes)
+            if cfg.adaptive and draft_seq:      # longer drafts while they are accepted, shorter once they are not
+                full = result.trunk_accepted == len(draft_seq)
+                gamma = min(gamma + 2, cfg.max_gamma) if full else max(gamma - 1, 1)
             if method == "ouroboros":
                 mine_verification(pool, result, draft_seq, suffixes)
         stats.target_forwards += 1
