@@ -159,7 +159,8 @@ def test_parameters_are_honoured(llama_pair):
     target, draft = llama_pair
     prompt = random_prompt(46, 10)
     expected = hf_greedy(target, prompt, 20)
-    for params in (dict(gamma=1, ngram=2, window=0, guess_set=1, topk=0),
+    for params in (dict(gamma=1, ngram=2, window=0, guess_set=0, topk=0),
+                   dict(gamma=3, ngram=4, window=0, guess_set=0, topk=2),
                    dict(gamma=12, ngram=7, window=20, guess_set=20, topk=3)):
         for adaptive in (True, False):
             got, stats = run(target, draft, prompt, 20, "ouroboros", adaptive=adaptive, **params)

@@ -29,7 +29,7 @@ class DecodeConfig:
     adaptive: bool = True
 
     def __post_init__(self) -> None:
-        for name, low in (("gamma", 1), ("ngram", 2), ("window", 0), ("guess_set", 1), ("topk", 0)):
+        for name, low in (("gamma", 1), ("ngram", 2), ("window", 0), ("guess_set", 0), ("topk", 0)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
@@ -46,10 +46,11 @@ class DecodeConfig:
 
 # The original code's values (Yi-34B/6B, HumanEval): a wide tree is nearly free on a GPU (SPEC §4).
 GPU_DEFAULTS = DecodeConfig(gamma=12, ngram=7, window=20, guess_set=20, topk=3)
-# On a CPU every tree token costs compute on both models (small-M GEMMs are far from free there), so the draft tree
-# is kept narrow: no Jacobi window, one pooled guess per draft forward, one concatenated phrase. Chosen by the sweep
-# in bench/results/cpu_tuning.json (real Qwen2.5-Coder 1.5B/0.5B pair, HumanEval, fp32, 2-core AMD EPYC).
-CPU_DEFAULTS = DecodeConfig(gamma=8, ngram=4, window=0, guess_set=1, topk=1)
+# On a CPU every tree token costs compute on both models (small-M GEMMs are far from free there), so the draft
+# forward stays one token: no Jacobi window, no pooled guesses; the pool still adds one concatenated phrase to each
+# verification. Chosen from bench/results/cpu_tuning.json and e2e_humaneval_float32_final.json (real Qwen2.5-Coder
+# 1.5B/0.5B pair, HumanEval, fp32, 2-core AMD EPYC): each guess token in a draft forward cost more than it saved.
+CPU_DEFAULTS = DecodeConfig(gamma=8, ngram=4, window=0, guess_set=0, topk=1)
 
 
 def resolve_config(device: torch.device | str, **overrides: int | None) -> DecodeConfig:

@@ -256,7 +256,7 @@ def decode(target, draft, prompt: Sequence[int], *, method: str, cfg: DecodeConf
     tgt.prefill(x[:-1])
     drf = None
     if method in ("speculative", "ouroboros"):
-        on_device = method == "ouroboros" and device_pool is not None
+        on_device = method == "ouroboros" and device_pool is not None and cfg.window + cfg.guess_set > 0
         drf = make_runner(draft, fast or on_device, max_len + 2 * cfg.max_gamma * cfg.ngram, reuse=draft is not target)
         drf.prefill(x[:-1])
         if on_device:
