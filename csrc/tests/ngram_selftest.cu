@@ -12,6 +12,7 @@
 //   default: the host run, then the GPU kernels (eager and CUDA-graph replays) against the model;
 //   --quick: fewer steps (for compute-sanitizer); --bench: after passing, time insert + lookup (kernel only).
 // Exit status: 0 all passed, 1 a case failed, 2 no usable GPU (after the host run passed).
+#include "cuda_check.cuh"
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -33,15 +34,6 @@ using ouroboros::NgramPool;
 
 namespace {
 
-#define CUDA_OK(expr)                                                                                        \
-  do {                                                                                                       \
-    cudaError_t err_ = (expr);                                                                               \
-    if (err_ != cudaSuccess) {                                                                               \
-      std::fprintf(stderr, "CUDA error %s at %s:%d: %s\n", cudaGetErrorName(err_), __FILE__, __LINE__,      \
-                   cudaGetErrorString(err_));                                                                \
-      std::exit(1);                                                                                          \
-    }                                                                                                        \
-  } while (0)
 
 using Phrase = std::vector<int32_t>;
 

@@ -6,6 +6,7 @@
 // NaN-poisoned output. Usage: selftest [--quick] [--verbose] [--bench]
 //   --quick: a subset (for compute-sanitizer); --bench: after passing, time the SPEC §4 shapes (kernel only).
 // Exit status: 0 all passed, 1 a case failed, 2 no usable GPU (the test needs one; CI only compiles it).
+#include "cuda_check.cuh"
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -47,15 +48,6 @@ const char* mask_name(MaskKind m) {
   }
 }
 
-#define CUDA_OK(expr)                                                                                        \
-  do {                                                                                                       \
-    cudaError_t err_ = (expr);                                                                               \
-    if (err_ != cudaSuccess) {                                                                               \
-      std::fprintf(stderr, "CUDA error %s at %s:%d: %s\n", cudaGetErrorName(err_), __FILE__, __LINE__,      \
-                   cudaGetErrorString(err_));                                                                \
-      std::exit(1);                                                                                          \
-    }                                                                                                        \
-  } while (0)
 
 uint16_t to_bits(float x, DType dt) {
   if (dt == DType::kFloat16) {
