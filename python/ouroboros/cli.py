@@ -140,6 +140,16 @@ def cmd_demo(args) -> int:
           f"{s_ours.accepted_per_target_forward:>20.2f}\n"
           f"speedup {s_ours.tokens_per_second / max(s_ref.tokens_per_second, 1e-9):.2f}x; "
           f"identical to greedy: {'yes' if same else 'NO'}; parameters {s_ours.config}")
+    if args.json:
+        import json
+        import platform as _platform
+        record = {"what": "python -m ouroboros demo", "machine": _platform.processor() or _platform.machine(),
+                  "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": args.dtype,
+                  "prompt_tokens": len(prompt), "max_new_tokens": args.max_new_tokens,
+                  "identical_to_greedy": same, "speedup": s_ours.tokens_per_second / max(s_ref.tokens_per_second, 1e-9),
+                  "greedy": s_ref.summary(), "ouroboros": s_ours.summary()}
+        with open(args.json, "w") as f:
+            json.dump(record, f, indent=1)
     return 0 if same else 1
 
 
@@ -197,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
         d.add_argument("--prompt", default=None, help="prompt text (real pair only)")
         d.add_argument("--small", action="store_true", help="use the small random pair built in code")
         d.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+        if name == "demo":
+            d.add_argument("--json", default=None, help="also write the measured stats to this JSON file")
         if name == "bench":
             d.add_argument("--methods", default=",".join(METHODS))
         _add_params(d)
