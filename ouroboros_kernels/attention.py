@@ -1,6 +1,7 @@
 """Public tree-attention op with backend dispatch (one function per backend, same signature)."""
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -8,7 +9,7 @@ import torch
 from . import reference
 from .backend import select_backend
 
-__all__ = ["tree_attention"]
+__all__ = ["tree_attention", "resolve_backend"]
 
 
 def _impl(name: str):
@@ -23,9 +24,26 @@ def _impl(name: str):
     raise ValueError(f"unknown backend {name!r}")
 
 
-def _cuda_supports(q: torch.Tensor) -> bool:
-    from .cuda_ops import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
-    return q.dtype in SUPPORTED_DTYPES and q.shape[-1] in SUPPORTED_HEAD_DIMS
+@functools.lru_cache(maxsize=256)
+def _resolve(device_type: str, dtype: torch.dtype, head_dim: int, backend: str | None, env_backend: str | None,
+             env_interpret: str | None) -> str:
+    name = select_backend(torch.device(device_type), backend)
+    if name == "cuda" and not (backend or env_backend):
+        from .cuda_ops import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
+        if dtype not in SUPPORTED_DTYPES or head_dim not in SUPPORTED_HEAD_DIMS:
+            name = select_backend(torch.device(device_type), supported=("triton", "reference"))
+    return name
+
+
+def resolve_backend(q: torch.Tensor, backend: str | None = None) -> str:
+    """The backend ``tree_attention`` runs for queries like ``q`` (cached per device type, dtype, head dim, request
+    and environment).
+
+    A named backend (or one forced by ``OUROBOROS_BACKEND``) is used as asked; automatic choice takes the best usable
+    one but steps down from "cuda" for what the CUDA kernel does not cover (fp32, head dims other than 64/128/256).
+    """
+    return _resolve(q.device.type, q.dtype, q.shape[-1], backend, os.environ.get("OUROBOROS_BACKEND"),
+                    os.environ.get("TRITON_INTERPRET"))
 
 
 def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: int,
@@ -36,7 +54,4 @@ def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len
     ``backend`` (or ``OUROBOROS_BACKEND``) forces "cuda", "triton" or "reference"; by default the best available one
     for ``q``'s device runs. Every backend computes the same function within dtype tolerance.
     """
-    name = select_backend(q.device, backend)
-    if name == "cuda" and not (backend or os.environ.get("OUROBOROS_BACKEND")) and not _cuda_supports(q):
-        name = select_backend(q.device, supported=("triton", "reference"))   # auto mode: fall back, don't fail
-    return _impl(name)(q, k, v, prefix_len, tree_mask, scale, softcap)
+    return _impl(resolve_backend(q, backend))(q, k, v, prefix_len, tree_mask, scale, softcap)

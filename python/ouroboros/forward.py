@@ -17,7 +17,12 @@ from ouroboros_kernels import ancestor_mask, pack_mask
 from .cache import cache_length, crop_cache, keep_entries, new_cache
 from .tokentree import TokenTree
 
-__all__ = ["ModelRunner", "dense_tree_masks", "layer_masks", "uses_our_attention"]
+__all__ = ["ModelRunner", "cache_kwarg", "dense_tree_masks", "layer_masks", "uses_our_attention"]
+
+
+def cache_kwarg(model) -> str:
+    """The name ``model.forward`` takes the KV cache under ("cache" from transformers 5.x, else "past_key_values")."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def uses_our_attention(model) -> bool:
@@ -80,9 +85,8 @@ class ModelRunner:
         self.config = model.config.get_text_config()
         self.device = model.device
         self.cache = new_cache()
-        params = inspect.signature(model.forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
-        self._logits_to_keep = "logits_to_keep" in params
+        self._cache_kw = cache_kwarg(model)
+        self._logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.forwards = 0
         self.forward_time = 0.0
         self.gathers = 0

@@ -26,13 +26,13 @@ anything the kernel runs, otherwise the dense path applies the window. ``softcap
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 import ouroboros_kernels
+from ouroboros_kernels.attention import resolve_backend
 from ouroboros_kernels.tree import unpack_mask
 
 __all__ = ["ATTN_NAME", "TreeSpec", "patch", "unpatch", "is_patched", "ouroboros_attention"]
@@ -99,26 +99,10 @@ def _causal_visibility(t: int, s: int, window: int | None, device) -> torch.Tens
 
 
 # ------------------------------------------------------------------------------------------------- backend choice
-_RESOLVED: dict[tuple, str] = {}
-
-
 def _resolve_backend(requested: str, q: torch.Tensor) -> str:
-    """The kernel backend for this call, cached per (request, device type, dtype, head dim, environment).
-
-    "auto" takes the best usable backend (``OUROBOROS_BACKEND`` forces one), but steps down from "cuda" to "triton"
-    (or "reference") for what the CUDA kernel does not cover (fp32, head dims other than 64/128/256). A named backend
-    is used as asked (its own errors say what it cannot do), and so is one forced by ``OUROBOROS_BACKEND``."""
-    key = (requested, q.device.type, q.dtype, q.shape[-1],
-           os.environ.get("OUROBOROS_BACKEND"), os.environ.get("TRITON_INTERPRET"))
-    name = _RESOLVED.get(key)
-    if name is None:
-        name = ouroboros_kernels.select_backend(q.device, None if requested == "auto" else requested)
-        if requested == "auto" and name == "cuda" and not os.environ.get("OUROBOROS_BACKEND"):
-            from ouroboros_kernels import cuda_ops
-            if q.dtype not in cuda_ops.SUPPORTED_DTYPES or q.shape[-1] not in cuda_ops.SUPPORTED_HEAD_DIMS:
-                name = ouroboros_kernels.select_backend(q.device, None, supported=("triton", "reference"))
-        _RESOLVED[key] = name
-    return name
+    """The kernel backend for this call: "auto" steps down from "cuda" where its kernel does not apply (see
+    :func:`ouroboros_kernels.attention.resolve_backend`); a named backend is used as asked."""
+    return resolve_backend(q, None if requested == "auto" else requested)
 
 
 # ------------------------------------------------------------------------------------------------ attention function

@@ -11,7 +11,6 @@ Rejected slots are simply overwritten later: the mask is built from the length, 
 """
 from __future__ import annotations
 
-import inspect
 import time
 import warnings
 from typing import Sequence
@@ -21,7 +20,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ouroboros_kernels import ancestor_mask
 
-from .forward import layer_masks
+from .forward import cache_kwarg, layer_masks
 from .tokentree import TokenTree
 
 __all__ = ["StaticKVCache", "StaticRunner", "BUCKETS"]
@@ -103,8 +102,7 @@ class StaticRunner:
         self.config = model.config.get_text_config()
         self.device = model.device
         self.cache = StaticKVCache(self.config.num_hidden_layers, max_len, self.device)
-        params = inspect.signature(model.forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._cache_kw = cache_kwarg(model)
         self._dtype = model.dtype
         self.use_graphs = (self.device.type == "cuda") if use_graphs is None else use_graphs
         self._graphs: dict[int, tuple] = {}
