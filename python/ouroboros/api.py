@@ -151,15 +151,15 @@ def generate(target, draft=None, input_ids=None, *, max_new_tokens: int, method:
     with ``return_stats=True`` a tuple ``(ids, GenerationStats)``.
     Raises ``ValueError`` naming the problem for bad input (batch > 1, empty prompt, vocab mismatch, ...).
     """
+    prompt = _prompt_list(input_ids)      # validated once; stream takes the plain list
     stats = GenerationStats()
     out: list[int] = []
-    for new in stream(target, draft, input_ids, max_new_tokens=max_new_tokens, method=method, pool=pool,
+    for new in stream(target, draft, prompt, max_new_tokens=max_new_tokens, method=method, pool=pool,
                       gamma=gamma, ngram=ngram, window=window, guess_set=guess_set, topk=topk,
                       eos_token_id=eos_token_id, fast=fast, pool_device=pool_device, adaptive=adaptive,
                       stats=stats):
         out.extend(new)
         if on_tokens is not None:
             on_tokens(new)
-    prompt = _prompt_list(input_ids)
     ids = torch.tensor([prompt + out], dtype=torch.long, device=target.device)
     return (ids, stats) if return_stats else ids
