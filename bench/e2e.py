@@ -128,10 +128,10 @@ def our_run(method: str, target, draft, ids, max_new: int, eos: list[int], param
     return out[0, ids.shape[1]:].tolist(), stats
 
 
-def resolved_params(device, params: dict) -> dict:
+def resolved_params(device, params: dict, method: str | None = None) -> dict:
     from ouroboros.config import resolve_config
 
-    return resolve_config(device, **params).as_dict()
+    return resolve_config(device, method, **params).as_dict()
 
 
 def run_one(method, target, draft, tok, ids, max_new, eos, params, counters, pool=None) -> dict:
@@ -158,7 +158,7 @@ def build_summary(results: dict, labels: list, runs: list, device) -> dict:
     for label, (m, p) in zip(labels, runs):
         res = results[label]
         if m not in HF_METHODS:
-            res["resolved_params"] = resolved_params(device, p)
+            res["resolved_params"] = resolved_params(device, p, m)
         summary[label] = summarize(m, res, reference if m != "hf_greedy" else None)
         if m not in HF_METHODS:
             summary[label]["resolved_params"] = res["resolved_params"]
@@ -452,7 +452,7 @@ def main(argv=None) -> int:
     bar.close()
     summary = build_summary(results, labels, runs, target.device)
 
-    from ouroboros.config import CPU_DEFAULTS, GPU_DEFAULTS
+    from ouroboros.config import CPU_DEFAULTS, CPU_LOOKAHEAD_DEFAULTS, GPU_DEFAULTS
     meta = {
         "machine": machine, "pair": args.pair, "dtype": args.dtype, "dataset": args.dataset,
         "n_prompts": len(prompts), "offset": args.offset, "max_new_tokens": args.max_new_tokens,
@@ -464,7 +464,8 @@ def main(argv=None) -> int:
                         "prompt_lookup": f"prompt_lookup_num_tokens={PLD_TOKENS}"},
         "ouroboros_params_override": params, "sweep": points if args.sweep else None,
         "resolved_ouroboros_params": resolved_params(target.device, params),
-        "device_defaults": {"cpu": CPU_DEFAULTS.as_dict(), "gpu": GPU_DEFAULTS.as_dict()},
+        "device_defaults": {"cpu": CPU_DEFAULTS.as_dict(), "cpu_lookahead": CPU_LOOKAHEAD_DEFAULTS.as_dict(),
+                            "gpu": GPU_DEFAULTS.as_dict()},
         "load_seconds": round(load_s, 2), "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
         "timing": "wall clock per generate call, summed over prompts; tokens/s = new tokens / seconds; forwards "
                   "counted by forward pre-hooks on the target and draft models; prompts outer loop, methods inner "

@@ -4,27 +4,31 @@
 #   OUT=/some/dir bash bench/gpu_check.sh        # run from anywhere; logs go to $OUT (default build/gpu_check_out)
 #
 # Steps (each logged under $OUT, tee'd as it runs so a timeout still leaves partial logs):
-#   1. install.log    environment (GPU, driver, python, torch, nvcc) + `pip install --no-build-isolation -e .` (timed)
-#                     while, in the background, the torch-free CMake build of csrc/ runs (selftest.log)
-#   2. selftest.log   cmake configure + build, ctest (C++ reference self-tests: tree attention, n-gram pool),
-#                     compute-sanitizer memcheck (--quick; + racecheck of the n-gram kernels),
-#                     kernel-only timings (ouroboros_selftest --bench, ouroboros_ngram_selftest --bench)
-#   3. pytest.log     pytest -q tests (CUDA tests run here)
-#   4. attention.log  python bench/attention.py --out $OUT/attention.json (it also writes attention.png)
-#   5. summary.txt    the table printed last
-# At most 8 files under $OUT: 7 are used here, so extra steps (e2e benches) may add one more (see HOOK below) or
-# share a log.
-# Per-step limits are STEP_TIMEOUT_<NAME> seconds (env); the exit status is 1 when any step failed.
+#   1. build.log      environment (GPU, driver, python, torch, nvcc) + `pip install --no-build-isolation -e .` (timed)
+#                     while, in the background, the torch-free CMake build of csrc/ runs; then ctest (C++ reference
+#                     self-tests: tree attention, n-gram pool) and compute-sanitizer memcheck/racecheck (--quick),
+#                     in the background while the tests run
+#   2. run.log        pytest (CUDA tests, the GPU lossless suite; bf16 match rates -> gpu_lossless.jsonl), then the
+#                     kernel-only timings (C++), bench/attention.py (attention.json/.png), bench/e2e_gpu.py
+#                     (e2e_gpu.json/.png, given what is left of DEADLINE_S)
+#   3. summary.txt    the table printed last
+# 8 files come back from $OUT at most: build.log run.log summary.txt gpu_lossless.jsonl attention.{json,png}
+# e2e_gpu.{json,png}. Per-step limits are STEP_TIMEOUT_<NAME> seconds (env); DEADLINE_S (default 540) bounds the
+# whole script (the e2e benchmark gets what is left). The exit status is 1 when any step failed.
 set -u -o pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
 OUT="${OUT:-$REPO/build/gpu_check_out}"
-mkdir -p "$OUT"
+mkdir -p "$OUT" build
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
-export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0}"
-export PYTHONUNBUFFERED=1
-PY="${PYTHON:-python}"
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+PY="${PYTHON:-$(command -v python3 || command -v python)}"
+T_START="$(date +%s)"
+DEADLINE_S="${DEADLINE_S:-540}"
+left() { echo $(( DEADLINE_S - ($(date +%s) - T_START) )); }
+cap() { local l; l="$(left)"; [ "$l" -lt 5 ] && l=5; [ "$1" -lt "$l" ] && echo "$1" || echo "$l"; }   # min(limit, left)
 if [ -z "${CUDA_HOME:-}" ] && ! command -v nvcc >/dev/null 2>&1 && [ -x /usr/local/cuda/bin/nvcc ]; then
   export CUDA_HOME=/usr/local/cuda
 fi
@@ -71,58 +75,58 @@ run_step() {
   command -v nvcc >/dev/null && nvcc --version | tail -2 || echo "nvcc: not found (CUDA_HOME=${CUDA_HOME:-unset})"
   command -v cmake >/dev/null && cmake --version | head -1 || echo "cmake: not found"
   command -v compute-sanitizer >/dev/null && echo "compute-sanitizer: $(command -v compute-sanitizer)" || echo "compute-sanitizer: not found"
-} 2>&1 | tee "$OUT/install.log"
+} 2>&1 | tee "$OUT/build.log"
 
 HAVE_CMAKE=0
-if command -v cmake >/dev/null && command -v nvcc >/dev/null; then
+if [ "${SKIP_CMAKE:-0}" != 1 ] && command -v cmake >/dev/null && command -v nvcc >/dev/null; then
   HAVE_CMAKE=1
   CMAKE_T0="$(now)"
   GEN=()
   command -v ninja >/dev/null && GEN=(-G Ninja)
   ( echo "=== cmake configure + build (background, started with pip install)"
-    cmake -S . -B build/gpu_check "${GEN[@]}" -DCMAKE_CUDA_ARCHITECTURES="${CMAKE_CUDA_ARCHITECTURES:-80;90}" &&
-      timeout "${STEP_TIMEOUT_CMAKE:-420}" cmake --build build/gpu_check --parallel "$MAX_JOBS"
-  ) > "$OUT/selftest.log" 2>&1 &
+    cmake -S . -B build/gpu_check "${GEN[@]}" -DCMAKE_CUDA_ARCHITECTURES="${CMAKE_CUDA_ARCHITECTURES:-90}" &&
+      timeout "${STEP_TIMEOUT_CMAKE:-300}" cmake --build build/gpu_check --parallel "$MAX_JOBS"
+  ) > build/gpu_check_cmake.log 2>&1 &
   CMAKE_PID=$!
 fi
 
-run_step "pip install -e ." install.log "${STEP_TIMEOUT_INSTALL:-420}" \
+run_step "pip install -e ." build.log "${STEP_TIMEOUT_INSTALL:-300}" \
   env OUROBOROS_BUILD_CUDA="${OUROBOROS_BUILD_CUDA:-}" "$PY" -m pip install --no-build-isolation --no-deps -v -e .
 EXT_NOTE="$("$PY" -c 'import torch, ouroboros_kernels as ok; print(ok.backend_status()["cuda"])' 2>&1 | tail -1)"
 record "cuda backend" "$([ "$EXT_NOTE" = available ] && echo ok || echo FAIL)" "-" "$EXT_NOTE"
-echo "cuda backend: $EXT_NOTE" | tee -a "$OUT/install.log"
+echo "cuda backend: $EXT_NOTE" | tee -a "$OUT/build.log"
 
-# ---- 2. torch-free build, ctest, sanitizer ---------------------------------------------------------------------------
+# ---- 2. torch-free build; ctest + sanitizer in the background while the tests run -------------------------------------
+SELFTEST_PID=""
 if [ "$HAVE_CMAKE" = 1 ]; then
   wait "$CMAKE_PID"
   rc=$?
   record "cmake build" "$([ $rc -eq 0 ] && echo ok || echo FAIL)" "$(elapsed "$CMAKE_T0")" \
-    "$([ $rc -eq 0 ] || echo "exit $rc, see selftest.log")"
-  cat "$OUT/selftest.log"
+    "$([ $rc -eq 0 ] || echo "exit $rc, see build.log")"
+  cat build/gpu_check_cmake.log >> "$OUT/build.log"
+  [ "$rc" -ne 0 ] && tail -30 build/gpu_check_cmake.log
   if [ "$rc" -eq 0 ]; then
-    run_step "ctest (selftest)" selftest.log "${STEP_TIMEOUT_CTEST:-300}" \
-      ctest --test-dir build/gpu_check --output-on-failure -R '^(tree_attention_selftest|ngram_selftest)$' -V
     SANITIZER="$(command -v compute-sanitizer || true)"
     for cand in "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" \
                 "${CUDA_HOME:-/usr/local/cuda}/compute-sanitizer/compute-sanitizer"; do
       [ -z "$SANITIZER" ] && [ -x "$cand" ] && SANITIZER="$cand"
     done
-    if [ -n "$SANITIZER" ]; then
-      run_step "sanitizer memcheck" selftest.log "${STEP_TIMEOUT_SANITIZER:-300}" \
-        "$SANITIZER" --tool memcheck --error-exitcode 3 --leak-check full build/gpu_check/ouroboros_selftest --quick
-      run_step "sanitizer ngram" selftest.log "${STEP_TIMEOUT_SANITIZER:-300}" \
-        "$SANITIZER" --tool memcheck --error-exitcode 3 --leak-check full build/gpu_check/ouroboros_ngram_selftest --quick
-      run_step "racecheck ngram" selftest.log "${STEP_TIMEOUT_SANITIZER:-300}" \
-        "$SANITIZER" --tool racecheck --error-exitcode 3 build/gpu_check/ouroboros_ngram_selftest --quick
-    else
-      record "sanitizer memcheck" skip "-" "compute-sanitizer not found"
-    fi
-    # Kernel-only timings of the SPEC §4 attention shapes (CUDA events, L2-rotated cache), no torch involved.
-    run_step "kernel bench (C++)" selftest.log "${STEP_TIMEOUT_KBENCH:-180}" \
-      build/gpu_check/ouroboros_selftest --quick --bench
-    # N-gram pool: insert / lookup / both-in-a-graph per step, V=152064 S=16384 G=20 P=6 (kernel only).
-    run_step "ngram bench (C++)" selftest.log "${STEP_TIMEOUT_KBENCH:-180}" \
-      build/gpu_check/ouroboros_ngram_selftest --quick --bench
+    (
+      # The summary rows of a subshell are lost: each step prints a RESULT line that the parent turns into rows.
+      st() { local n="$1"; shift; local t0; t0="$(now)"
+             timeout --kill-after=10 "${STEP_TIMEOUT_SELFTEST:-200}" "$@" > build/gpu_check_step.log 2>&1
+             local rc=$?; cat build/gpu_check_step.log; tail -5 build/gpu_check_step.log >&2
+             echo "RESULT|$n|$([ $rc -eq 0 ] && echo ok || echo FAIL)|$(elapsed "$t0")|$([ $rc -eq 0 ] || echo "exit $rc")"; }
+      st "ctest (selftest)" ctest --test-dir build/gpu_check --output-on-failure -R '^(tree_attention_selftest|ngram_selftest)$'
+      if [ -n "$SANITIZER" ]; then
+        st "sanitizer memcheck" "$SANITIZER" --tool memcheck --error-exitcode 3 build/gpu_check/ouroboros_selftest --quick
+        st "sanitizer ngram" "$SANITIZER" --tool memcheck --error-exitcode 3 build/gpu_check/ouroboros_ngram_selftest --quick
+        st "racecheck ngram" "$SANITIZER" --tool racecheck --error-exitcode 3 build/gpu_check/ouroboros_ngram_selftest --quick
+      else
+        echo "RESULT|sanitizer memcheck|skip|-|compute-sanitizer not found"
+      fi
+    ) >> "$OUT/build.log" 2>/dev/null &
+    SELFTEST_PID=$!
   fi
 else
   record "cmake build" skip "-" "cmake or nvcc not found"
@@ -130,25 +134,41 @@ fi
 
 # ---- 3. tests --------------------------------------------------------------------------------------------------------
 # The GPU-relevant files by default (the CPU-only lossless suite runs in CI); PYTEST_ARGS=tests runs everything.
-PYTEST_ARGS="${PYTEST_ARGS:-tests/test_tree_attention.py tests/test_cuda_build.py tests/test_cuda_ngram.py \
-tests/test_gpu_pool.py tests/test_fast_path.py tests/test_patch.py}"
+PYTEST_ARGS="${PYTEST_ARGS:-tests/test_gpu_lossless.py tests/test_tree_attention.py tests/test_cuda_build.py \
+tests/test_cuda_ngram.py tests/test_gpu_pool.py tests/test_fast_path.py tests/test_patch.py}"
+XDIST=()
+"$PY" -c 'import xdist' 2>/dev/null && XDIST=(-n "${PYTEST_WORKERS:-6}")
 # shellcheck disable=SC2086
-run_step "pytest tests" pytest.log "${STEP_TIMEOUT_PYTEST:-360}" "$PY" -m pytest -q -ra $PYTEST_ARGS
-PYTEST_LINE="$(grep -E '(passed|failed|error)' "$OUT/pytest.log" | tail -1)"
+export OUROBOROS_REPORT_DIR="$OUT"
+run_step "pytest" run.log "${STEP_TIMEOUT_PYTEST:-180}" \
+  "$PY" -m pytest -q -ra -p no:cacheprovider "${XDIST[@]}" $PYTEST_ARGS
+PYTEST_LINE="$(grep -E '(passed|failed|error)' "$OUT/run.log" | tail -1)"
 [ -n "$PYTEST_LINE" ] && SUMMARY_ROWS[-1]="${SUMMARY_ROWS[-1]}  ${PYTEST_LINE//=/}"
+if [ -n "$SELFTEST_PID" ]; then
+  wait "$SELFTEST_PID"
+  while IFS='|' read -r _ n st sec note; do record "$n" "$st" "$sec" "$note"; done < <(grep '^RESULT|' "$OUT/build.log")
+fi
 
 # ---- 4. benchmarks ---------------------------------------------------------------------------------------------------
-# SKIP_BENCH=1 stops after the tests (to split the check over two calls within the 10-minute limit of one).
-# The e2e benchmark shares attention.log (8-file limit).
+# SKIP_BENCH=1 stops after the tests. The end-to-end benchmark (issue 6) first, then the kernel-only timings.
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
-  if [ -f bench/attention.py ]; then
-    run_step "bench attention" attention.log "${STEP_TIMEOUT_BENCH:-240}" \
-      "$PY" bench/attention.py --no-flex --out "$OUT/attention.json"
+  E2E_LEFT="$(( $(left) - ${BENCH_RESERVE_S:-45} ))"   # what is left after it goes to the kernel benchmarks
+  if [ "$E2E_LEFT" -gt 60 ]; then
+    run_step "bench e2e (gpu)" run.log "$E2E_LEFT" \
+      "$PY" bench/e2e_gpu.py --pairs "${E2E_PAIRS:-qwen}" --budget-s "$(( E2E_LEFT - 20 ))" \
+      --replay-max-cycles "${REPLAY_CYCLES:-150}" --out "$OUT/e2e_gpu.json"
   else
-    record "bench attention" skip "-" "bench/attention.py not found"
+    record "bench e2e (gpu)" skip "-" "only ${E2E_LEFT}s left of DEADLINE_S"
   fi
-  run_step "bench e2e (gpu)" attention.log "${STEP_TIMEOUT_E2E:-480}" \
-    "$PY" bench/e2e_gpu.py --pairs "${E2E_PAIRS:-qwen}" --budget-s "${E2E_BUDGET:-420}" --out "$OUT/e2e_gpu.json"
+  if [ "$HAVE_CMAKE" = 1 ] && [ -x build/gpu_check/ouroboros_selftest ]; then
+    # Kernel-only timings of the SPEC §4 attention shapes and the n-gram pool (CUDA events, no torch).
+    run_step "kernel bench (C++)" run.log "$(cap "${STEP_TIMEOUT_KBENCH:-40}")" \
+      build/gpu_check/ouroboros_selftest --quick --bench
+    run_step "ngram bench (C++)" run.log "$(cap "${STEP_TIMEOUT_KBENCH:-40}")" \
+      build/gpu_check/ouroboros_ngram_selftest --quick --bench
+  fi
+  run_step "bench attention" run.log "$(cap "${STEP_TIMEOUT_BENCH:-90}")" \
+    "$PY" bench/attention.py --quick --no-flex --out "$OUT/attention.json"
 fi
 
 # ---- 5. summary (printed last) ---------------------------------------------------------------------------------------
@@ -157,9 +177,16 @@ fi
   echo "=== gpu_check summary ($(date -u +%FT%TZ)); logs in $OUT"
   printf '%-22s %-8s %8s  %s\n' step status seconds note
   for row in "${SUMMARY_ROWS[@]}"; do echo "$row"; done
-  if grep -qE '^bench \(' "$OUT/selftest.log" 2>/dev/null; then
+  [ -f "$OUT/gpu_lossless.jsonl" ] && { echo; echo "bf16 lossless (tiny models):"; cat "$OUT/gpu_lossless.jsonl"; }
+  if grep -qE '^bench \(' "$OUT/run.log" 2>/dev/null; then
     echo
-    grep -E '^(bench \(|Hq=)' "$OUT/selftest.log"
+    grep -E '^(bench \(|Hq=)' "$OUT/run.log"
   fi
+  [ -f "$OUT/e2e_gpu.json" ] && "$PY" - "$OUT/e2e_gpu.json" <<'PYEOF'
+import json, sys
+d = json.load(open(sys.argv[1]))
+for line in d.get("table", []):
+    print(line)
+PYEOF
 } | tee "$OUT/summary.txt"
 exit "$FAILED"

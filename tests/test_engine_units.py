@@ -109,3 +109,7 @@ def test_device_defaults():
     assert resolve_config("cpu") == CPU_DEFAULTS
     assert resolve_config("cuda") == GPU_DEFAULTS
     assert resolve_config("cpu", gamma=3).gamma == 3
+    la = resolve_config("cpu", "lookahead")
+    assert la.window > 0 and la.guess_set > 0            # lookahead never degenerates to greedy
+    assert resolve_config("cpu", "lookahead", window=5).window == 5
+    assert resolve_config("cuda", "lookahead") == GPU_DEFAULTS

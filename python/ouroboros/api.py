@@ -93,7 +93,7 @@ def _prepare(target, draft, input_ids, max_new_tokens, method, pool, params, poo
             raise ValueError(f"draft is on {draft.device} but target is on {target.device}; put both on one device")
     if pool is not None and params.get("ngram") is None:
         params["ngram"] = pool.ngram
-    cfg = resolve_config(target.device, **params)
+    cfg = resolve_config(target.device, method, **params)
     uses_pool = method in ("lookahead", "prompt_lookup", "ouroboros")
     capacity = max(cfg.guess_set, cfg.topk, 1)   # phrases kept per key
     if uses_pool:

@@ -5,7 +5,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-__all__ = ["DecodeConfig", "GPU_DEFAULTS", "CPU_DEFAULTS", "METHODS", "resolve_config"]
+__all__ = ["DecodeConfig", "GPU_DEFAULTS", "CPU_DEFAULTS", "CPU_LOOKAHEAD_DEFAULTS", "METHODS", "resolve_config"]
 
 METHODS = ("greedy", "speculative", "lookahead", "prompt_lookup", "ouroboros")
 
@@ -51,9 +51,18 @@ GPU_DEFAULTS = DecodeConfig(gamma=12, ngram=7, window=20, guess_set=20, topk=3)
 # verification. Chosen from bench/results/cpu_tuning.json and e2e_humaneval_float32_final.json (real Qwen2.5-Coder
 # 1.5B/0.5B pair, HumanEval, fp32, 2-core AMD EPYC): each guess token in a draft forward cost more than it saved.
 CPU_DEFAULTS = DecodeConfig(gamma=8, ngram=4, window=0, guess_set=0, topk=1)
+# Lookahead decoding IS the window and the guesses: with CPU_DEFAULTS it would run as plain greedy. A small window
+# keeps its forward at 1 + (W + G) * (N - 1) = 13 tokens on a CPU.
+CPU_LOOKAHEAD_DEFAULTS = DecodeConfig(gamma=8, ngram=4, window=2, guess_set=2, topk=1)
 
 
-def resolve_config(device: torch.device | str, **overrides: int | None) -> DecodeConfig:
-    """The defaults for ``device`` ("cuda" -> GPU_DEFAULTS, else CPU_DEFAULTS) with non-None ``overrides`` applied."""
-    base = GPU_DEFAULTS if torch.device(device).type == "cuda" else CPU_DEFAULTS
+def resolve_config(device: torch.device | str, method: str | None = None, **overrides: int | None) -> DecodeConfig:
+    """The defaults for ``device`` and ``method`` with non-None ``overrides`` applied.
+
+    "cuda" -> GPU_DEFAULTS; otherwise CPU_DEFAULTS, or CPU_LOOKAHEAD_DEFAULTS for ``method="lookahead"``.
+    """
+    if torch.device(device).type == "cuda":
+        base = GPU_DEFAULTS
+    else:
+        base = CPU_LOOKAHEAD_DEFAULTS if method == "lookahead" else CPU_DEFAULTS
     return replace(base, **{k: v for k, v in overrides.items() if v is not None})
