@@ -39,7 +39,7 @@ replay (per recorded cycle: tree_size, accepted, draft_forwards, draft_len)
   A missing or unreadable traces file is reported and the replay skipped.
 
 Stage order per pair (cheap and essential first; the long, fragile compile later): build, ours_greedy, step costs,
-replay, hf_static_compile (skipped when under 150 s of budget are left), hf_eager, ours_ouroboros_live.
+replay, ours_ouroboros_live, hf_static_compile (skipped when under 60 s of budget are left), hf_eager.
 A replayed method's ``tok_s`` has no prefill in it, like the columns' ``decode_tok_s`` it is compared with;
 ``e2e_estimate_tok_s`` adds the static-runner prefill measured in the step costs.
 
@@ -314,7 +314,16 @@ def cleanup_compile(model) -> None:
     free_memory()
 
 
-def col_ours(target, draft, ids, new, clock, method: str, pool_device=None) -> dict:
+def engine_runners(target, draft, max_len: int, cfg):
+    """The engine's own static runners for a call needing ``max_len`` slots (reused, like its graphs and compiled
+    code, by every stage and by ``ouroboros.generate``), emptied."""
+    from ouroboros.engine import make_runner
+
+    return (make_runner(target, True, max_len),
+            make_runner(draft, True, max_len + 2 * cfg.max_gamma * cfg.ngram))
+
+
+def col_ours(target, draft, ids, new, clock, method: str, pool_device=None, compile=None) -> dict:
     import ouroboros
 
     def run():
@@ -328,22 +337,24 @@ def col_ours(target, draft, ids, new, clock, method: str, pool_device=None) -> d
         t0 = time.perf_counter()
         out, stats = ouroboros.generate(target, draft, ids, max_new_tokens=new, method=method, fast=True,
                                         eos_token_id=[], return_stats=True, on_tokens=on_tokens,
-                                        pool_device=pool_device)
+                                        pool_device=pool_device, compile=compile)
         clock.sync()
         return time.perf_counter() - t0, firsts[0] - t0, out[0, ids.shape[1]:].tolist(), stats
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ouroboros.generate(target, draft, ids, max_new_tokens=min(new, 4), method=method, fast=True,
-                           eos_token_id=[], pool_device=pool_device)                 # warm-up
+                           eos_token_id=[], pool_device=pool_device, compile=compile)   # warm-up (+ compile)
         t, t_first, out, stats = run()
     graph_failures = sorted({str(w.message)[:300] for w in caught if "graph capture failed" in str(w.message)})
     rec = rates(len(out), t, t_first)
     summary = stats.summary()
-    rec.update(label=f"ouroboros.generate(method={method!r}, fast=True)", output=out,
+    compiled = bool(getattr(target, "_ouroboros_static_runner", None) and target._ouroboros_static_runner.compiled)
+    rec.update(label=f"ouroboros.generate(method={method!r}, fast=True, compile={compiled})", output=out,
+               compiled=compiled,
                graphs=target.device.type == "cuda" and not graph_failures, graph_failures=graph_failures,
                stats=summary,
-               note="a fresh StaticRunner per call: graph capture of each bucket is inside the first token's time")
+               note="the engine's runner, reused across calls as in generate: the warm-up call captured (and compiled)")
     return rec
 
 
@@ -367,7 +378,7 @@ def chain_tree(t: int, vocab: int, start: int = 3):
 def step_costs(target, draft, prompt: list[int], cfg, clock: Clock, iters: int, vocab: int, new_tokens: int) -> dict:
     from ouroboros.device_draft import DeviceDrafter
     from ouroboros.gpu_pool import GpuPhrasePool
-    from ouroboros.static import BUCKETS, StaticRunner, _bucket
+    from ouroboros.static import _bucket
     from ouroboros.tokentree import TokenTree
     from ouroboros_kernels import ancestor_mask
 
@@ -376,8 +387,7 @@ def step_costs(target, draft, prompt: list[int], cfg, clock: Clock, iters: int, 
     out: dict = {"timing": clock.kind, "units": "ms per call", "context_tokens": len(prompt) - 1}
     # the engine's static cache sizes for this prompt and new_tokens (attention spans the whole static cache)
     max_len = len(prompt) + new_tokens + cfg.gamma + cfg.ngram
-    tgt = StaticRunner(target, max_len + BUCKETS[-1])
-    drf = StaticRunner(draft, max_len + 2 * cfg.gamma * cfg.ngram + BUCKETS[-1])
+    tgt, drf = engine_runners(target, draft, max_len, cfg)
     out["static_cache_slots"] = {"target": tgt.cache.max_len, "draft": drf.cache.max_len}
     n = len(prompt) - 1
     out["prefill_ms"] = {"target": ms(clock.wall(lambda: tgt.prefill(prompt[:-1]))[0]),
@@ -538,16 +548,13 @@ class Replayer:
     """Runs recorded cycles through the fast path on these models (forced acceptance; see the module docstring)."""
 
     def __init__(self, target, draft, prompt: list[int], cfg, vocab: int, new_tokens: int) -> None:
-        from ouroboros.static import BUCKETS, StaticRunner
-
         self.target, self.draft, self.prompt, self.cfg, self.vocab = target, draft, prompt, cfg, vocab
         self.device = target.device
         # the static cache sizes of the engine (engine.decode / make_runner) for this prompt and new_tokens: the
         # attention spans the whole static cache, so the replay must not use a larger one; a recorded prompt that
         # accepted more tokens than fit is continued from the prompt again (counted in prompt_resets)
         max_len = len(prompt) + new_tokens + cfg.gamma + cfg.ngram
-        self.tgt = StaticRunner(target, max_len + BUCKETS[-1])
-        self.drf = StaticRunner(draft, max_len + 2 * cfg.gamma * cfg.ngram + BUCKETS[-1])
+        self.tgt, self.drf = engine_runners(target, draft, max_len, cfg)
         self.tgt.prefill(prompt[:-1])
         self.drf.prefill(prompt[:-1])
         self.base = len(prompt) - 1
@@ -823,7 +830,7 @@ def table(results: dict) -> list[str]:
             vs_o = f"{dec / ours:.2f}x" if dec and ours else "-"
             lines.append(f"{label:48s} {_f(dec, 1):>12s} {_f(mspt, 3):>8s} {_f(e2e, 1):>10s} {vs_h:>10s} {vs_o:>10s}")
 
-        for key in ("hf_eager", "hf_static_compile", "ours_greedy", "ours_ouroboros_live"):
+        for key in ("hf_eager", "hf_static_compile", "ours_greedy", "ours_greedy_nocompile", "ours_ouroboros_live"):
             c = cols.get(key)
             if c is None:
                 continue
@@ -876,7 +883,7 @@ def plot(results: dict, path: Path) -> str | None:
         pair = results["pairs"][name]
         labels, vals, colors = [], [], []
         for key, color in (("hf_eager", "#999999"), ("hf_static_compile", "#666666"), ("ours_greedy", "#4c72b0"),
-                           ("ours_ouroboros_live", "#8fa9d6")):
+                           ("ours_greedy_nocompile", "#7d9bc9"), ("ours_ouroboros_live", "#8fa9d6")):
             c = (pair.get("columns") or {}).get(key) or {}
             if c.get("decode_tok_s"):
                 labels.append(key + ("" if c.get("compiled", True) else "\n(not compiled)"))
@@ -924,6 +931,9 @@ def parse_args(argv=None):
                          "both (default: GPU_DEFAULTS for every method, plus '<label>@trace_layout' for ouroboros "
                          "methods whose trace carries other params)")
     ap.add_argument("--hf-compile", choices=["auto", "manual", "off"], default="auto")
+    ap.add_argument("--ours-compile", action="store_true",
+                    help="our fast path with torch.compile inside the CUDA graphs (OUROBOROS_COMPILE=1); adds an "
+                         "ours_greedy_nocompile column")
     ap.add_argument("--skip", default="", help="comma list of stages to skip: hf_eager, hf_static_compile, "
                                                "ours_greedy, ours_ouroboros_live, step_costs, replay")
     ap.add_argument("--iters", type=int, default=None, help="timed iterations per step cost (default 20; tiny 3)")
@@ -945,6 +955,8 @@ def parse_args(argv=None):
     args.device = args.device or ("cpu" if tiny else "cuda")
     args.replay_methods = [m for m in args.replay_methods.split(",") if m]
     args.skip = {s for s in args.skip.split(",") if s}
+    if args.ours_compile:
+        os.environ["OUROBOROS_COMPILE"] = "1"
     args.pairs = [p for p in args.pairs.split(",") if p]
     for p in args.pairs:
         if p not in REAL_PAIRS:
@@ -975,7 +987,7 @@ def main(argv=None) -> int:
         "tiny": args.tiny, "card": card, "device": str(device),
         "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "versions": versions(),
         "settings": {"pairs": args.pairs, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-                     "dtype": args.dtype, "hf_compile": args.hf_compile, "iters": args.iters, "seed": args.seed,
+                     "dtype": args.dtype, "hf_compile": args.hf_compile, "ours_compile": args.ours_compile, "iters": args.iters, "seed": args.seed,
                      "budget_s": args.budget_s, "skip": sorted(args.skip), "traces": args.traces,
                      "replay_layout": args.replay_layout, "replay_max_cycles": args.replay_max_cycles,
                      "gpu_defaults": GPU_DEFAULTS.as_dict(), "verify_buckets": list(VERIFY_BUCKETS),
@@ -1048,6 +1060,9 @@ def main(argv=None) -> int:
                 save()
 
             stage("ours_greedy", lambda: col_ours(target, None, ids, args.new_tokens, clock, "greedy"))
+            if args.ours_compile:       # the same path without torch.compile, for comparison
+                stage("ours_greedy_nocompile", lambda: col_ours(target, None, ids, args.new_tokens, clock, "greedy",
+                                                                compile=False))
             holder = {}
             stage("step_costs", lambda: step_costs(target, draft, prompt, GPU_DEFAULTS, clock, args.iters, vocab,
                                                      args.new_tokens),
@@ -1064,15 +1079,15 @@ def main(argv=None) -> int:
                 pair["replay"] = holder["replay"]
                 pair["replay"].setdefault("status", trace_status)
                 free_memory()
-            stage("hf_static_compile", lambda: col_hf_static_compile(target, ids, args.new_tokens, clock,
-                                                                     args.hf_compile),
-                  need_s=0 if args.tiny else 150)
-            cleanup_compile(target)
-            stage("hf_eager", lambda: col_hf_eager(target, ids, args.new_tokens, clock),
-                  need_s=0 if args.tiny else 30)
             stage("ours_ouroboros_live", lambda: col_ours(target, draft, ids, args.new_tokens, clock, "ouroboros",
                                                           pool_device=device),
                   need_s=0 if args.tiny else 20)
+            stage("hf_static_compile", lambda: col_hf_static_compile(target, ids, args.new_tokens, clock,
+                                                                     args.hf_compile),
+                  need_s=0 if args.tiny else 60)
+            cleanup_compile(target)
+            stage("hf_eager", lambda: col_hf_eager(target, ids, args.new_tokens, clock),
+                  need_s=0 if args.tiny else 30)
             live = pair["columns"].get("ours_ouroboros_live")
             if isinstance(live, dict) and "stats" in live:
                 live["note"] = ("live run of the real fast ouroboros path (device drafting, GPU pool) on the RANDOM "

@@ -92,7 +92,14 @@ fi
 
 run_step "pip install -e ." build.log "${STEP_TIMEOUT_INSTALL:-300}" \
   env OUROBOROS_BUILD_CUDA="${OUROBOROS_BUILD_CUDA:-}" "$PY" -m pip install --no-build-isolation --no-deps -v -e .
-EXT_NOTE="$("$PY" -c 'import torch, ouroboros_kernels as ok; print(ok.backend_status()["cuda"])' 2>&1 | tail -1)"
+export PYTHONPATH="$REPO:$REPO/python${PYTHONPATH:+:$PYTHONPATH}"   # the tree itself, should the install fail
+ext_note() { "$PY" -c 'import torch, ouroboros_kernels as ok; print(ok.backend_status()["cuda"])' 2>&1 | tail -1; }
+EXT_NOTE="$(ext_note)"
+if [ "$EXT_NOTE" != available ] && [ "${OUROBOROS_BUILD_CUDA:-}" != 0 ]; then   # fallback: build it in place
+  run_step "build_ext --inplace" build.log "${STEP_TIMEOUT_INSTALL:-300}" \
+    env OUROBOROS_BUILD_CUDA=1 "$PY" setup.py build_ext --inplace
+  EXT_NOTE="$(ext_note)"
+fi
 record "cuda backend" "$([ "$EXT_NOTE" = available ] && echo ok || echo FAIL)" "-" "$EXT_NOTE"
 echo "cuda backend: $EXT_NOTE" | tee -a "$OUT/build.log"
 
@@ -156,7 +163,8 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
   if [ "$E2E_LEFT" -gt 60 ]; then
     run_step "bench e2e (gpu)" run.log "$E2E_LEFT" \
       "$PY" bench/e2e_gpu.py --pairs "${E2E_PAIRS:-qwen}" --budget-s "$(( E2E_LEFT - 20 ))" \
-      --replay-max-cycles "${REPLAY_CYCLES:-150}" --out "$OUT/e2e_gpu.json"
+      --replay-max-cycles "${REPLAY_CYCLES:-150}" $([ "${E2E_COMPILE:-1}" = 1 ] && echo --ours-compile) \
+      --out "$OUT/e2e_gpu.json"
   else
     record "bench e2e (gpu)" skip "-" "only ${E2E_LEFT}s left of DEADLINE_S"
   fi

@@ -101,3 +101,16 @@ def test_static_runner_is_reused_across_calls_and_draft_equal_target(family_mode
     assert run(target, draft, prompt, 16, "speculative", fast=True)[0] == expected
     assert target._ouroboros_static_runner is first                  # same buffers (and graphs) reused
     assert run(target, target, prompt, 16, "ouroboros", fast=True)[0] == expected   # draft is target: own runner
+
+
+def test_compiled_fast_path_is_lossless(family_models):
+    """torch.compile of the tree forward (inductor; here on CPU, without graphs) changes no token."""
+    target, draft = family_models("llama")
+    prompt = PROMPTS[1]
+    expected = hf_greedy(target, prompt, 16)
+    for method in ("greedy", "speculative", "ouroboros"):
+        got, _ = run(target, draft, prompt, 16, method, fast=True, compile=True)
+        assert got == expected, method
+    assert target._ouroboros_static_runner.compiled          # compiled, not silently fallen back to eager
+    assert run(target, draft, prompt, 16, "greedy", fast=True, compile=False)[0] == expected
+    assert not target._ouroboros_static_runner.compile_requested   # a runner per setting

@@ -40,18 +40,19 @@ def ours(target, draft, prompt, method, eos=None, **kw) -> list[int]:
     return ids[0, len(prompt):].tolist()
 
 
-def cases(target, draft):
+def cases(target, draft, **kw):
     """(label, expected, got) for every method and prompt, plus device-pool drafting and an EOS stop."""
     for name, prompt in PROMPTS.items():
         expected = hf_greedy_cuda(target, prompt)
         for method in ouroboros.METHODS:
-            yield f"{method}/{name}", expected, ours(target, draft, prompt, method)
-        yield f"ouroboros+device_pool/{name}", expected, ours(target, draft, prompt, "ouroboros", pool_device=DEVICE)
+            yield f"{method}/{name}", expected, ours(target, draft, prompt, method, **kw)
+        yield (f"ouroboros+device_pool/{name}", expected,
+               ours(target, draft, prompt, "ouroboros", pool_device=DEVICE, **kw))
     prompt = PROMPTS["random"]
     eos = hf_greedy_cuda(target, prompt)[NEW // 2]
     expected = hf_greedy_cuda(target, prompt, eos=eos)
     for method in ("speculative", "ouroboros"):
-        yield f"{method}/eos", expected, ours(target, target, prompt, method, eos=eos)
+        yield f"{method}/eos", expected, ours(target, target, prompt, method, eos=eos, **kw)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -74,3 +75,11 @@ def test_fast_path_bfloat16_match_rate(family):
                                 "cases": len(results), "differing": [lab for lab, ok in results if not ok],
                                 "device": torch.cuda.get_device_name()}) + "\n")
     assert rate >= 0.5, f"bf16 {family}: only {rate:.0%} of outputs equal HF greedy"
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_compiled_fast_path_float32_is_token_exact(family):
+    target, draft = cuda_pair(family, torch.float32)
+    wrong = [label for label, expected, got in cases(target, draft, compile=True) if got != expected]
+    assert target._ouroboros_static_runner.compiled
+    assert not wrong, f"{family} (compiled): outputs differ from HF greedy for {wrong}"

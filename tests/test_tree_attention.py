@@ -1,6 +1,6 @@
 """Triton (and CUDA, when built) tree attention against the PyTorch reference (SPEC §3, §5).
 
-On CPU the Triton kernels run through the interpreter (TRITON_INTERPRET=1, set here before triton is imported). The
+On CPU the Triton kernels run through the interpreter (TRITON_INTERPRET=1, set here without CUDA, before triton is imported). The
 interpreter's fp32 matmul is slow (~30 ns per multiply-add), so the grid below is a representative subsample of
 T x S x GQA x D x tree shape, sized to keep this file within a few minutes on two cores; CUDA runs a denser grid.
 """
@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+if not torch.cuda.is_available():   # Triton on CPU tensors through the interpreter; must precede `import triton`
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 pytest.importorskip("triton")
 

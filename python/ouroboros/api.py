@@ -111,7 +111,7 @@ def stream(target, draft=None, input_ids=None, *, max_new_tokens: int, method: s
            window: int | None = None, guess_set: int | None = None, topk: int | None = None,
            eos_token_id: int | Sequence[int] | None = None, fast: bool | None = None,
            pool_device: str | torch.device | None = None, adaptive: bool | None = None,
-           stats: GenerationStats | None = None) -> Iterator[list[int]]:
+           compile: bool | None = None, stats: GenerationStats | None = None) -> Iterator[list[int]]:
     """Like :func:`generate`, but yield the new tokens as each cycle emits them (fills ``stats`` if given)."""
     params = dict(gamma=gamma, ngram=ngram, window=window, guess_set=guess_set, topk=topk, adaptive=adaptive)
     prompt, cfg, pool = _prepare(target, draft, input_ids, max_new_tokens, method, pool, params, pool_device)
@@ -120,7 +120,7 @@ def stream(target, draft=None, input_ids=None, *, max_new_tokens: int, method: s
     with torch.inference_mode():
         yield from decode(target, draft, prompt, method=method, cfg=cfg, max_new_tokens=max_new_tokens,
                           eos=_eos_set(target, eos_token_id), pool=pool, stats=stats,
-                          fast=(target.device.type == "cuda") if fast is None else fast)
+                          fast=(target.device.type == "cuda") if fast is None else fast, compile=compile)
 
 
 def generate(target, draft=None, input_ids=None, *, max_new_tokens: int, method: str = "ouroboros",
@@ -128,7 +128,8 @@ def generate(target, draft=None, input_ids=None, *, max_new_tokens: int, method:
              window: int | None = None, guess_set: int | None = None, topk: int | None = None,
              eos_token_id: int | Sequence[int] | None = None, return_stats: bool = False,
              on_tokens: Callable[[list[int]], None] | None = None, fast: bool | None = None,
-             pool_device: str | torch.device | None = None, adaptive: bool | None = None):
+             pool_device: str | torch.device | None = None, adaptive: bool | None = None,
+             compile: bool | None = None):
     """Greedy generation that returns exactly the target's own greedy tokens (batch size 1).
 
     Parameters
@@ -142,6 +143,8 @@ def generate(target, draft=None, input_ids=None, *, max_new_tokens: int, method:
     eos_token_id : stop after this token (or any of these); default: the target's ``generation_config``.
     on_tokens : called with each cycle's new tokens (streaming).
     fast : the static-cache step path with CUDA graphs per tree-size bucket (default: on for CUDA models).
+    compile : with ``fast``, run the tree forwards through ``torch.compile`` inside the graphs (default: the
+        ``OUROBOROS_COMPILE`` environment variable, off unless it is 1). The first call per tree size compiles.
     pool_device : keep a fresh pool on this device (a :class:`GpuPhrasePool`); "ouroboros" then drafts with no host
         sync per draft forward. Passing a ``GpuPhrasePool`` as ``pool`` does the same.
 
@@ -157,7 +160,7 @@ def generate(target, draft=None, input_ids=None, *, max_new_tokens: int, method:
     for new in stream(target, draft, prompt, max_new_tokens=max_new_tokens, method=method, pool=pool,
                       gamma=gamma, ngram=ngram, window=window, guess_set=guess_set, topk=topk,
                       eos_token_id=eos_token_id, fast=fast, pool_device=pool_device, adaptive=adaptive,
-                      stats=stats):
+                      compile=compile, stats=stats):
         out.extend(new)
         if on_tokens is not None:
             on_tokens(new)

@@ -220,18 +220,18 @@ def propose(method: str, x: list[int], drf, drafter, window: LookaheadWindow | N
     return draft_seq, suffixes, seq
 
 
-def make_runner(model, fast: bool, max_len: int, reuse: bool = True):
+def make_runner(model, fast: bool, max_len: int, reuse: bool = True, compile: bool | None = None):
     """The dynamic-cache runner, or the static-cache one (fast path) holding at least ``max_len`` tokens.
 
     A static runner is kept on the model and reused by later calls (its CUDA graphs too) while it is large enough
-    and the model's device and dtype are unchanged; it starts each call empty.
+    and the model's device, dtype and ``compile`` setting are unchanged; it starts each call empty.
     """
     if not fast:
         return ModelRunner(model)
     from .static import BUCKETS, StaticRunner
     runner = getattr(model, "_ouroboros_static_runner", None) if reuse else None
-    if runner is None or not runner.fits(max_len + BUCKETS[-1]):
-        runner = StaticRunner(model, max(max_len + BUCKETS[-1], 4096))
+    if runner is None or not runner.fits(max_len + BUCKETS[-1], compile):
+        runner = StaticRunner(model, max(max_len + BUCKETS[-1], 4096), compile=compile)
         if reuse:
             model._ouroboros_static_runner = runner
     runner.reset()
@@ -240,7 +240,7 @@ def make_runner(model, fast: bool, max_len: int, reuse: bool = True):
 
 def decode(target, draft, prompt: Sequence[int], *, method: str, cfg: DecodeConfig, max_new_tokens: int,
            eos: frozenset[int], pool: PhrasePool | None, stats: GenerationStats,
-           fast: bool = False) -> Iterator[list[int]]:
+           fast: bool = False, compile: bool | None = None) -> Iterator[list[int]]:
     """Yield the emitted tokens cycle by cycle until EOS or ``max_new_tokens`` (SPEC §2 "One cycle").
 
     ``pool`` may be a :class:`GpuPhrasePool`: then ouroboros drafts on the device (``DeviceDrafter``) and the host
@@ -252,12 +252,13 @@ def decode(target, draft, prompt: Sequence[int], *, method: str, cfg: DecodeConf
     drafter, device_pool = None, pool if isinstance(pool, GpuPhrasePool) else None
     if device_pool is not None:
         pool = device_pool.host
-    tgt = make_runner(target, fast, max_len)
+    tgt = make_runner(target, fast, max_len, compile=compile)
     tgt.prefill(x[:-1])
     drf = None
     if method in ("speculative", "ouroboros"):
         on_device = method == "ouroboros" and device_pool is not None and cfg.window + cfg.guess_set > 0
-        drf = make_runner(draft, fast or on_device, max_len + 2 * cfg.max_gamma * cfg.ngram, reuse=draft is not target)
+        drf = make_runner(draft, fast or on_device, max_len + 2 * cfg.max_gamma * cfg.ngram, reuse=draft is not target,
+                          compile=compile)
         drf.prefill(x[:-1])
         if on_device:
             from .device_draft import DeviceDrafter

@@ -11,6 +11,7 @@ Rejected slots are simply overwritten later: the mask is built from the length, 
 """
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from typing import Sequence
@@ -29,21 +30,23 @@ BUCKETS = (1, 16, 32, 64, 128, 256, 512)
 
 
 class _StaticLayer(CacheLayerMixin):
-    """Keys/values of one layer in a fixed ``(B, H, max_len, D)`` buffer; writes at ``length + arange(T)``."""
+    """Keys/values of one layer in a fixed ``(B, H, max_len, D)`` buffer; writes at ``length + arange(T)``.
+
+    The buffers are views into the owning cache's stacked ``(L, B, H, max_len, D)`` tensors when every layer has the
+    first layer's shape (so one index copy moves a slot in all layers), else the layer's own tensors.
+    """
 
     is_compileable = True
     is_sliding = False
 
-    def __init__(self, max_len: int, length: torch.Tensor) -> None:
+    def __init__(self, owner: "StaticKVCache", index: int) -> None:
         super().__init__()
-        self.max_len, self.length = max_len, length
+        self.owner, self.index = owner, index
+        self.max_len, self.length = owner.max_len, owner.length
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> None:
-        b, h, _, d = key_states.shape
         self.dtype, self.device = key_states.dtype, key_states.device
-        self.keys = torch.zeros(b, h, self.max_len, d, dtype=key_states.dtype, device=key_states.device)
-        self.values = torch.zeros(b, h, self.max_len, value_states.shape[-1], dtype=value_states.dtype,
-                                  device=value_states.device)
+        self.keys, self.values = self.owner._buffers_for(self.index, key_states, value_states)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -75,16 +78,39 @@ class StaticKVCache(Cache):
 
     def __init__(self, num_layers: int, max_len: int, device: torch.device) -> None:
         self.length = torch.zeros((), dtype=torch.long, device=device)
-        super().__init__(layers=[_StaticLayer(max_len, self.length) for _ in range(num_layers)])
         self.max_len = max_len
+        self.stacked: tuple[torch.Tensor, torch.Tensor] | None = None   # (L, B, H, max_len, D) keys and values
+        self._own: list[int] = []                                       # layers outside the stacked buffers
+        super().__init__(layers=[_StaticLayer(self, i) for i in range(num_layers)])
+
+    def _buffers_for(self, index: int, key_states: torch.Tensor, value_states: torch.Tensor):
+        b, h, _, d = key_states.shape
+        shape_k, shape_v = (b, h, self.max_len, d), (b, h, self.max_len, value_states.shape[-1])
+        if self.stacked is None:
+            n = len(self.layers)
+            self.stacked = (key_states.new_zeros((n, *shape_k)), value_states.new_zeros((n, *shape_v)))
+        k_all, v_all = self.stacked
+        if (k_all.shape[1:], v_all.shape[1:]) == (shape_k, shape_v) and k_all.dtype == key_states.dtype:
+            return k_all[index], v_all[index]
+        self._own.append(index)
+        return key_states.new_zeros(shape_k), value_states.new_zeros(shape_v)
 
     def gather(self, prefix: torch.Tensor, src: torch.Tensor) -> None:
         """Copy slots ``prefix + src[i]`` to ``prefix + i`` in every layer (device tensors; fixed shape)."""
         dst = prefix + torch.arange(src.shape[0], device=src.device)
-        for layer in self.layers:
-            if layer.is_initialized:
-                layer.keys.index_copy_(2, dst, layer.keys.index_select(2, prefix + src))
-                layer.values.index_copy_(2, dst, layer.values.index_select(2, prefix + src))
+        idx = prefix + src
+        if self.stacked is not None:
+            for buf in self.stacked:
+                buf.index_copy_(3, dst, buf.index_select(3, idx))
+        for i in self._own:
+            layer = self.layers[i]
+            layer.keys.index_copy_(2, dst, layer.keys.index_select(2, idx))
+            layer.values.index_copy_(2, dst, layer.values.index_select(2, idx))
+
+
+def default_compile() -> bool:
+    """Whether fast-path runners compile their forward when not told: ``OUROBOROS_COMPILE=1``."""
+    return os.environ.get("OUROBOROS_COMPILE", "0") == "1"
 
 
 def _bucket(t: int) -> int:
@@ -97,7 +123,10 @@ def _bucket(t: int) -> int:
 class StaticRunner:
     """A model on a :class:`StaticKVCache`; see the module docstring for its two interfaces."""
 
-    def __init__(self, model, max_len: int, use_graphs: bool | None = None) -> None:
+    def __init__(self, model, max_len: int, use_graphs: bool | None = None, compile: bool | None = None) -> None:
+        """``compile``: run the tree forward through ``torch.compile`` (inductor fuses the elementwise ops; the CUDA
+        graphs are then captured around the compiled code). None reads ``OUROBOROS_COMPILE`` (1 = on; default off).
+        A compile failure warns and falls back to the eager forward."""
         self.model = model
         self.config = model.config.get_text_config()
         self.device = model.device
@@ -106,15 +135,28 @@ class StaticRunner:
         self._dtype = model.dtype
         self.use_graphs = (self.device.type == "cuda") if use_graphs is None else use_graphs
         self._graphs: dict[int, tuple] = {}
+        self.compiled = default_compile() if compile is None else bool(compile)
+        self.compile_requested = self.compiled     # ``compiled`` turns False if compiling fails
+        self._step = self._forward_impl
+        if self.compiled:
+            # one compiled entry per runner and tree-size class (T=1, T>1): keep room for several runners
+            config = torch._dynamo.config
+            for name in ("recompile_limit", "cache_size_limit"):
+                if hasattr(config, name):
+                    setattr(config, name, max(getattr(config, name), 64))
+            self._step = torch.compile(self._forward_impl, fullgraph=False)
+        self._staging: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}   # bucket -> (pinned host, device) inputs
         self._n = 0                      # host mirror of cache.length (valid unless a device op ran since)
         self.forwards = 0
         self.forward_time = 0.0
         self.gathers = 0
 
-    def fits(self, max_len: int) -> bool:
-        """True if this runner can serve a call needing ``max_len`` slots on the model as it is now."""
+    def fits(self, max_len: int, compile: bool | None = None) -> bool:
+        """True if this runner can serve a call needing ``max_len`` slots on the model as it is now, with the
+        ``compile`` setting asked for (None: the default, :func:`default_compile`)."""
+        want = default_compile() if compile is None else compile
         return (max_len <= self.cache.max_len and self.model.device == self.device
-                and self.model.dtype == self._dtype)
+                and self.model.dtype == self._dtype and want == self.compile_requested)
 
     def reset(self) -> None:
         """Start empty (the buffers and captured graphs stay)."""
@@ -139,15 +181,25 @@ class StaticRunner:
         logits = self.model(input_ids=ids, position_ids=q_pos[None], attention_mask=mask, use_cache=True, **kw).logits
         return logits[0].argmax(-1)
 
+    def _run_step(self, ids: torch.Tensor, depths: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+        if self._step is self._forward_impl:
+            return self._forward_impl(ids, depths, bits)
+        try:
+            return self._step(ids, depths, bits)
+        except Exception as err:  # noqa: BLE001 - an inductor/dynamo failure must not cost the generation
+            warnings.warn(f"torch.compile of the tree forward failed ({type(err).__name__}: {err}); running eager")
+            self._step, self.compiled = self._forward_impl, False
+            return self._forward_impl(ids, depths, bits)
+
     def forward_device(self, ids: torch.Tensor, depths: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
         """One forward of a fixed-layout tree appended at the device length; the length is not advanced."""
         self.forwards += 1
         t = ids.shape[1]
         if not self.use_graphs:
-            return self._forward_impl(ids, depths, bits)
+            return self._run_step(ids, depths, bits)
         graph = self._graphs.get(t) or self._capture(t, ids, depths, bits)
         if graph is None:
-            return self._forward_impl(ids, depths, bits)
+            return self._run_step(ids, depths, bits)
         g, s_ids, s_depths, s_bits, s_out = graph
         s_ids.copy_(ids)
         s_depths.copy_(depths)
@@ -164,11 +216,11 @@ class StaticRunner:
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for _ in range(2):
-                    self._forward_impl(*static)
+                    self._run_step(*static)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                out = self._forward_impl(*static)
+                out = self._run_step(*static)
             self.cache.length.copy_(saved)
             self._graphs[t] = (graph, *static, out)
             return self._graphs[t]
@@ -215,16 +267,27 @@ class StaticRunner:
         b = _bucket(t)
         self._check_room(b)
         start = time.perf_counter()
-        ids = torch.zeros(1, b, dtype=torch.long)
-        ids[0, :t] = torch.tensor(tree.tokens)
-        depths = torch.zeros(b, dtype=torch.long)
-        depths[:t] = torch.tensor(tree.depths)
-        bits = torch.eye(b, dtype=torch.bool)
+        host, dev = self._inputs(b)
+        host.zero_()                                 # ids | depths | bits (b x b), one host-to-device copy
+        host[:t] = torch.tensor(tree.tokens)
+        host[b:b + t] = torch.tensor(tree.depths)
+        bits = host[2 * b:].view(b, b)
+        bits.fill_diagonal_(1)
         bits[:t, :t] = ancestor_mask(tree.parents)
-        argmax = self.forward_device(ids.to(self.device), depths.to(self.device), bits.to(self.device))
+        dev.copy_(host, non_blocking=True)
+        argmax = self.forward_device(dev[None, :b], dev[b:2 * b], dev[2 * b:].view(b, b).bool())
         out = argmax[:t].tolist()
         self.forward_time += time.perf_counter() - start
         return out
+
+    def _inputs(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The staging buffers of bucket ``b``: a (pinned, on CUDA) host tensor and its device twin."""
+        if b not in self._staging:
+            host = torch.zeros(2 * b + b * b, dtype=torch.long)
+            if self.device.type == "cuda":
+                host = host.pin_memory()
+            self._staging[b] = (host, torch.empty_like(host, device=self.device))
+        return self._staging[b]
 
     def keep(self, prefix_len: int, nodes: Sequence[int]) -> None:
         if list(nodes) != list(range(len(nodes))):

@@ -181,6 +181,7 @@ OUROBOROS_HD int32_t apply_item(const Lanes& lanes, int32_t* tile, int32_t c, in
       w = mo;
     }
   }
+  lanes.sync();  // every lane's matching reads of the tile happen before any lane writes it
   if (hi > lo) lanes.shift_down(tile, lo * P, hi * P, P);
   if (w >= 0) lanes.copy(tile + w * P, nb, P);
   lanes.sync();
