@@ -38,8 +38,8 @@ replay (per recorded cycle: tree_size, accepted, draft_forwards, draft_len)
   draft-cache rollback to what the real run would have kept. tokens/s = recorded accepted tokens / replay time.
   A missing or unreadable traces file is reported and the replay skipped.
 
-Stage order per pair (cheap and essential first; the long, fragile compile later): build, ours_greedy, step costs,
-replay, ours_ouroboros_live, hf_static_compile (skipped when under 60 s of budget are left), hf_eager.
+Stage order per pair (the baseline first, so a short budget never loses it; its compile state is reset after it):
+build, hf_static_compile, ours_greedy, step costs, replay, ours_ouroboros_live, hf_eager.
 A replayed method's ``tok_s`` has no prefill in it, like the columns' ``decode_tok_s`` it is compared with;
 ``e2e_estimate_tok_s`` adds the static-runner prefill measured in the step costs.
 
@@ -1059,10 +1059,14 @@ def main(argv=None) -> int:
                 print(f"[{name}] {key}: {status} ({where[key]['stage_s']} s)", flush=True)
                 save()
 
-            stage("ours_greedy", lambda: col_ours(target, None, ids, args.new_tokens, clock, "greedy"))
-            if args.ours_compile:       # the same path without torch.compile, for comparison
+            stage("hf_static_compile", lambda: col_hf_static_compile(target, ids, args.new_tokens, clock,
+                                                                     args.hf_compile),
+                  need_s=0 if args.tiny else 60)   # the baseline first: it must not be lost to the budget
+            cleanup_compile(target)
+            if args.ours_compile:       # the same path without torch.compile, for comparison (first: the compiled
                 stage("ours_greedy_nocompile", lambda: col_ours(target, None, ids, args.new_tokens, clock, "greedy",
-                                                                compile=False))
+                                                                compile=False))    # runner then stays for the rest)
+            stage("ours_greedy", lambda: col_ours(target, None, ids, args.new_tokens, clock, "greedy"))
             holder = {}
             stage("step_costs", lambda: step_costs(target, draft, prompt, GPU_DEFAULTS, clock, args.iters, vocab,
                                                      args.new_tokens),
@@ -1082,10 +1086,6 @@ def main(argv=None) -> int:
             stage("ours_ouroboros_live", lambda: col_ours(target, draft, ids, args.new_tokens, clock, "ouroboros",
                                                           pool_device=device),
                   need_s=0 if args.tiny else 20)
-            stage("hf_static_compile", lambda: col_hf_static_compile(target, ids, args.new_tokens, clock,
-                                                                     args.hf_compile),
-                  need_s=0 if args.tiny else 60)
-            cleanup_compile(target)
             stage("hf_eager", lambda: col_hf_eager(target, ids, args.new_tokens, clock),
                   need_s=0 if args.tiny else 30)
             live = pair["columns"].get("ours_ouroboros_live")

@@ -14,7 +14,8 @@
 #   3. summary.txt    the table printed last
 # 8 files come back from $OUT at most: build.log run.log summary.txt gpu_lossless.jsonl attention.{json,png}
 # e2e_gpu.{json,png}. Per-step limits are STEP_TIMEOUT_<NAME> seconds (env); DEADLINE_S (default 540) bounds the
-# whole script (the e2e benchmark gets what is left). The exit status is 1 when any step failed.
+# whole script (the e2e benchmark gets what is left; SKIP_KBENCH=1 gives it all). The exit status is 1 when any
+# step failed.
 set -u -o pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -144,10 +145,10 @@ fi
 PYTEST_ARGS="${PYTEST_ARGS:-tests/test_gpu_lossless.py tests/test_tree_attention.py tests/test_cuda_build.py \
 tests/test_cuda_ngram.py tests/test_gpu_pool.py tests/test_fast_path.py tests/test_patch.py}"
 XDIST=()
-"$PY" -c 'import xdist' 2>/dev/null && XDIST=(-n "${PYTEST_WORKERS:-6}")
+"$PY" -c 'import xdist' 2>/dev/null && XDIST=(-n "${PYTEST_WORKERS:-8}")
 # shellcheck disable=SC2086
 export OUROBOROS_REPORT_DIR="$OUT"
-run_step "pytest" run.log "${STEP_TIMEOUT_PYTEST:-180}" \
+run_step "pytest" run.log "${STEP_TIMEOUT_PYTEST:-150}" \
   "$PY" -m pytest -q -ra -p no:cacheprovider "${XDIST[@]}" $PYTEST_ARGS
 PYTEST_LINE="$(grep -E '(passed|failed|error)' "$OUT/run.log" | tail -1)"
 [ -n "$PYTEST_LINE" ] && SUMMARY_ROWS[-1]="${SUMMARY_ROWS[-1]}  ${PYTEST_LINE//=/}"
@@ -168,14 +169,15 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
   else
     record "bench e2e (gpu)" skip "-" "only ${E2E_LEFT}s left of DEADLINE_S"
   fi
-  if [ "$HAVE_CMAKE" = 1 ] && [ -x build/gpu_check/ouroboros_selftest ]; then
+  [ "${SKIP_KBENCH:-0}" = 1 ] && record "kernel benches" skip "-" "SKIP_KBENCH=1"
+  if [ "${SKIP_KBENCH:-0}" != 1 ] && [ "$HAVE_CMAKE" = 1 ] && [ -x build/gpu_check/ouroboros_selftest ]; then
     # Kernel-only timings of the SPEC §4 attention shapes and the n-gram pool (CUDA events, no torch).
     run_step "kernel bench (C++)" run.log "$(cap "${STEP_TIMEOUT_KBENCH:-40}")" \
       build/gpu_check/ouroboros_selftest --quick --bench
     run_step "ngram bench (C++)" run.log "$(cap "${STEP_TIMEOUT_KBENCH:-40}")" \
       build/gpu_check/ouroboros_ngram_selftest --quick --bench
   fi
-  run_step "bench attention" run.log "$(cap "${STEP_TIMEOUT_BENCH:-90}")" \
+  [ "${SKIP_KBENCH:-0}" != 1 ] && run_step "bench attention" run.log "$(cap "${STEP_TIMEOUT_BENCH:-90}")" \
     "$PY" bench/attention.py --quick --no-flex --out "$OUT/attention.json"
 fi
 
