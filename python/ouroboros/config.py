@@ -46,11 +46,12 @@ class DecodeConfig:
 
 # The original code's values (Yi-34B/6B, HumanEval): a wide tree is nearly free on a GPU (SPEC §4).
 GPU_DEFAULTS = DecodeConfig(gamma=12, ngram=7, window=20, guess_set=20, topk=3)
-# On a CPU every tree token costs compute on both models (small-M GEMMs are far from free there), so the draft
-# forward stays one token: no Jacobi window, no pooled guesses; the pool still adds one concatenated phrase to each
-# verification. Chosen from bench/results/cpu_tuning.json and e2e_humaneval_float32_final.json (real Qwen2.5-Coder
-# 1.5B/0.5B pair, HumanEval, fp32, 2-core AMD EPYC): each guess token in a draft forward cost more than it saved.
-CPU_DEFAULTS = DecodeConfig(gamma=8, ngram=4, window=0, guess_set=0, topk=1)
+# On a CPU a tree forward is not free: with our small-M linear (``ouroboros.cpu_linear``) 2-4 tokens cost about one
+# token's forward and 5-9 tokens about twice that (real Qwen2.5-Coder pair, fp32, 2-core AMD EPYC; without it 3-5x).
+# So the draft forward carries one pooled guess (1 + (N-1) = 4 tokens: phrase-level drafting at no extra cost), no
+# Jacobi window, and the pool adds one concatenated phrase to each verification. Chosen from
+# bench/results/cpu_sweep_small_m_linear.json (gamma 3-8, guess_set 0-1, topk 0-1: within 5% of each other).
+CPU_DEFAULTS = DecodeConfig(gamma=8, ngram=4, window=0, guess_set=1, topk=1)
 # Lookahead decoding IS the window and the guesses: with CPU_DEFAULTS it would run as plain greedy. A small window
 # keeps its forward at 1 + (W + G) * (N - 1) = 13 tokens on a CPU.
 CPU_LOOKAHEAD_DEFAULTS = DecodeConfig(gamma=8, ngram=4, window=2, guess_set=2, topk=1)

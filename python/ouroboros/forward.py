@@ -15,6 +15,7 @@ import torch
 from ouroboros_kernels import ancestor_mask, pack_mask
 
 from .cache import cache_length, crop_cache, keep_entries, new_cache
+from .cpu_linear import small_m_linear
 from .tokentree import TokenTree
 
 __all__ = ["ModelRunner", "cache_kwarg", "dense_tree_masks", "layer_masks", "uses_our_attention"]
@@ -98,7 +99,8 @@ class ModelRunner:
     def _call(self, ids: torch.Tensor, **kw):
         kw[self._cache_kw] = self.cache
         start = time.perf_counter()
-        out = self.model(input_ids=ids, use_cache=True, **kw)
+        with small_m_linear(self.device.type == "cpu"):
+            out = self.model(input_ids=ids, use_cache=True, **kw)
         self.forwards += 1
         return out, start
 
