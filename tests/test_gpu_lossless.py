@@ -77,7 +77,7 @@ def test_fast_path_bfloat16_match_rate(family):
     assert rate >= 0.5, f"bf16 {family}: only {rate:.0%} of outputs equal HF greedy"
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama"])     # one family: each compile takes tens of seconds
 def test_compiled_fast_path_float32_is_token_exact(family):
     target, draft = cuda_pair(family, torch.float32)
     wrong = [label for label, expected, got in cases(target, draft, compile=True) if got != expected]
