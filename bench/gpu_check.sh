@@ -144,14 +144,14 @@ fi
 # The GPU-relevant files by default (the CPU-only lossless suite runs in CI); PYTEST_ARGS=tests runs everything.
 PYTEST_ARGS="${PYTEST_ARGS:-tests/test_gpu_lossless.py tests/test_tree_attention.py tests/test_cuda_build.py \
 tests/test_cuda_ngram.py tests/test_gpu_pool.py tests/test_fast_path.py tests/test_patch.py}"
-XDIST=()
-"$PY" -c 'import xdist' 2>/dev/null && XDIST=(-n "${PYTEST_WORKERS:-8}")
+PYTEST_OPTS=()
+"$PY" -c 'import xdist' 2>/dev/null && PYTEST_OPTS=(-n "${PYTEST_WORKERS:-8}")
 # one hung or crashing test must not eat the step: a per-test limit when pytest-timeout is there
-"$PY" -c 'import pytest_timeout' 2>/dev/null && XDIST+=(--timeout "${PYTEST_TEST_TIMEOUT:-90}")
+"$PY" -c 'import pytest_timeout' 2>/dev/null && PYTEST_OPTS+=(--timeout "${PYTEST_TEST_TIMEOUT:-90}")
 # shellcheck disable=SC2086
 export OUROBOROS_REPORT_DIR="$OUT"
 run_step "pytest" run.log "${STEP_TIMEOUT_PYTEST:-200}" \
-  "$PY" -m pytest -q -ra -p no:cacheprovider "${XDIST[@]}" $PYTEST_ARGS
+  "$PY" -m pytest -q -ra -p no:cacheprovider "${PYTEST_OPTS[@]}" $PYTEST_ARGS
 PYTEST_LINE="$(grep -E '(passed|failed|error)' "$OUT/run.log" | tail -1)"
 [ -n "$PYTEST_LINE" ] && SUMMARY_ROWS[-1]="${SUMMARY_ROWS[-1]}  ${PYTEST_LINE//=/}"
 if [ -n "$SELFTEST_PID" ]; then
