@@ -137,14 +137,14 @@ class StaticRunner:
         self._graphs: dict[int, tuple] = {}
         self.compiled = default_compile() if compile is None else bool(compile)
         self.compile_requested = self.compiled     # ``compiled`` turns False if compiling fails
-        self._step = self._forward_impl
+        self._compiled = None
         if self.compiled:
             # one compiled entry per runner and tree-size class (T=1, T>1): keep room for several runners
             config = torch._dynamo.config
             for name in ("recompile_limit", "cache_size_limit"):
                 if hasattr(config, name):
                     setattr(config, name, max(getattr(config, name), 64))
-            self._step = torch.compile(self._forward_impl, fullgraph=False)
+            self._compiled = torch.compile(self._forward_impl, fullgraph=False)
         self._staging: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}   # bucket -> (pinned host, device) inputs
         self._n = 0                      # host mirror of cache.length (valid unless a device op ran since)
         self.forwards = 0
@@ -182,13 +182,13 @@ class StaticRunner:
         return logits[0].argmax(-1)
 
     def _run_step(self, ids: torch.Tensor, depths: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
-        if self._step is self._forward_impl:
+        if not self.compiled:
             return self._forward_impl(ids, depths, bits)
         try:
-            return self._step(ids, depths, bits)
+            return self._compiled(ids, depths, bits)
         except Exception as err:  # noqa: BLE001 - an inductor/dynamo failure must not cost the generation
             warnings.warn(f"torch.compile of the tree forward failed ({type(err).__name__}: {err}); running eager")
-            self._step, self.compiled = self._forward_impl, False
+            self.compiled = False
             return self._forward_impl(ids, depths, bits)
 
     def forward_device(self, ids: torch.Tensor, depths: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,57 @@
+"""F.linear vs the small-M path of ``ouroboros.cpu_linear`` on this CPU, for the real pair's weight shapes.
+
+    python bench/cpu_linear.py [--out bench/results/cpu_small_m_linear.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+from ouroboros.cpu_linear import small_m_linear  # noqa: E402
+
+SHAPES = {"mlp_up (8960x1536)": (8960, 1536), "mlp_down (1536x8960)": (1536, 8960), "lm_head (151936x1536)": (151936, 1536)}
+
+
+def ms_per_call(fn, n: int) -> float:
+    fn()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t0) / n * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "cpu_small_m_linear.json"))
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = []
+    with torch.inference_mode():
+        for name, (o, i) in SHAPES.items():
+            w = torch.randn(o, i)
+            n = 5 if o > 100_000 else 10
+            for m in (1, 4, 9, 16, 32, 64):
+                x = torch.randn(m, i)
+                base = ms_per_call(lambda: F.linear(x, w), n)
+                with small_m_linear():
+                    ours = ms_per_call(lambda: F.linear(x, w), n)
+                rows.append({"weight": name, "rows": m, "f_linear_ms": round(base, 3), "small_m_ms": round(ours, 3),
+                             "speedup": round(base / ours, 2)})
+                print(f"{name:22s} M={m:2d} F.linear {base:8.2f} ms  small-M {ours:8.2f} ms  {base / ours:4.2f}x")
+    Path(args.out).write_text(json.dumps({"machine": {"cpu": platform.processor() or platform.machine(),
+                                                      "threads": args.threads, "torch": torch.__version__},
+                                          "dtype": "float32", "rows": rows}, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
