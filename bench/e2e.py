@@ -315,6 +315,9 @@ def main(argv=None) -> int:
     ap.add_argument("--chat", choices=["auto", "yes", "no"], default="auto",
                     help="apply the chat template (auto: HumanEval raw, GSM8K/MT-Bench chat)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--draft-quant", default="auto", choices=["auto", "none", "int8"],
+                    help="quantize the draft (never the target) for every method that uses it, HF assisted "
+                         "included; auto: int8 for a float32 pair on a CPU")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/e2e_<dataset>_<dtype>.json)")
     ap.add_argument("--no-traces", action="store_true")
     ap.add_argument("--sweep", default=None,
@@ -349,7 +352,8 @@ def main(argv=None) -> int:
         data["summary"], data["table"] = summary, table(summary).splitlines()
         path.write_text(json.dumps(data, indent=1))
         m = data["machine"]
-        plot(summary, f"{data['pair']} {data['dtype']} on {m['cpu']} ({m['torch_threads']} threads), "
+        plot(summary, f"{data['pair']} {data['dtype']} (draft quant {data.get('draft_quant', 'none')}) on "
+                      f"{m['cpu']} ({m['torch_threads']} threads), "
                       f"{data['dataset']} {data['n_prompts']} prompts x {data['max_new_tokens']} new tokens",
              path.with_suffix(".png"))
         print(table(summary))
@@ -358,10 +362,11 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     from tqdm.auto import tqdm
     from ouroboros.models import DATASETS, cache_root, encode_prompt, load_pair, load_prompts
+    from ouroboros.quantize import draft_quantization
 
     dtype = getattr(torch, args.dtype)
     t0 = time.perf_counter()
-    target, draft, tok = load_pair(args.pair, dtype=dtype)
+    target, draft, tok = load_pair(args.pair, dtype=dtype, draft_quant=args.draft_quant)
     load_s = time.perf_counter() - t0
     with torch.inference_mode():       # page the mmapped weights in, so the first timed method does not pay for it
         for model in (target, draft):
@@ -459,8 +464,10 @@ def main(argv=None) -> int:
         "prompt_format": "chat template, one user turn + generation prompt" if chat else
         "raw completion (the prompt text itself, no chat template)",
         "prompt_tokens": [int(p.shape[1]) for p in prompts], "eos_token_id": eos,
+        "draft_quant": draft_quantization(draft),
         "hf_settings": {"greedy": "do_sample=False, explicit attention_mask",
-                        "assisted": "assistant_model=draft (HF default num_assistant_tokens schedule)",
+                        "assisted": "assistant_model=draft, the same draft object our methods use (HF default "
+                                    "num_assistant_tokens schedule)",
                         "prompt_lookup": f"prompt_lookup_num_tokens={PLD_TOKENS}"},
         "ouroboros_params_override": params, "sweep": points if args.sweep else None,
         "resolved_ouroboros_params": resolved_params(target.device, params),
@@ -496,7 +503,8 @@ def main(argv=None) -> int:
             r.pop("trace", None)
     path.write_text(json.dumps({**meta, "summary": summary, "table": table(summary).splitlines(),
                                 "per_method": results}, indent=1))
-    plot(summary, f"{args.pair} {args.dtype} on {machine['cpu']} ({machine['torch_threads']} threads), "
+    plot(summary, f"{args.pair} {args.dtype} (draft quant {draft_quantization(draft)}) on {machine['cpu']} "
+                  f"({machine['torch_threads']} threads), "
                   f"{args.dataset} {len(prompts)} prompts x {args.max_new_tokens} new tokens",
          path.with_suffix(".png"))
     print("wrote", path, "and", path.with_suffix(".png"))

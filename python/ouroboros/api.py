@@ -22,7 +22,9 @@ _warned_types: set[str] = set()
 
 def _vocab_size(model) -> int:
     emb = model.get_output_embeddings()
-    return emb.weight.shape[0] if emb is not None else model.config.get_text_config().vocab_size
+    if emb is None:
+        return model.config.get_text_config().vocab_size
+    return getattr(emb, "out_features", None) or emb.weight.shape[0]   # also a quantized draft's lm_head
 
 
 def _check_model(model, role: str) -> None:

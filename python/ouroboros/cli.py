@@ -11,6 +11,7 @@ import torch
 from .api import generate, stream
 from .config import METHODS
 from .engine import GenerationStats
+from .quantize import draft_quantization, quantize_draft, resolve_draft_quant
 
 __all__ = ["main"]
 
@@ -24,6 +25,8 @@ def _add_params(p: argparse.ArgumentParser) -> None:
     for name in ("gamma", "ngram", "window", "guess-set", "topk"):
         p.add_argument(f"--{name}", type=int, default=None, help="SPEC §2 parameter (default: per device)")
     p.add_argument("--fixed-gamma", action="store_true", help="keep the draft length fixed (no adaptation)")
+    p.add_argument("--draft-quant", default="auto", choices=["auto", "none", "int8"],
+                   help="quantize the draft (never the target); auto: int8 for a float32 draft on a CPU")
 
 
 def _params(args) -> dict:
@@ -70,6 +73,8 @@ def cmd_generate(args) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.target)
     target = _load_dir(args.target, _dtype(args.dtype), args.device)
     draft = _load_dir(args.draft, _dtype(args.dtype), args.device) if args.draft else None
+    if draft is not None:
+        quantize_draft(draft, resolve_draft_quant(args.draft_quant, args.device, _dtype(args.dtype)))
     ids = tokenizer(args.prompt, return_tensors="pt").input_ids
     stats = GenerationStats()
     streamer = TextStreamer(tokenizer)
@@ -89,7 +94,8 @@ def _demo_models(args):
     if not args.small:
         try:
             from .models import DEFAULT_PAIR, encode_prompt, load_pair, load_prompts
-            target, draft, tokenizer = load_pair(DEFAULT_PAIR, dtype=_dtype(args.dtype), attn_implementation="sdpa")
+            target, draft, tokenizer = load_pair(DEFAULT_PAIR, dtype=_dtype(args.dtype), attn_implementation="sdpa",
+                                                 draft_quant=args.draft_quant)
             text = args.prompt
             if text is None:
                 try:
@@ -117,11 +123,19 @@ def _eos_ids(target, tokenizer) -> list[int]:
     return sorted(ids)
 
 
+def _n_params(model) -> int:
+    """Weights in ``model``, a quantized draft's packed int8 weights included."""
+    packed = sum(m.in_features * m.out_features for m in model.modules()
+                 if hasattr(m, "_packed_params") and hasattr(m, "in_features"))
+    return sum(p.numel() for p in model.parameters()) + packed
+
+
 def cmd_demo(args) -> int:
     target, draft, tokenizer, prompt = _demo_models(args)
     params = {**_params(args), "eos_token_id": _eos_ids(target, tokenizer)}
-    print(f"[demo] target {target.config.model_type} {sum(p.numel() for p in target.parameters()) / 1e6:.0f}M, "
-          f"draft {sum(p.numel() for p in draft.parameters()) / 1e6:.0f}M params, prompt {len(prompt)} tokens\n")
+    print(f"[demo] target {target.config.model_type} {_n_params(target) / 1e6:.0f}M, "
+          f"draft {_n_params(draft) / 1e6:.0f}M params (draft quantization: "
+          f"{draft_quantization(draft)}), prompt {len(prompt)} tokens\n")
     with torch.inference_mode():      # page the weights in first, so neither timed run pays for it
         for model in (target, draft):
             model(torch.tensor([prompt[:16]], device=model.device))
@@ -145,6 +159,7 @@ def cmd_demo(args) -> int:
         import platform as _platform
         record = {"what": "python -m ouroboros demo", "machine": _platform.processor() or _platform.machine(),
                   "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": args.dtype,
+                  "draft_quant": draft_quantization(draft),
                   "prompt_tokens": len(prompt), "max_new_tokens": args.max_new_tokens,
                   "identical_to_greedy": same, "speedup": s_ours.tokens_per_second / max(s_ref.tokens_per_second, 1e-9),
                   "greedy": s_ref.summary(), "ouroboros": s_ours.summary()}

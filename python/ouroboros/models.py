@@ -298,12 +298,15 @@ def load_tokenizer(name: PairSpec | str = DEFAULT_PAIR, cache_dir: str | os.Path
 
 
 def load_pair(name: PairSpec | str = DEFAULT_PAIR, dtype=None, device: str = "cpu",
-              cache_dir: str | os.PathLike | None = None, attn_implementation: str | None = None):
+              cache_dir: str | os.PathLike | None = None, attn_implementation: str | None = None,
+              draft_quant: str = "none"):
     """``(target, draft, tokenizer)`` of a registered pair (see :data:`PAIRS`).
 
     The first call assembles the chunk packages and converts each model once (a few minutes, tqdm progress);
     later calls load the float32 safetensors cache in about a second per model. ``dtype`` (default float32) casts at
-    load time. Raises :class:`MissingModelError` with the pip command when a package is missing.
+    load time. ``draft_quant`` ("none", "int8" or "auto": int8 for a float32 CPU pair) converts the draft with
+    :func:`ouroboros.quantize.quantize_draft`; the target always stays in ``dtype``. Raises
+    :class:`MissingModelError` with the pip command when a package is missing.
     """
     import torch
 
@@ -326,6 +329,9 @@ def load_pair(name: PairSpec | str = DEFAULT_PAIR, dtype=None, device: str = "cp
     if target.config.vocab_size != draft.config.vocab_size:
         raise ValueError(f"pair {spec.name!r}: target vocab {target.config.vocab_size} != draft "
                          f"{draft.config.vocab_size}")
+    from .quantize import quantize_draft, resolve_draft_quant
+
+    quantize_draft(draft, resolve_draft_quant(draft_quant, device, dtype))
     return target, draft, tok
 
 
