@@ -3,6 +3,7 @@
     python bench/e2e.py --dataset humaneval --n-prompts 10 --max-new-tokens 128
     python bench/e2e.py --forward-costs                      # cost of one forward vs tree size (CPU defaults)
     python bench/e2e.py --dataset humaneval --sweep "window=2,3;guess_set=2,4" --methods ouroboros
+    python bench/e2e.py --draft-quant none                   # keep the draft in float32 (default on CPU: int8)
 
 Methods (``--methods``, comma separated, default all):
   hf_greedy        HF ``generate`` greedy (the reference for speed and for exactness)

@@ -25,11 +25,12 @@ def model_dirs(tmp_path_factory):
     return root, target, fast
 
 
-def test_generate_streams_the_greedy_text(model_dirs, capsys):
+@pytest.mark.parametrize("quant", ["auto", "none", "int8"])
+def test_generate_streams_the_greedy_text(model_dirs, capsys, quant):
     root, target, tok = model_dirs
     prompt = "w5 w6 w7 w8 w5 w6 w7 w8 w5"
     assert main(["generate", "--target", str(root / "target"), "--draft", str(root / "draft"), "--prompt", prompt,
-                 "--max-new-tokens", "12", "--device", "cpu"]) == 0
+                 "--max-new-tokens", "12", "--device", "cpu", "--draft-quant", quant]) == 0
     out = capsys.readouterr().out
     ids = tok(prompt).input_ids
     expected = tok.decode(hf_greedy(target, ids, 12), skip_special_tokens=True)

@@ -66,3 +66,23 @@ def test_token_exact_with_greedy(real_pair, hf_reference, method):
         out = ouroboros.generate(target, draft, x, max_new_tokens=MAX_NEW, method=method, eos_token_id=eos,
                                  pool=pool)
         assert out[0, x.shape[1]:].tolist() == ref, f"{method}: prompt {i} differs from HF greedy"
+
+
+@pytest.fixture(scope="module")
+def int8_draft(real_pair):
+    import copy
+
+    from ouroboros.quantize import quantize_draft
+    return quantize_draft(copy.deepcopy(real_pair[1]), "int8")
+
+
+@pytest.mark.parametrize("method", ("speculative", "ouroboros"))
+def test_int8_draft_token_exact_with_greedy(real_pair, hf_reference, int8_draft, method):
+    """The CPU default (``draft_quant="auto"``): an int8 draft changes acceptance, never the output."""
+    import ouroboros
+
+    target, _, _, ids = real_pair
+    eos, reference = hf_reference
+    for i, (x, ref) in enumerate(zip(ids, reference)):
+        out = ouroboros.generate(target, int8_draft, x, max_new_tokens=MAX_NEW, method=method, eos_token_id=eos)
+        assert out[0, x.shape[1]:].tolist() == ref, f"{method} (int8 draft): prompt {i} differs from HF greedy"

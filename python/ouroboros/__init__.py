@@ -5,7 +5,8 @@ from .engine import GenerationStats
 from .gpu_pool import GpuPhrasePool
 from .patch import TreeSpec, is_patched, patch, unpatch
 from .pool import PhrasePool
+from .quantize import quantize_draft
 
 __version__ = "0.1.0"
-__all__ = ["generate", "stream", "patch", "unpatch", "is_patched", "TreeSpec", "PhrasePool", "GpuPhrasePool", "GenerationStats", "DecodeConfig", "METHODS",
-           "CPU_DEFAULTS", "GPU_DEFAULTS"]
+__all__ = ["generate", "stream", "patch", "unpatch", "is_patched", "TreeSpec", "PhrasePool", "GpuPhrasePool",
+           "GenerationStats", "DecodeConfig", "METHODS", "CPU_DEFAULTS", "GPU_DEFAULTS", "quantize_draft"]
