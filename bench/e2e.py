@@ -280,6 +280,64 @@ def forward_costs(target, draft, tok, dtype_name: str, context: int, sizes: list
     return out
 
 
+# --------------------------------------------------------------------------------------------------- files
+def resummarize(path: Path) -> None:
+    """Recompute the summary, table and PNG of an e2e JSON from its per-prompt records."""
+    data = json.loads(path.read_text())
+    results = data["per_method"]
+    labels = list(results)
+    runs = [(lab.split("[")[0], results[lab].get("params", {})) for lab in labels]
+    stored = {lab: results[lab].get("resolved_params") for lab in labels}   # as resolved during the run
+    summary = build_summary(results, labels, runs, "cpu")
+    for lab in labels:
+        results[lab]["resolved_params"] = stored[lab]
+        if stored[lab] is not None:
+            summary[lab]["resolved_params"] = stored[lab]
+        else:
+            summary[lab].pop("resolved_params", None)
+    data["summary"], data["table"] = summary, table(summary).splitlines()
+    path.write_text(json.dumps(data, indent=1))
+    m = data["machine"]
+    plot(summary, f"{data['pair']} {data['dtype']} (draft quant {data.get('draft_quant', 'none')}) on "
+                  f"{m['cpu']} ({m['torch_threads']} threads), "
+                  f"{data['dataset']} {data['n_prompts']} prompts x {data['max_new_tokens']} new tokens",
+         path.with_suffix(".png"))
+    print(table(summary))
+
+
+MERGE_KEYS = ("pair", "dtype", "dataset", "max_new_tokens", "prompt_format", "draft_quant", "ouroboros_params_override")
+
+
+def merge(paths: list[str], out: Path | None) -> None:
+    """Join runs of one setting over consecutive prompt ranges into ``out`` (default: the first path)."""
+    parts = sorted((json.loads(Path(p).read_text()) for p in paths), key=lambda d: d["offset"])
+    first = parts[0]
+    for d in parts[1:]:
+        diff = [k for k in MERGE_KEYS if d.get(k) != first.get(k)]
+        if diff or list(d["per_method"]) != list(first["per_method"]):
+            raise SystemExit(f"cannot merge: settings differ in {diff or ['methods']}")
+    for a, b in zip(parts, parts[1:]):
+        if b["offset"] != a["offset"] + a["n_prompts"]:
+            raise SystemExit(f"cannot merge: prompts {a['offset']}..{a['offset'] + a['n_prompts'] - 1} are not "
+                             f"followed by offset {b['offset']}")
+    merged = dict(first)
+    merged["n_prompts"] = sum(d["n_prompts"] for d in parts)
+    merged["prompt_tokens"] = [t for d in parts for t in d["prompt_tokens"]]
+    merged["merged_from"] = [{k: d[k] for k in ("offset", "n_prompts", "date_utc", "loadavg_start_end")}
+                             for d in parts]
+    merged["loadavg_start_end"] = [first["loadavg_start_end"][0], parts[-1]["loadavg_start_end"][1]]
+    joined = ("per_prompt", "loadavg")
+    merged["per_method"] = {label: {**res, **{key: [x for d in parts for x in d["per_method"][label][key]]
+                                              for key in joined}}
+                            for label, res in first["per_method"].items()}
+    if any(label.startswith("ouroboros_warm") for label in merged["per_method"]):
+        merged["note_warm_pool"] = "each part starts its warm pool empty; the pool is carried only within a part"
+    path = out or Path(paths[0])
+    path.write_text(json.dumps(merged, indent=1))
+    resummarize(path)
+    print("wrote", path)
+
+
 # --------------------------------------------------------------------------------------------------- main
 def parse_params(text: str | None) -> dict:
     params = {}
@@ -330,34 +388,20 @@ def main(argv=None) -> int:
                     help="UTC time HH:MM: start no new prompt after it and write the results of the prompts done")
     ap.add_argument("--resummarize", default=None, metavar="JSON",
                     help="recompute the summary, table and PNG of an e2e JSON from its per-prompt records and exit")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="join e2e JSONs of one setting over consecutive prompt ranges (e.g. a run its deadline "
+                         "stopped and a run with --offset for the rest) into --out, then resummarize")
     ap.add_argument("--forward-costs", action="store_true", help="measure one forward vs tree size and exit")
     ap.add_argument("--context", type=int, default=300)
     ap.add_argument("--sizes", default="1,4,8,16,32,64")
     ap.add_argument("--reps", type=int, default=5)
     args = ap.parse_args(argv)
 
+    if args.merge:
+        merge(args.merge, Path(args.out) if args.out else None)
+        return 0
     if args.resummarize:
-        path = Path(args.resummarize)
-        data = json.loads(path.read_text())
-        results = data["per_method"]
-        labels = list(results)
-        runs = [(lab.split("[")[0], results[lab].get("params", {})) for lab in labels]
-        stored = {lab: results[lab].get("resolved_params") for lab in labels}   # as resolved during the run
-        summary = build_summary(results, labels, runs, "cpu")
-        for lab in labels:
-            results[lab]["resolved_params"] = stored[lab]
-            if stored[lab] is not None:
-                summary[lab]["resolved_params"] = stored[lab]
-            else:
-                summary[lab].pop("resolved_params", None)
-        data["summary"], data["table"] = summary, table(summary).splitlines()
-        path.write_text(json.dumps(data, indent=1))
-        m = data["machine"]
-        plot(summary, f"{data['pair']} {data['dtype']} (draft quant {data.get('draft_quant', 'none')}) on "
-                      f"{m['cpu']} ({m['torch_threads']} threads), "
-                      f"{data['dataset']} {data['n_prompts']} prompts x {data['max_new_tokens']} new tokens",
-             path.with_suffix(".png"))
-        print(table(summary))
+        resummarize(Path(args.resummarize))
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,3 +143,36 @@ def test_e2e_gpu_real_configs_have_the_real_sizes():
     q = m.REAL_PAIRS["qwen"]["target"][1]
     assert (q["hidden_size"], q["num_hidden_layers"], q["num_attention_heads"], q["num_key_value_heads"],
             q["intermediate_size"], q["vocab_size"], q["tie_word_embeddings"]) == (1536, 28, 12, 2, 8960, 151936, True)
+
+
+def _e2e_part(offset: int, n: int, seconds: float) -> dict:
+    """A minimal bench/e2e.py JSON: HF greedy and ouroboros over prompts offset..offset+n-1."""
+    def rec(i, secs):
+        return {"tokens": 10, "seconds": secs, "target_forwards": 10, "target_tokens_in": 10, "draft_forwards": 0,
+                "draft_tokens_in": 0, "output": [i] * 10}
+    per = {"hf_greedy": [rec(offset + i, seconds) for i in range(n)],
+           "ouroboros": [rec(offset + i, seconds / 2) for i in range(n)]}
+    return {"pair": "p", "dtype": "float32", "dataset": "gsm8k", "max_new_tokens": 10, "prompt_format": "chat",
+            "draft_quant": "int8", "ouroboros_params_override": {}, "offset": offset, "n_prompts": n,
+            "prompt_tokens": [5] * n, "date_utc": "now", "loadavg_start_end": [[0, 0, 0], [1, 1, 1]],
+            "machine": {"cpu": "cpu", "torch_threads": 1},
+            "per_method": {k: {"per_prompt": v, "params": {}, "loadavg": [[0, 0, 0]] * n} for k, v in per.items()}}
+
+
+def test_e2e_merge_joins_consecutive_prompt_ranges(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_e2e", ROOT / "bench" / "e2e.py")
+    e2e = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(e2e)
+    a, b, out = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "ab.json"
+    a.write_text(json.dumps(_e2e_part(0, 3, 4.0)))
+    b.write_text(json.dumps(_e2e_part(3, 2, 2.0)))
+    e2e.merge([str(b), str(a)], out)
+    data = json.loads(out.read_text())
+    assert data["n_prompts"] == 5 and [p["offset"] for p in data["merged_from"]] == [0, 3]
+    assert [r["output"][0] for r in data["per_method"]["ouroboros"]["per_prompt"]] == [0, 1, 2, 3, 4]
+    s = data["summary"]
+    assert s["hf_greedy"]["seconds"] == 16.0 and abs(s["ouroboros"]["speedup_vs_hf_greedy"] - 2.0) < 1e-9
+    assert s["ouroboros"]["identical_to_hf_greedy"] == 1.0
+    b.write_text(json.dumps(_e2e_part(4, 2, 2.0)))          # a gap: prompt 3 missing
+    with pytest.raises(SystemExit, match="not followed"):
+        e2e.merge([str(a), str(b)], out)
