@@ -297,12 +297,16 @@ def resummarize(path: Path) -> None:
             summary[lab].pop("resolved_params", None)
     data["summary"], data["table"] = summary, table(summary).splitlines()
     path.write_text(json.dumps(data, indent=1))
-    m = data["machine"]
-    plot(summary, f"{data['pair']} {data['dtype']} (draft quant {data.get('draft_quant', 'none')}) on "
-                  f"{m['cpu']} ({m['torch_threads']} threads), "
-                  f"{data['dataset']} {data['n_prompts']} prompts x {data['max_new_tokens']} new tokens",
-         path.with_suffix(".png"))
+    plot(summary, plot_title(data), path.with_suffix(".png"))
     print(table(summary))
+
+
+def plot_title(meta: dict) -> str:
+    """The PNG title of an e2e run, from its JSON metadata."""
+    m = meta["machine"]
+    return (f"{meta['pair']} {meta['dtype']} (draft quant {meta.get('draft_quant', 'none')}) on {m['cpu']} "
+            f"({m['torch_threads']} threads), {meta['dataset']} {meta['n_prompts']} prompts x "
+            f"{meta['max_new_tokens']} new tokens")
 
 
 MERGE_KEYS = ("pair", "dtype", "dataset", "max_new_tokens", "prompt_format", "draft_quant", "ouroboros_params_override")
@@ -548,10 +552,7 @@ def main(argv=None) -> int:
             r.pop("trace", None)
     path.write_text(json.dumps({**meta, "summary": summary, "table": table(summary).splitlines(),
                                 "per_method": results}, indent=1))
-    plot(summary, f"{args.pair} {args.dtype} (draft quant {draft_quantization(draft)}) on {machine['cpu']} "
-                  f"({machine['torch_threads']} threads), "
-                  f"{args.dataset} {len(prompts)} prompts x {args.max_new_tokens} new tokens",
-         path.with_suffix(".png"))
+    plot(summary, plot_title(meta), path.with_suffix(".png"))
     print("wrote", path, "and", path.with_suffix(".png"))
     return 0
 

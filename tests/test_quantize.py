@@ -8,6 +8,7 @@ import torch
 
 import ouroboros
 from conftest import VOCAB, hf_greedy, make_model, noisy_copy
+from test_engine import random_prompt, repetitive_prompt
 from ouroboros.quantize import draft_quantization, quantize_draft, resolve_draft_quant
 
 pytestmark = pytest.mark.skipif("fbgemm" not in torch.backends.quantized.supported_engines
@@ -22,10 +23,8 @@ def int8_pair():
 
 
 def _prompts() -> list[list[int]]:
-    gen = torch.Generator().manual_seed(23)
-    randoms = [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in (1, 5, 17, 40)]
-    repetitive = [torch.randint(3, VOCAB, (p,), generator=gen).tolist() * r for p, r in ((4, 8), (7, 5), (3, 12))]
-    return randoms + repetitive
+    randoms = [random_prompt(23 + i, n) for i, n in enumerate((1, 5, 17, 40))]
+    return randoms + [repetitive_prompt(30 + i, p, r) for i, (p, r) in enumerate(((4, 8), (7, 5), (3, 12)))]
 
 
 def test_quantize_converts_every_linear_in_place():
