@@ -48,10 +48,12 @@ class DecodeConfig:
 GPU_DEFAULTS = DecodeConfig(gamma=12, ngram=7, window=20, guess_set=20, topk=3)
 # On a CPU a tree forward is not free: with our small-M linear (``ouroboros.cpu_linear``) 2-4 tokens cost about one
 # token's forward and 5-9 tokens about twice that (real Qwen2.5-Coder pair, fp32, 2-core AMD EPYC; without it 3-5x).
-# So the draft forward carries one pooled guess (1 + (N-1) = 4 tokens: phrase-level drafting at no extra cost), no
-# Jacobi window, and the pool adds one concatenated phrase to each verification. Chosen from
-# bench/results/cpu_sweep_small_m_linear.json (gamma 3-8, guess_set 0-1, topk 0-1: within 5% of each other).
-CPU_DEFAULTS = DecodeConfig(gamma=8, ngram=4, window=0, guess_set=1, topk=1)
+# So there is no Jacobi window and the pool adds one concatenated phrase to each verification (chosen from
+# bench/results/cpu_sweep_small_m_linear.json: gamma 3-8, topk 0-1 within 5% of each other). The draft forward
+# carries three pooled guesses (1 + 3 * (N-1) = 10 tokens): the default int8 draft (``ouroboros.quantize``) costs
+# 78-113 ms for 1-13 tokens, so guesses are nearly free, and with 3 instead of 1 the draft needs 5% fewer forwards
+# from a cold pool and 15% fewer from a warm one (bench/results/cpu_sweep_guess_set_int8draft.json).
+CPU_DEFAULTS = DecodeConfig(gamma=8, ngram=4, window=0, guess_set=3, topk=1)
 # Lookahead decoding IS the window and the guesses: with CPU_DEFAULTS it would run as plain greedy. A small window
 # keeps its forward at 1 + (W + G) * (N - 1) = 13 tokens on a CPU.
 CPU_LOOKAHEAD_DEFAULTS = DecodeConfig(gamma=8, ngram=4, window=2, guess_set=2, topk=1)
