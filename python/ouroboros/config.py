@@ -51,8 +51,9 @@ GPU_DEFAULTS = DecodeConfig(gamma=12, ngram=7, window=20, guess_set=20, topk=3)
 # So there is no Jacobi window and the pool adds one concatenated phrase to each verification (chosen from
 # bench/results/cpu_sweep_small_m_linear.json: gamma 3-8, topk 0-1 within 5% of each other). The draft forward
 # carries three pooled guesses (1 + 3 * (N-1) = 10 tokens): the default int8 draft (``ouroboros.quantize``) costs
-# 78-113 ms for 1-13 tokens, so guesses are nearly free, and with 3 instead of 1 the draft needs 5% fewer forwards
-# from a cold pool and 15% fewer from a warm one (bench/results/cpu_sweep_guess_set_int8draft.json).
+# 78-114 ms for 1-13 tokens, so guesses are nearly free, and with 3 instead of 1 the draft needs 5% fewer forwards
+# from a cold pool and 15% fewer from a warm one (bench/results/cpu_sweep_guess_set_int8draft.json). Tuned for that
+# int8 draft; with a float32 draft (draft_quant="none") the 10-token draft forward was not re-measured.
 CPU_DEFAULTS = DecodeConfig(gamma=8, ngram=4, window=0, guess_set=3, topk=1)
 # Lookahead decoding IS the window and the guesses: with CPU_DEFAULTS it would run as plain greedy. A small window
 # keeps its forward at 1 + (W + G) * (N - 1) = 13 tokens on a CPU.
