@@ -472,8 +472,9 @@ def main(argv=None) -> int:
     for label, (m, p) in zip(labels, runs):
         if m == "ouroboros_warm":       # one pool carried across all prompts (history reuse)
             from ouroboros import PhrasePool
-            cfg = resolved_params(target.device, p)
-            pools[label] = PhrasePool(ngram=cfg["ngram"], guess_set=max(cfg["guess_set"], cfg["topk"], 1))
+            from ouroboros.config import resolve_config
+            cfg = resolve_config(target.device, "ouroboros", **p)     # the same capacity as generate's own pool
+            pools[label] = PhrasePool(ngram=cfg.ngram, guess_set=cfg.pool_capacity)
     # Prompts outer, methods inner: load from other processes hits every method alike.
     results = {label: {"per_prompt": [], "params": p, "loadavg": []} for label, (m, p) in zip(labels, runs)}
     bar = tqdm(total=len(runs) * len(prompts), desc=f"e2e {args.dataset}", unit="gen")

@@ -97,12 +97,11 @@ def _prepare(target, draft, input_ids, max_new_tokens, method, pool, params, poo
         params["ngram"] = pool.ngram
     cfg = resolve_config(target.device, method, **params)
     uses_pool = method in ("lookahead", "prompt_lookup", "ouroboros")
-    capacity = max(cfg.guess_set, cfg.topk, 1)   # phrases kept per key
     if uses_pool:
         if pool is None and pool_device is not None:
-            pool = GpuPhrasePool(ngram=cfg.ngram, guess_set=capacity, vocab_size=vocab, device=pool_device)
+            pool = GpuPhrasePool(ngram=cfg.ngram, guess_set=cfg.pool_capacity, vocab_size=vocab, device=pool_device)
         elif pool is None:
-            pool = PhrasePool(ngram=cfg.ngram, guess_set=capacity)
+            pool = PhrasePool(ngram=cfg.ngram, guess_set=cfg.pool_capacity)
         elif pool.ngram != cfg.ngram:
             raise ValueError(f"the pool holds {pool.ngram}-grams but ngram={cfg.ngram} was asked for")
     return prompt, cfg, (pool if uses_pool else None)

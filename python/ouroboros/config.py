@@ -40,6 +40,11 @@ class DecodeConfig:
     def max_gamma(self) -> int:
         return 4 * self.gamma if self.adaptive else self.gamma
 
+    @property
+    def pool_capacity(self) -> int:
+        """Phrases a pool keeps per key: enough for ``guess_set`` guesses and ``topk`` suffixes, at least 1."""
+        return max(self.guess_set, self.topk, 1)
+
     def as_dict(self) -> dict:
         return asdict(self)
 
