@@ -507,7 +507,7 @@ def main(argv=None) -> int:
     bar.close()
     summary = build_summary(results, labels, runs, target.device)
 
-    from ouroboros.config import CPU_DEFAULTS, CPU_LOOKAHEAD_DEFAULTS, GPU_DEFAULTS
+    from ouroboros.config import CPU_DEFAULTS, CPU_LOOKAHEAD_DEFAULTS, CPU_PROMPT_LOOKUP_DEFAULTS, GPU_DEFAULTS
     meta = {
         "machine": machine, "pair": args.pair, "dtype": args.dtype, "dataset": args.dataset,
         "n_prompts": len(prompts), "offset": args.offset, "max_new_tokens": args.max_new_tokens,
@@ -522,7 +522,7 @@ def main(argv=None) -> int:
         "ouroboros_params_override": params, "sweep": points if args.sweep else None,
         "resolved_ouroboros_params": resolved_params(target.device, params),
         "device_defaults": {"cpu": CPU_DEFAULTS.as_dict(), "cpu_lookahead": CPU_LOOKAHEAD_DEFAULTS.as_dict(),
-                            "gpu": GPU_DEFAULTS.as_dict()},
+                            "cpu_prompt_lookup": CPU_PROMPT_LOOKUP_DEFAULTS.as_dict(), "gpu": GPU_DEFAULTS.as_dict()},
         "load_seconds": round(load_s, 2), "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
         "timing": "wall clock per generate call, summed over prompts; tokens/s = new tokens / seconds; forwards "
                   "counted by forward pre-hooks on the target and draft models; prompts outer loop, methods inner "

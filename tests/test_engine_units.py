@@ -113,3 +113,4 @@ def test_device_defaults():
     assert la.window > 0 and la.guess_set > 0            # lookahead never degenerates to greedy
     assert resolve_config("cpu", "lookahead", window=5).window == 5
     assert resolve_config("cuda", "lookahead") == GPU_DEFAULTS
+    assert resolve_config("cpu", "prompt_lookup").topk > 0       # prompt lookup never degenerates to greedy

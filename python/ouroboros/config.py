@@ -5,7 +5,8 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-__all__ = ["DecodeConfig", "GPU_DEFAULTS", "CPU_DEFAULTS", "CPU_LOOKAHEAD_DEFAULTS", "METHODS", "resolve_config"]
+__all__ = ["DecodeConfig", "GPU_DEFAULTS", "CPU_DEFAULTS", "CPU_LOOKAHEAD_DEFAULTS", "CPU_PROMPT_LOOKUP_DEFAULTS",
+           "METHODS", "resolve_config"]
 
 METHODS = ("greedy", "speculative", "lookahead", "prompt_lookup", "ouroboros")
 
@@ -53,25 +54,31 @@ class DecodeConfig:
 GPU_DEFAULTS = DecodeConfig(gamma=12, ngram=7, window=20, guess_set=20, topk=3)
 # On a CPU a tree forward is not free: with our small-M linear (``ouroboros.cpu_linear``) 2-4 tokens cost about one
 # token's forward and 5-9 tokens about twice that (real Qwen2.5-Coder pair, fp32, 2-core AMD EPYC; without it 3-5x).
-# So there is no Jacobi window and the pool adds one concatenated phrase to each verification (chosen from
-# bench/results/cpu_sweep_small_m_linear.json: gamma 3-8, topk 0-1 within 5% of each other). The draft forward
-# carries three pooled guesses (1 + 3 * (N-1) = 10 tokens): the default int8 draft (``ouroboros.quantize``) costs
-# 78-114 ms for 1-13 tokens, so guesses are nearly free, and with 3 instead of 1 the draft needs 5% fewer forwards
-# from a cold pool and 15% fewer from a warm one (bench/results/cpu_sweep_guess_set_int8draft.json). Tuned for that
-# int8 draft; with a float32 draft (draft_quant="none") the 10-token draft forward was not re-measured.
-CPU_DEFAULTS = DecodeConfig(gamma=8, ngram=4, window=0, guess_set=3, topk=1)
+# So there is no Jacobi window, and no phrase is concatenated to the verified draft (topk=0): a 3-token suffix made
+# each target forward about 9% dearer while saving only 4% of them (HumanEval prompts 10-15: ouroboros 2.30x HF
+# greedy with topk=1, 2.41x with topk=0, speculative 2.18x; bench/results/cpu_sweep_topk_int8draft.json).
+# The draft forward carries three pooled guesses (1 + 3 * (N-1) = 10 tokens): the default int8 draft
+# (``ouroboros.quantize``) costs 78-114 ms for 1-13 tokens, so guesses are nearly free, and with 3 instead of 1 the
+# draft needs 5% fewer forwards from a cold pool and 15% fewer from a warm one
+# (bench/results/cpu_sweep_guess_set_int8draft.json). Tuned for that int8 draft; with a float32 draft
+# (draft_quant="none") the 10-token draft forward was not re-measured.
+CPU_DEFAULTS = DecodeConfig(gamma=8, ngram=4, window=0, guess_set=3, topk=0)
 # Lookahead decoding IS the window and the guesses: with CPU_DEFAULTS it would run as plain greedy. A small window
 # keeps its forward at 1 + (W + G) * (N - 1) = 13 tokens on a CPU.
 CPU_LOOKAHEAD_DEFAULTS = DecodeConfig(gamma=8, ngram=4, window=2, guess_set=2, topk=1)
+# Prompt lookup IS the concatenated phrase (it has no draft model): one suffix of N-1 tokens per verification.
+CPU_PROMPT_LOOKUP_DEFAULTS = replace(CPU_DEFAULTS, topk=1)
+_CPU_METHOD_DEFAULTS = {"lookahead": CPU_LOOKAHEAD_DEFAULTS, "prompt_lookup": CPU_PROMPT_LOOKUP_DEFAULTS}
 
 
 def resolve_config(device: torch.device | str, method: str | None = None, **overrides: int | None) -> DecodeConfig:
     """The defaults for ``device`` and ``method`` with non-None ``overrides`` applied.
 
-    "cuda" -> GPU_DEFAULTS; otherwise CPU_DEFAULTS, or CPU_LOOKAHEAD_DEFAULTS for ``method="lookahead"``.
+    "cuda" -> GPU_DEFAULTS; otherwise CPU_DEFAULTS, or CPU_LOOKAHEAD_DEFAULTS for ``method="lookahead"`` and
+    CPU_PROMPT_LOOKUP_DEFAULTS for ``method="prompt_lookup"``.
     """
     if torch.device(device).type == "cuda":
         base = GPU_DEFAULTS
     else:
-        base = CPU_LOOKAHEAD_DEFAULTS if method == "lookahead" else CPU_DEFAULTS
+        base = _CPU_METHOD_DEFAULTS.get(method, CPU_DEFAULTS)
     return replace(base, **{k: v for k, v in overrides.items() if v is not None})
