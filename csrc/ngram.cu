@@ -17,7 +17,7 @@ const char* ngram_pool_check(const NgramPool& p) {
     return "pool sizes (V, S, G, P) must all be >= 1";
   if (p.num_slots > p.vocab_size) return "num_slots (S) must be <= vocab_size (V)";
   if (p.num_slots == INT32_MAX) return "num_slots (S) must be < 2^31 - 1 (the list sentinel is S)";
-  if (int64_t(p.guess_set + 2) * p.phrase_len > ngram_detail::kMaxTileInts)
+  if ((int64_t(p.guess_set) + 2) * p.phrase_len > ngram_detail::kMaxTileInts)  // int64: no overflow at G ~ 2^31
     return "(guess_set + 2) * phrase_len must be <= 12288 (one slot's phrases live in 48 KiB of shared memory)";
   if (int64_t(p.num_slots) * p.guess_set * p.phrase_len > INT64_MAX / 8) return "pool too large";
   return nullptr;

@@ -6,6 +6,8 @@ logic on the CPU against its host model (``--host``: CI machines with nvcc and n
 The layout comparison is exact (key_to_slot, slot_key, counts, the LRU links, num_keys) except for the rows of
 ``phrases`` at or beyond ``counts`` (garbage by contract: backends may leave different values). The CPU-pool
 equivalence (``PhrasePool``) of the "cuda" backend is also covered by tests/test_gpu_pool.py.
+The raw ops' own argument checks (csrc/bindings.cpp) are tested in process and strictly: a bad argument must raise
+RuntimeError, never crash (issue 20).
 """
 from __future__ import annotations
 
@@ -13,7 +15,6 @@ import os
 import random
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -182,35 +183,57 @@ def test_rejects_bad_inputs():
         ngram_ops.ngram_lookup(pool, keys, 2, torch.zeros(2, dtype=torch.int32, device=DEV), backend="cuda")
 
 
-RAW_BAD_CALLS = """
-import torch
-from ouroboros_kernels import cuda_ops
-from ouroboros_kernels.ngram import ngram_pool_empty
-pool = ngram_pool_empty(10, 4, 3, 2, device="cuda")
-keys = torch.tensor([1], device="cuda")
-calls = [lambda: cuda_ops.ngram_insert(pool, keys.float(), torch.tensor([[1, 2]], device="cuda")),
-         lambda: cuda_ops.ngram_insert(pool, keys, torch.tensor([[1, 2, 3]], device="cuda")),
-         lambda: cuda_ops.ngram_insert(pool, keys.cpu(), torch.tensor([[1, 2]], device="cuda")),
-         lambda: cuda_ops.ngram_lookup(pool._replace(counts=pool.counts.long()), keys, 2),
-         lambda: cuda_ops.ngram_lookup(pool, keys, 2, torch.zeros(2, dtype=torch.int32, device="cuda"))]
-for i, call in enumerate(calls):
-    try:
-        call()
-        print(i, "accepted")
-    except RuntimeError as err:
-        print(i, "RuntimeError", str(err).splitlines()[0][:120], flush=True)
-"""
+def _raw_bad_calls(pool: NgramPool) -> dict:
+    """name -> (call of a raw op with one bad argument, the words its RuntimeError must contain)."""
+    i32 = dict(dtype=torch.int32, device=DEV)
+    keys, ph = torch.tensor([1], device=DEV), torch.tensor([[1, 2]], device=DEV)
+    ins, look = cuda_ops.ngram_insert, cuda_ops.ngram_lookup
+    big_p = ngram_pool_empty(10, 2, 1, 4096, device=DEV)     # (G + 2) * P = 12288 fits; with G = 2 it does not
+    return {
+        "float keys": (lambda: ins(pool, keys.float(), ph), "integer"),
+        "phrase length": (lambda: ins(pool, keys, torch.tensor([[1, 2, 3]], device=DEV)), "shape"),
+        "keys on the host": (lambda: ins(pool, keys.cpu(), ph), "device"),
+        "2-D keys": (lambda: ins(pool, keys[None], ph), "1-D"),
+        "old shape": (lambda: ins(pool, keys, ph, torch.tensor([[1]], device=DEV)), "old"),
+        "float phrases": (lambda: ins(pool, keys, ph.double()), "integer"),
+        "int64 counts": (lambda: look(pool._replace(counts=pool.counts.long()), keys, 2), "int32"),
+        "short lru_prev": (lambda: ins(pool._replace(lru_prev=pool.lru_prev[:-1].clone()), keys, ph), "lru_prev"),
+        "strided phrases": (lambda: ins(pool._replace(phrases=pool.phrases.transpose(1, 2).contiguous()
+                                                      .transpose(1, 2)), keys, ph), "contiguous"),
+        "pool on the host": (lambda: look(NgramPool(*(t.cpu() for t in pool))._replace(
+            key_to_slot=pool.key_to_slot), keys, 2), "pool.counts"),
+        "S > V": (lambda: ins(pool._replace(key_to_slot=torch.full((2,), -1, **i32)), keys, ph), "vocab_size"),
+        "tile capacity": (lambda: ins(big_p._replace(phrases=torch.zeros(2, 2, 4096, **i32)), keys,
+                                      torch.zeros(1, 4096, dtype=torch.long, device=DEV)), "12288"),
+        "negative k": (lambda: look(pool, keys, -1), "k must be >= 0"),
+        "k * P overflow": (lambda: look(pool, keys, 2**62), "k * P must be < 2^31"),
+        "int32 stats": (lambda: look(pool, keys, 2, torch.zeros(2, **i32)), "stats"),
+        "stats shape": (lambda: look(pool, keys, 2, torch.zeros(3, dtype=torch.long, device=DEV)), "stats"),
+    }
 
 
 @needs_cuda_ops
-@pytest.mark.xfail(reason="the raw op segfaulted on one of these calls on an H200 (gpu_check run 2, "
-                          "bench/results/gpu_h200_run2/); not yet diagnosed. The public ops validate first.",
-                   strict=False)
 def test_raw_ops_reject_bad_inputs_without_crashing():
-    """The C++ checks of the raw custom ops, in a child process (a crash must not take pytest down)."""
-    res = subprocess.run([sys.executable, "-c", RAW_BAD_CALLS], capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, f"the raw ops crashed (exit {res.returncode}): {res.stdout}{res.stderr[-2000:]}"
-    assert res.stdout.count("RuntimeError") == 5, res.stdout
+    """The C++ checks of the raw custom ops, in process: every bad call raises RuntimeError naming the problem, no
+    crash, no sticky CUDA error, and the pool is untouched and keeps working."""
+    pool = ngram_pool_empty(10, 4, 3, 2, device=DEV)
+    want = clone_pool(pool)
+    for name, (call, words) in _raw_bad_calls(pool).items():
+        try:
+            call()
+        except RuntimeError as err:
+            assert words in str(err), f"{name}: {err}"
+        else:
+            pytest.fail(f"{name}: the raw op accepted it")
+        torch.cuda.synchronize()
+        assert_same_pool(pool, want)
+    with pytest.raises((RuntimeError, NotImplementedError)):   # all on the host: the op has only a CUDA kernel
+        cuda_ops.ngram_lookup(NgramPool(*(t.cpu() for t in pool)), torch.tensor([1]), 2)
+    keys, phrases = torch.tensor([1, 3, 1], device=DEV), torch.tensor([[1, 2], [3, 4], [5, 6]], device=DEV)
+    cuda_ops.ngram_insert(pool, keys, phrases)
+    reference.ngram_insert(want, keys, phrases)
+    assert_same_pool(pool, want)
+    assert cuda_ops.ngram_lookup(pool, keys, 2)[0][0].tolist() == [[5, 6], [1, 2]]
 
 
 @needs_cuda_ops

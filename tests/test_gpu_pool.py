@@ -279,13 +279,42 @@ def test_load_rejects_states_the_device_pool_cannot_hold():
         GpuPhrasePool.from_state_dict({"format": "nope"}, device=CPU)
 
 
-def test_memory_is_bounded_by_max_keys():
-    small = GpuPhrasePool(7, 20, 16384, vocab_size=152064, device="meta", backend="reference")
-    assert small.num_slots == 16384
-    assert small.nbytes() == 4 * 152064 + 16384 * (20 * 6 * 4 + 8) + 2 * 4 * 16385 + 4 + 16
-    assert small.nbytes() < 10e6
-    full = GpuPhrasePool(7, 20, vocab_size=32000, device="meta", backend="reference")
-    assert full.num_slots == 32000  # default max_keys >= vocab: one slot per token, no eviction ever
+def test_device_memory_follows_the_caps():
+    small = GpuPhrasePool(7, 20, 4096, vocab_size=152064, device="meta", backend="reference")
+    assert small.num_slots == 4096
+    assert small.nbytes() == 4 * 152064 + 4096 * (20 * 6 * 4 + 8) + 2 * 4 * 4097 + 4 + 16
+    default = GpuPhrasePool(7, 20, vocab_size=152064, device="meta", backend="reference")
+    assert default.num_slots == default.max_keys == PhrasePool(ngram=7, guess_set=20).max_keys < 152064
+    assert default.nbytes() < 5e6 + 4 * 152064          # 64 MiB budget: ~8k keys, 4 MB of slots + the key index
+    full = GpuPhrasePool(7, 20, vocab_size=32000, max_bytes=1 << 30, device="meta", backend="reference")
+    assert full.num_slots == 32000  # max_keys >= vocab: one slot per token, no eviction ever
+
+
+# (ngram, guess_set, max_bytes, vocab, alphabet): budgets that bind on keys, and one that also cuts the key's list
+BUDGETS = {"keys": (3, 3, 6000, 12, 3), "list": (4, 6, 2028, 10, 2), "wide": (5, 2, 9000, 30, 3)}  # 4, 1, 6 keys
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(BUDGETS))
+def test_same_caps_from_the_same_budget(backend, case):
+    """Both pools derive max_keys / guess_set from max_bytes by one rule, then hold the same contents; the CPU
+    pool's bytes stay within the budget and the device pool's slots are far below it."""
+    ngram, g, max_bytes, vocab, alphabet = BUDGETS[case]
+    cpu = PhrasePool(ngram=ngram, guess_set=g, max_bytes=max_bytes)
+    gpu = GpuPhrasePool(ngram, g, vocab_size=vocab, max_bytes=max_bytes, device=CPU, backend=backend)
+    assert (gpu.max_keys, gpu.guess_set) == (cpu.max_keys, cpu.guess_set)
+    assert 1 <= cpu.max_keys < vocab and (cpu.guess_set < g) == (case == "list")
+    for i, op in enumerate(random_ops(len(case), 60 if backend == "reference" else 20, vocab, ngram, cpu.guess_set,
+                                      cpu.max_keys, alphabet, 6)):
+        apply_cpu(cpu, op)
+        apply_gpu(gpu, op)
+        assert cpu.nbytes() <= max_bytes
+        if i % 10 == 9:
+            assert_same(cpu, gpu)
+    assert cpu.num_keys() == cpu.max_keys           # the bound bound: keys were evicted
+    assert gpu.nbytes() - 4 * vocab <= max_bytes
+    back = GpuPhrasePool.from_state_dict(cpu.state_dict(), device=CPU, backend=backend)
+    assert (back.max_keys, back.guess_set, back.max_bytes) == (cpu.max_keys, cpu.guess_set, max_bytes)
 
 
 def test_tensor_path_argument_checks():

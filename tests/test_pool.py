@@ -1,10 +1,16 @@
 """CPU PhrasePool: the definition of correct for the phrase pool (SPEC §2 "Phrase pool")."""
 from __future__ import annotations
 
+import gc
+import random
+import sys
+import tracemalloc
+from collections import OrderedDict
+
 import pytest
 import torch
 
-from ouroboros.pool import POOL_FORMAT, PhrasePool, PoolStats
+from ouroboros.pool import DEFAULT_MAX_BYTES, POOL_FORMAT, PhrasePool, PoolStats, budget_caps, key_bytes
 
 
 def test_insert_lookup_newest_first_and_k_limit():
@@ -129,7 +135,7 @@ def test_wrong_phrase_length_raises():
     assert len(pool) == 0 and pool.num_keys() == 0
 
 
-@pytest.mark.parametrize("kwargs", [dict(ngram=1), dict(guess_set=0), dict(max_keys=0)])
+@pytest.mark.parametrize("kwargs", [dict(ngram=1), dict(guess_set=0), dict(max_keys=0), dict(max_bytes=500)])
 def test_bad_settings_raise(kwargs):
     with pytest.raises(ValueError):
         PhrasePool(**kwargs)
@@ -185,7 +191,7 @@ def test_state_dict_format():
     pool.insert_many([(5, (1, 2)), (6, (3, 4)), (5, (7, 8))])
     st = pool.state_dict()
     assert st["format"] == POOL_FORMAT
-    assert (st["ngram"], st["guess_set"], st["max_keys"]) == (3, 3, 10)
+    assert (st["ngram"], st["guess_set"], st["max_keys"], st["max_bytes"]) == (3, 3, 10, DEFAULT_MAX_BYTES)
     assert st["keys"].tolist() == [6, 5]  # oldest key first
     assert st["counts"].tolist() == [1, 2]
     assert st["phrases"].tolist() == [[3, 4], [1, 2], [7, 8]]  # per key, oldest phrase first
@@ -222,3 +228,83 @@ def test_empty_pool_round_trip(tmp_path):
 def test_load_rejects_other_formats():
     with pytest.raises(ValueError):
         PhrasePool.from_state_dict({"format": "something-else"})
+
+
+# ---- the byte budget (issue 20) -------------------------------------------------------------------------------------
+def test_caps_derive_from_the_byte_budget():
+    pool = PhrasePool(ngram=4, guess_set=3)                       # CPU defaults: 64 MiB
+    assert pool.max_bytes == DEFAULT_MAX_BYTES == 64 << 20
+    assert pool.max_keys == (DEFAULT_MAX_BYTES - 384) // key_bytes(4, 3) and pool.guess_set == 3
+    assert PhrasePool(ngram=4, guess_set=3, max_keys=10).max_keys == 10          # a smaller explicit cap stays
+    assert PhrasePool(ngram=4, guess_set=3, max_keys=1 << 40).max_keys == pool.max_keys   # a larger one cannot
+    small = PhrasePool(ngram=7, guess_set=20, max_bytes=3000)      # not one full key: fewer phrases per key
+    assert small.max_keys == 1 and 1 <= small.guess_set < 20 and key_bytes(7, small.guess_set) <= 3000
+    assert budget_caps(7, 20, 1 << 30)[1] == 20
+
+
+def test_bytes_stay_under_the_budget_under_churn():
+    rng = random.Random(0)
+    for ngram, g, max_bytes in ((3, 4, 12_000), (5, 2, 5_000), (2, 9, 20_000)):
+        pool = PhrasePool(ngram=ngram, guess_set=g, max_bytes=max_bytes)
+        n = ngram - 1
+        for step in range(1500):
+            key = rng.randrange(300, 340)
+            phrase = [rng.randrange(300, 306) for _ in range(n)]
+            if step % 5 == 4:
+                pool.replace(key, [rng.randrange(300, 306) for _ in range(n)], phrase)
+            elif step % 17 == 0:
+                pool.seed_from([rng.randrange(300, 340) for _ in range(3 * n)])
+            else:
+                pool.insert(key, phrase)
+            assert pool.nbytes() <= max_bytes
+        assert pool.num_keys() == pool.max_keys            # the bound binds: keys were evicted
+
+
+def test_nbytes_matches_what_python_allocates():
+    """nbytes() against tracemalloc for pools built under tracing (token ids >= 257: no shared singletons)."""
+    for ngram, g, per_key in ((4, 3, 3), (7, 20, 20), (7, 20, 2)):
+        gc.collect()
+        tracemalloc.start()
+        try:
+            rng = random.Random(ngram * g)
+            pool = PhrasePool(ngram=ngram, guess_set=g)
+            for key in range(1000, 1800):
+                for _ in range(per_key):
+                    pool.insert(key, [rng.randrange(1000, 100_000) for _ in range(ngram - 1)])
+            for _ in range(1000):                           # churn: evictions inside the lists
+                pool.insert(rng.randrange(1000, 1800), [rng.randrange(1000, 100_000) for _ in range(ngram - 1)])
+            gc.collect()
+            traced = tracemalloc.get_traced_memory()[0]
+        finally:
+            tracemalloc.stop()
+        assert 0.95 <= pool.nbytes() / traced <= 1.10, (ngram, g, per_key, pool.nbytes(), traced)
+
+
+def test_key_table_slot_bound_holds_under_churn():
+    """The 200 B a key's slot in the table of keys may cost (pool module docstring), checked on this CPython."""
+    base = sys.getsizeof(OrderedDict({0: None}))
+    for keys in (*range(1, 120), 170, 171, 700, 1400, 2800):
+        table: OrderedDict[int, None] = OrderedDict()
+        peak = 0
+        for i in range(4 * keys + 16):
+            table[i] = None
+            if len(table) > keys:
+                table.popitem(last=False)
+            peak = max(peak, sys.getsizeof(table))
+        assert peak <= base + 200 * keys, keys
+
+
+def test_load_cuts_a_larger_state_to_the_caps(tmp_path):
+    big = PhrasePool(ngram=3, guess_set=4)
+    for key in range(400, 420):
+        for t in range(5):
+            big.insert(key, (key, t))
+    state = big.state_dict()
+    state["max_bytes"] = 6000                              # as if saved by a pool with a small budget ...
+    cut = PhrasePool.from_state_dict(state)
+    assert cut.max_keys < 20 and cut.keys() == big.keys()[-cut.max_keys:]        # ... newest keys kept
+    assert all(cut.phrases(k) == big.phrases(k)[-cut.guess_set:] for k in cut.keys())
+    old = {k: v for k, v in big.state_dict().items() if k != "max_bytes"}       # a file from before byte budgets
+    old["max_keys"] = 1 << 20
+    again = PhrasePool.from_state_dict(old)
+    assert again.max_bytes == DEFAULT_MAX_BYTES and again.keys() == big.keys()

@@ -3,7 +3,10 @@ and insert phrases without the host (no sync, CUDA-graph capturable).
 
 Semantics are exactly those of the CPU :class:`~ouroboros.pool.PhrasePool` (per-key LRU of at most ``guess_set``
 phrases, duplicate re-insert moves to newest, global LRU over at most ``max_keys`` keys refreshed only by inserts and
-replaces, ``lookup`` newest first and order-neutral); the tests replay random operation sequences on both.
+replaces, ``lookup`` newest first and order-neutral); the tests replay random operation sequences on both. The caps
+come from the same byte budget by the same rule (:func:`ouroboros.pool.budget_caps`, ``max_bytes`` default 64 MiB),
+so both pools keep the same keys and phrases; the device copy of those contents is much smaller than the Python one
+(int32 rows instead of tuples of int objects), plus the fixed ``4 V`` bytes of its key index.
 
 Layout choice (details and the kernel contract: :mod:`ouroboros_kernels.ngram`)
 --------------------------------------------------------------------------------
@@ -22,10 +25,9 @@ vocab V    dense (V, G, P) table  ours, max_keys >= V    ours, max_keys = 16384 
 Why not a hash table: the key index costs only ``4 V`` bytes (1 MB at 256k), is one load per lookup (no probing, no
 tombstones under eviction, trivially graph-capturable), and the phrase memory is bounded by ``max_keys`` exactly as
 the CPU pool's is. Why not a dense ``(V, G, P)`` table: it cannot honour ``max_keys`` (the CPU pool's key eviction)
-and costs 123 MB at 256k whatever the pool holds; with slots, a server that wants a small device footprint sets
-``max_keys`` (16k keys = 8-9 MB) and gets the same eviction order as the CPU pool. With the default
-``max_keys = 2**20 >= V`` the slot table is as large as the dense table (+4%) and no key is ever evicted, because a
-vocabulary of ``V`` tokens has at most ``V`` keys.
+and costs 123 MB at 256k whatever the pool holds; with slots, the device footprint follows the key cap and the
+eviction order is the CPU pool's. The default 64 MiB budget gives 8,011 keys at N=7, G=20 (4.0 MB of slots + 4 V);
+``max_keys >= V`` (a budget of >= ~1.3 GB at V=152k) would give one slot per token and never evict.
 
 API: the tensor path (``insert_many``, ``replace_many``, ``lookup``, ``seed_from``) never syncs; :attr:`host` is a
 :class:`PhrasePool`-compatible adapter (``insert(key, phrase)``, ``lookup(key, k) -> list[tuple]``, ...) whose calls
@@ -40,7 +42,7 @@ import torch
 
 from ouroboros_kernels.ngram import NgramPool, ngram_insert, ngram_lookup, ngram_pool_empty
 
-from .pool import POOL_FORMAT, PhrasePool, PoolStats
+from .pool import DEFAULT_MAX_BYTES, POOL_FORMAT, PhrasePool, PoolStats, budget_caps, fit_state
 
 __all__ = ["GpuPhrasePool", "HostPoolAdapter"]
 
@@ -57,9 +59,12 @@ class GpuPhrasePool:
     Parameters
     ----------
     ngram, guess_set, max_keys : int
-        As for :class:`PhrasePool` (phrases have ``ngram - 1`` tokens).
+        As for :class:`PhrasePool` (phrases have ``ngram - 1`` tokens; ``max_keys=None``: as many as ``max_bytes``
+        allows). The caps are :func:`~ouroboros.pool.budget_caps` of these, exactly as the CPU pool's.
     vocab_size : int
         Keys are token ids in ``[0, vocab_size)``; the tensor ops skip keys outside (``-1`` is padding).
+    max_bytes : int
+        The byte budget the caps derive from (default 64 MiB, the CPU pool's).
     device : torch.device or str, optional
         Where the tensors live (default: "cuda" when available, else "cpu", where the reference ops and the Triton
         interpreter run).
@@ -67,15 +72,14 @@ class GpuPhrasePool:
         Force "reference", "triton" or "cuda" for the ops (default: the best available).
     """
 
-    def __init__(self, ngram: int = 7, guess_set: int = 20, max_keys: int = 1 << 20, *, vocab_size: int,
-                 device: torch.device | str | None = None, backend: str | None = None) -> None:
-        if ngram < 2:
-            raise ValueError(f"ngram must be >= 2 (a key plus at least one token), got {ngram}")
-        if guess_set < 1 or max_keys < 1:
-            raise ValueError(f"guess_set and max_keys must be >= 1, got {guess_set}, {max_keys}")
+    def __init__(self, ngram: int = 7, guess_set: int = 20, max_keys: int | None = None, *, vocab_size: int,
+                 max_bytes: int = DEFAULT_MAX_BYTES, device: torch.device | str | None = None,
+                 backend: str | None = None) -> None:
+        max_keys, guess_set = budget_caps(ngram, guess_set, max_bytes, max_keys)
         if vocab_size < 1:
             raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
         self.ngram, self.guess_set, self.max_keys, self.vocab_size = ngram, guess_set, max_keys, vocab_size
+        self.max_bytes = max_bytes
         self.device = _default_device(device)
         self.backend = backend
         self.tensors: NgramPool = ngram_pool_empty(vocab_size, min(max_keys, vocab_size), guess_set, ngram - 1,
@@ -92,7 +96,7 @@ class GpuPhrasePool:
         return self.tensors.num_slots
 
     def nbytes(self) -> int:
-        """Device bytes held by the pool tensors."""
+        """Device bytes held by the pool tensors: ``4 V`` (key index) + ``S * (4 G P + 16)`` (slots) + small."""
         return sum(t.numel() * t.element_size() for t in self.tensors) + self._stats.numel() * 8
 
     def __len__(self) -> int:
@@ -190,6 +194,7 @@ class GpuPhrasePool:
             "ngram": self.ngram,
             "guess_set": self.guess_set,
             "max_keys": self.max_keys,
+            "max_bytes": self.max_bytes,
             "keys": pool.slot_key[idx].long(),
             "counts": counts,
             "phrases": rows[keep].long().reshape(-1, self.phrase_len),
@@ -199,32 +204,30 @@ class GpuPhrasePool:
     @classmethod
     def from_state_dict(cls, state: dict, device: torch.device | str | None = None, vocab_size: int | None = None,
                         backend: str | None = None) -> "GpuPhrasePool":
-        """A pool from a :meth:`PhrasePool.state_dict` / :meth:`state_dict` dict.
+        """A pool from a :meth:`PhrasePool.state_dict` / :meth:`state_dict` dict (cut to the caps as the CPU pool's
+        :meth:`~PhrasePool.from_state_dict` does: newest keys and phrases kept).
 
         ``vocab_size`` defaults to the dict's ``vocab_size`` or else one past the largest token it holds (later keys
         at or beyond it would be skipped: pass the model's vocabulary size).
         """
         if state.get("format") != POOL_FORMAT:
             raise ValueError(f"not an ouroboros phrase pool (format {state.get('format')!r}, expected {POOL_FORMAT!r})")
-        ngram, guess_set, max_keys = int(state["ngram"]), int(state["guess_set"]), int(state["max_keys"])
-        keys = state["keys"].long().reshape(-1)
-        counts = state["counts"].long().reshape(-1)
-        rows = state["phrases"].long().reshape(-1, ngram - 1)
+        ngram, max_keys = int(state["ngram"]), int(state["max_keys"])
+        max_bytes = int(state.get("max_bytes", DEFAULT_MAX_BYTES))
+        max_keys, guess_set = budget_caps(ngram, int(state["guess_set"]), max_bytes, max_keys)
+        keys, counts, rows = fit_state(state, max_keys, guess_set)
         if vocab_size is None:
             vocab_size = state.get("vocab_size")
         if vocab_size is None:
             top = max([0] + [int(keys.max()) if keys.numel() else 0] + [int(rows.max()) if rows.numel() else 0])
             vocab_size = top + 1
-        pool = cls(ngram, guess_set, max_keys, vocab_size=int(vocab_size), device=device, backend=backend)
+        pool = cls(ngram, int(state["guess_set"]), max_keys, vocab_size=int(vocab_size), max_bytes=max_bytes,
+                   device=device, backend=backend)
         n = keys.numel()
-        if counts.numel() != n or int(counts.sum()) != rows.shape[0]:
-            raise ValueError("inconsistent pool state: counts do not match keys / phrases")
         if n > pool.num_slots:
-            raise ValueError(f"pool state holds {n} keys, more than max_keys / vocab_size allow ({pool.num_slots})")
+            raise ValueError(f"pool state holds {n} keys, more than vocab_size = {vocab_size} allows")
         if n and (int(keys.min()) < 0 or int(keys.max()) >= vocab_size):
             raise ValueError(f"pool state has keys outside [0, {vocab_size})")
-        if n and int(counts.max()) > guess_set:
-            raise ValueError(f"pool state has a key with more than guess_set = {guess_set} phrases")
         if n and len(set(keys.tolist())) != n:
             raise ValueError("pool state has duplicate keys")
         s = pool.num_slots
@@ -285,7 +288,8 @@ class GpuPhrasePool:
 
     def __repr__(self) -> str:
         return (f"GpuPhrasePool(ngram={self.ngram}, guess_set={self.guess_set}, max_keys={self.max_keys}, "
-                f"vocab_size={self.vocab_size}, device={self.device}, backend={self.backend})")
+                f"max_bytes={self.max_bytes}, vocab_size={self.vocab_size}, device={self.device}, "
+                f"backend={self.backend})")
 
 
 class HostPoolAdapter:
@@ -301,7 +305,11 @@ class HostPoolAdapter:
     ngram = property(lambda self: self.gpu.ngram)
     guess_set = property(lambda self: self.gpu.guess_set)
     max_keys = property(lambda self: self.gpu.max_keys)
+    max_bytes = property(lambda self: self.gpu.max_bytes)
     phrase_len = property(lambda self: self.gpu.phrase_len)
+
+    def nbytes(self) -> int:
+        return self.gpu.nbytes()
 
     @property
     def stats(self) -> PoolStats:
