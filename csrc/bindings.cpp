@@ -37,8 +37,11 @@ int num_sms(const at::Tensor& t) {
 // The kernel reads 16-byte chunks along D: keep a view when its layout allows that, else copy.
 at::Tensor kernel_layout(const at::Tensor& t) { return aligned_for_kernel(t) ? t : t.contiguous(); }
 
-at::Tensor tree_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t prefix_len,
-                               const std::optional<at::Tensor>& tree_mask, double scale, double softcap,
+// prefix_len_tensor (int32/int64, shape () or (B,), on q's device) when given is read by the kernel (no host sync);
+// else the host value prefix_len is used.
+at::Tensor tree_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const std::optional<at::Tensor>& prefix_len_tensor, int64_t prefix_len,
+                               const std::optional<at::Tensor>& tree_mask, double scale, double softcap, int64_t window,
                                int64_t num_splits) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
               "ouroboros tree_attention: q, k, v must be 4-D (B, H, T/S, D); got ", q.dim(), ", ", k.dim(), ", ",
@@ -63,9 +66,24 @@ at::Tensor tree_attention_cuda(const at::Tensor& q, const at::Tensor& k, const a
               d);
   TORCH_CHECK(t >= 1, "ouroboros tree_attention: T must be >= 1");
   TORCH_CHECK(b >= 1 && hq >= 1, "ouroboros tree_attention: empty batch or heads");
-  TORCH_CHECK(prefix_len >= 0 && prefix_len + t <= s, "ouroboros tree_attention: prefix_len (", prefix_len,
-              ") + T (", t, ") must be within the cache length S (", s, ")");
   TORCH_CHECK(s <= INT32_MAX && b * hkv <= 65535, "ouroboros tree_attention: sizes too large for the kernel");
+  TORCH_CHECK(window >= 0 && window <= INT32_MAX, "ouroboros tree_attention: window must be >= 0 (0: none), got ",
+              window);
+  at::Tensor prefix_t;
+  if (prefix_len_tensor.has_value()) {
+    prefix_t = *prefix_len_tensor;
+    TORCH_CHECK(prefix_t.scalar_type() == at::kInt || prefix_t.scalar_type() == at::kLong,
+                "ouroboros tree_attention: prefix_len must be an int32/int64 tensor, got ", prefix_t.scalar_type());
+    TORCH_CHECK(prefix_t.dim() == 0 || (prefix_t.dim() == 1 && prefix_t.size(0) == b),
+                "ouroboros tree_attention: prefix_len tensor must have shape () or (B,) = (", b, ",), got ",
+                prefix_t.sizes());
+    TORCH_CHECK(prefix_t.device() == q.device(), "ouroboros tree_attention: prefix_len is on ", prefix_t.device(),
+                " but q is on ", q.device());
+    TORCH_CHECK(t <= s, "ouroboros tree_attention: T (", t, ") exceeds the cache length S (", s, ")");
+  } else {
+    TORCH_CHECK(prefix_len >= 0 && prefix_len + t <= s, "ouroboros tree_attention: prefix_len (", prefix_len,
+                ") + T (", t, ") must be within the cache length S (", s, ")");
+  }
 
   at::Tensor mask;
   if (tree_mask.has_value()) {
@@ -98,7 +116,13 @@ at::Tensor tree_attention_cuda(const at::Tensor& q, const at::Tensor& k, const a
   p.tree_len = int(t);
   p.cache_len = int(s);
   p.head_dim = int(d);
-  p.prefix_len = int(prefix_len);
+  p.prefix_len = prefix_t.defined() ? 0 : int(prefix_len);
+  if (prefix_t.defined()) {
+    p.prefix_len_ptr = prefix_t.data_ptr();
+    p.prefix_len_stride = prefix_t.dim() == 1 ? prefix_t.stride(0) : 0;
+    p.prefix_len_is_int64 = prefix_t.scalar_type() == at::kLong;
+  }
+  p.window = int(window);
   p.scale = float(scale);
   p.softcap = float(softcap);
   p.dtype = q.scalar_type() == at::kHalf ? ouroboros::DType::kFloat16 : ouroboros::DType::kBFloat16;
@@ -114,9 +138,10 @@ at::Tensor tree_attention_cuda(const at::Tensor& q, const at::Tensor& k, const a
   return o;
 }
 
-// Splits the kernel would use (tests and benchmarks use it to force and report the split path).
+// Splits the kernel would use (tests and benchmarks use it to force and report the split path); device_prefix: the
+// prefix length lives in a tensor (the host then bounds the live keys by S, or window + T).
 int64_t tree_attention_num_splits_for(const at::Tensor& q, const at::Tensor& k, int64_t prefix_len,
-                                      int64_t num_splits) {
+                                      int64_t num_splits, int64_t window, bool device_prefix) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && q.is_cuda() && k.size(1) > 0 && q.size(1) % k.size(1) == 0,
               "ouroboros tree_attention_num_splits: expects CUDA q (B, Hq, T, D) and k (B, Hkv, S, D)");
   ouroboros::TreeAttentionParams p;
@@ -127,10 +152,23 @@ int64_t tree_attention_num_splits_for(const at::Tensor& q, const at::Tensor& k, 
   p.num_kv_heads = int(k.size(1));
   p.cache_len = int(k.size(2));
   p.prefix_len = int(prefix_len);
+  p.window = int(window);
+  static const int32_t kDummy = 0;
+  if (device_prefix) p.prefix_len_ptr = &kDummy;  // only its presence matters to the split count
   return ouroboros::tree_attention_num_splits(p, num_sms(q), int(num_splits));
 }
 
 // ---- n-gram phrase pool (contract and layout: ouroboros_kernels/ngram.py) -------------------------------------------
+// The raw ops validate every argument here, before any pointer is taken or kernel queued, so a bad call raises a
+// Python RuntimeError (TORCH_CHECK) and never faults: devices (CUDA, one device for all), dtypes (pool int32, tokens
+// any integer type, stats int64), shapes (the layout follows from key_to_slot (V), counts (S) and phrases (S, G, P);
+// keys (B), phrases / old (B, P), stats (2)), contiguity (the pool and stats are written in place: they must be
+// contiguous; token inputs are copied when they are not), capacities (sizes >= 1 and < 2^31, S <= V, the insert
+// kernel's shared-memory tile (G + 2) * P <= 12288, B < 2^31, k * P < 2^31) and negative counts (k < 0).
+// The pool's CONTENT (slot ids, counts, links) is trusted: checking it needs a device -> host copy, which these
+// graph-capturable ops must not make; only these ops (and the reference/Triton twins) write it.
+constexpr int64_t kMaxInt32 = INT32_MAX;
+
 ouroboros::IntType int_type(const at::Tensor& t, const char* op, const char* name) {
   switch (t.scalar_type()) {
     case at::kChar: return ouroboros::IntType::kInt8;
@@ -145,32 +183,40 @@ ouroboros::IntType int_type(const at::Tensor& t, const char* op, const char* nam
   return ouroboros::IntType::kInt64;  // unreachable
 }
 
+// One pool tensor: on `device`, int32, exactly `shape`, contiguous (the kernels index it densely and write it).
 void check_pool_tensor(const at::Tensor& t, const char* op, const char* name, at::IntArrayRef shape,
                        const at::Device& device) {
   TORCH_CHECK(t.is_cuda() && t.device() == device, "ouroboros ", op, ": pool.", name, " must be on ", device,
               ", got ", t.device());
-  TORCH_CHECK(t.scalar_type() == at::kInt && t.sizes() == shape && t.is_contiguous(), "ouroboros ", op, ": pool.",
-              name, " must be a contiguous int32 tensor of shape ", shape, ", got ", t.scalar_type(), " ", t.sizes(),
-              t.is_contiguous() ? "" : " (not contiguous)");
+  TORCH_CHECK(t.scalar_type() == at::kInt, "ouroboros ", op, ": pool.", name, " must be int32, got ",
+              t.scalar_type());
+  TORCH_CHECK(t.sizes() == shape, "ouroboros ", op, ": pool.", name, " must have shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), "ouroboros ", op, ": pool.", name, " must be contiguous (it is written in place)");
 }
 
-// A token input (keys (B) or phrases (B, P)) on the pool's device, contiguous.
+// A token input (keys (B) or phrases / old (B, P)) on the pool's device, of an integer dtype; contiguous copy if not.
 at::Tensor token_input(const at::Tensor& t, const char* op, const char* name, at::IntArrayRef shape,
                        const at::Device& device) {
   TORCH_CHECK(t.device() == device, "ouroboros ", op, ": ", name, " must be on the pool's device ", device, ", got ",
               t.device());
-  TORCH_CHECK(t.sizes() == shape, "ouroboros ", op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
   int_type(t, op, name);
+  TORCH_CHECK(t.sizes() == shape, "ouroboros ", op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
   return t.contiguous();
 }
 
+// The pool's sizes from key_to_slot (V), counts (S) and phrases (S, G, P), checked against the kernels' limits
+// (dims first, so no size is read from a tensor of the wrong rank).
 ouroboros::NgramPool pool_sizes(const at::Tensor& key_to_slot, const at::Tensor& counts, const at::Tensor& phrases,
                                 const char* op) {
+  TORCH_CHECK(key_to_slot.is_cuda(), "ouroboros ", op, ": the pool must be on a CUDA device, got ",
+              key_to_slot.device());
   TORCH_CHECK(key_to_slot.dim() == 1 && counts.dim() == 1 && phrases.dim() == 3, "ouroboros ", op,
               ": pool.key_to_slot (V), pool.counts (S) and pool.phrases (S, G, P) have the wrong number of dims: ",
               key_to_slot.sizes(), ", ", counts.sizes(), ", ", phrases.sizes());
-  TORCH_CHECK(key_to_slot.size(0) < INT32_MAX && phrases.size(1) < INT32_MAX && phrases.size(2) < INT32_MAX,
-              "ouroboros ", op, ": pool sizes must be < 2^31 - 1");
+  TORCH_CHECK(key_to_slot.size(0) < kMaxInt32 && counts.size(0) < kMaxInt32 && phrases.size(1) < kMaxInt32 &&
+                  phrases.size(2) < kMaxInt32,
+              "ouroboros ", op, ": pool sizes must be < 2^31 - 1, got V = ", key_to_slot.size(0), ", S = ",
+              counts.size(0), ", (G, P) = (", phrases.size(1), ", ", phrases.size(2), ")");
   ouroboros::NgramPool p;
   p.vocab_size = int(key_to_slot.size(0));
   p.num_slots = int(counts.size(0));
@@ -184,25 +230,25 @@ std::tuple<at::Tensor, at::Tensor> ngram_lookup_cuda(const at::Tensor& key_to_sl
                                                      const at::Tensor& phrases, const at::Tensor& keys, int64_t k,
                                                      const std::optional<at::Tensor>& stats) {
   const char* op = "ngram_lookup";
-  TORCH_CHECK(key_to_slot.is_cuda(), "ouroboros ngram_lookup: the pool must be on a CUDA device, got ",
-              key_to_slot.device());
-  const at::Device dev = key_to_slot.device();
   ouroboros::NgramPool p = pool_sizes(key_to_slot, counts, phrases, op);
+  const at::Device dev = key_to_slot.device();
   const int64_t s = p.num_slots, g = p.guess_set, pl = p.phrase_len;
   check_pool_tensor(key_to_slot, op, "key_to_slot", {int64_t(p.vocab_size)}, dev);
   check_pool_tensor(counts, op, "counts", {s}, dev);
   check_pool_tensor(phrases, op, "phrases", {s, g, pl}, dev);
-  TORCH_CHECK(keys.dim() == 1, "ouroboros ngram_lookup: keys must be 1-D, got shape ", keys.sizes());
+  TORCH_CHECK(keys.dim() == 1, "ouroboros ngram_lookup: keys must be 1-D (B), got shape ", keys.sizes());
   const int64_t b = keys.size(0);
+  TORCH_CHECK(b < kMaxInt32, "ouroboros ngram_lookup: batch must be < 2^31, got ", b);
   const at::Tensor kc = token_input(keys, op, "keys", {b}, dev);
-  TORCH_CHECK(k >= 0 && k * pl <= INT32_MAX, "ouroboros ngram_lookup: k must be >= 0 with k * P < 2^31, got k = ", k);
+  TORCH_CHECK(k >= 0, "ouroboros ngram_lookup: k must be >= 0, got ", k);
+  TORCH_CHECK(k <= kMaxInt32 / pl, "ouroboros ngram_lookup: k * P must be < 2^31, got k = ", k, ", P = ", pl);
   int64_t* stats_ptr = nullptr;
   if (stats.has_value()) {
     const at::Tensor& st = *stats;
     TORCH_CHECK(st.device() == dev && st.scalar_type() == at::kLong && st.dim() == 1 && st.size(0) == 2 &&
                     st.is_contiguous(),
                 "ouroboros ngram_lookup: stats must be a contiguous int64 (2,) tensor on ", dev, ", got ",
-                st.scalar_type(), " ", st.sizes(), " on ", st.device());
+                st.scalar_type(), " ", st.sizes(), " on ", st.device(), st.is_contiguous() ? "" : " (not contiguous)");
     stats_ptr = st.data_ptr<int64_t>();
   }
   const c10::cuda::CUDAGuard guard(dev);
@@ -223,10 +269,8 @@ void ngram_insert_cuda(const at::Tensor& key_to_slot, const at::Tensor& slot_key
                        const at::Tensor& num_keys, const at::Tensor& keys, const at::Tensor& new_phrases,
                        const std::optional<at::Tensor>& old) {
   const char* op = "ngram_insert";
-  TORCH_CHECK(key_to_slot.is_cuda(), "ouroboros ngram_insert: the pool must be on a CUDA device, got ",
-              key_to_slot.device());
-  const at::Device dev = key_to_slot.device();
   ouroboros::NgramPool p = pool_sizes(key_to_slot, counts, phrases, op);
+  const at::Device dev = key_to_slot.device();
   const int64_t s = p.num_slots, g = p.guess_set, pl = p.phrase_len;
   check_pool_tensor(key_to_slot, op, "key_to_slot", {int64_t(p.vocab_size)}, dev);
   check_pool_tensor(slot_key, op, "slot_key", {s}, dev);
@@ -235,9 +279,9 @@ void ngram_insert_cuda(const at::Tensor& key_to_slot, const at::Tensor& slot_key
   check_pool_tensor(lru_prev, op, "lru_prev", {s + 1}, dev);
   check_pool_tensor(lru_next, op, "lru_next", {s + 1}, dev);
   check_pool_tensor(num_keys, op, "num_keys", {1}, dev);
-  TORCH_CHECK(keys.dim() == 1, "ouroboros ngram_insert: keys must be 1-D, got shape ", keys.sizes());
+  TORCH_CHECK(keys.dim() == 1, "ouroboros ngram_insert: keys must be 1-D (B), got shape ", keys.sizes());
   const int64_t b = keys.size(0);
-  TORCH_CHECK(b <= INT32_MAX, "ouroboros ngram_insert: batch must be < 2^31, got ", b);
+  TORCH_CHECK(b < kMaxInt32, "ouroboros ngram_insert: batch must be < 2^31, got ", b);
   const at::Tensor kc = token_input(keys, op, "keys", {b}, dev);
   const at::Tensor nc = token_input(new_phrases, op, "phrases", {b, pl}, dev);
   at::Tensor oc;
@@ -264,8 +308,8 @@ void ngram_insert_cuda(const at::Tensor& key_to_slot, const at::Tensor& slot_key
 
 TORCH_LIBRARY(ouroboros, m) {
   m.def(
-      "tree_attention(Tensor q, Tensor k, Tensor v, int prefix_len, Tensor? tree_mask, float scale, "
-      "float softcap=0.0, int num_splits=0) -> Tensor");
+      "tree_attention(Tensor q, Tensor k, Tensor v, Tensor? prefix_len_tensor, int prefix_len, Tensor? tree_mask, "
+      "float scale, float softcap=0.0, int window=0, int num_splits=0) -> Tensor");
   m.def(
       "ngram_lookup(Tensor key_to_slot, Tensor counts, Tensor phrases, Tensor keys, int k, Tensor(a!)? stats=None) "
       "-> (Tensor, Tensor)");
@@ -284,6 +328,7 @@ TORCH_LIBRARY_IMPL(ouroboros, CUDA, m) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "ouroboros CUDA kernels; the ops are torch.ops.ouroboros.* (see ouroboros_kernels.cuda_ops)";
   m.def("tree_attention_num_splits", &tree_attention_num_splits_for, "Key splits tree_attention would use",
-        pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("prefix_len"), pybind11::arg("num_splits") = 0);
+        pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("prefix_len"), pybind11::arg("num_splits") = 0,
+        pybind11::arg("window") = 0, pybind11::arg("device_prefix") = false);
   m.attr("cuda_version") = CUDART_VERSION;
 }

@@ -35,18 +35,20 @@ void tile_shape(const TreeAttentionParams& p, int* bm, int* bn) {
   }
 }
 
-// Keys per split for `num_splits` splits: whole BN tiles.
-int split_chunk(const TreeAttentionParams& p, int num_splits, int bn) {
-  const int kv_len = p.prefix_len + p.tree_len;
-  const int key_tiles = ceil_div(kv_len, bn);
-  return ceil_div(key_tiles, std::max(1, num_splits)) * bn;
+// The host's bound on the keys one CTA may need: prefix_len + T less what the window cuts for a host prefix length;
+// for a device one, the buffer S (or window + T).
+int64_t live_key_bound(const TreeAttentionParams& p) {
+  if (p.prefix_len_ptr != nullptr)
+    return p.window > 0 ? std::min<int64_t>(p.cache_len, int64_t(p.window) + p.tree_len) : p.cache_len;
+  int64_t n = int64_t(p.prefix_len) + p.tree_len;
+  if (p.window > 0) n -= std::max<int64_t>(0, int64_t(p.prefix_len) - p.window + 1);
+  return n;
 }
 
 bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
 
 template <typename T, int D, int BM, int BN>
-cudaError_t launch(const TreeAttentionParams& p, int num_splits, int chunk, float* ws_o, float* ws_lse,
-                   cudaStream_t stream) {
+cudaError_t launch(const TreeAttentionParams& p, int num_splits, float* ws_o, float* ws_lse, cudaStream_t stream) {
   using L = detail::SmemLayout<D, BM, BN>;
   auto* kernel = detail::tree_attention_kernel<T, D, BM, BN>;
   const size_t smem = L::kBytes;
@@ -54,7 +56,7 @@ cudaError_t launch(const TreeAttentionParams& p, int num_splits, int chunk, floa
   if (err != cudaSuccess) return err;
   const int rows = (p.num_q_heads / p.num_kv_heads) * p.tree_len;
   const dim3 grid(num_splits, p.batch * p.num_kv_heads, ceil_div(rows, BM));
-  kernel<<<grid, detail::kThreads, smem, stream>>>(p, chunk, ws_o, ws_lse);
+  kernel<<<grid, detail::kThreads, smem, stream>>>(p, ws_o, ws_lse);
   err = cudaGetLastError();
   if (err != cudaSuccess || num_splits == 1) return err;
   const int64_t out_rows = int64_t(p.batch) * p.num_q_heads * p.tree_len;
@@ -65,20 +67,20 @@ cudaError_t launch(const TreeAttentionParams& p, int num_splits, int chunk, floa
 }
 
 template <typename T, int D>
-cudaError_t launch_dim(const TreeAttentionParams& p, int bm, int num_splits, int chunk, float* ws_o, float* ws_lse,
+cudaError_t launch_dim(const TreeAttentionParams& p, int bm, int num_splits, float* ws_o, float* ws_lse,
                        cudaStream_t stream) {
   using C = TileConfig<D>;
-  if (bm == C::kSmallBM) return launch<T, D, C::kSmallBM, C::BN>(p, num_splits, chunk, ws_o, ws_lse, stream);
-  return launch<T, D, C::kLargeBM, C::BN>(p, num_splits, chunk, ws_o, ws_lse, stream);
+  if (bm == C::kSmallBM) return launch<T, D, C::kSmallBM, C::BN>(p, num_splits, ws_o, ws_lse, stream);
+  return launch<T, D, C::kLargeBM, C::BN>(p, num_splits, ws_o, ws_lse, stream);
 }
 
 template <typename T>
-cudaError_t launch_type(const TreeAttentionParams& p, int bm, int num_splits, int chunk, float* ws_o, float* ws_lse,
+cudaError_t launch_type(const TreeAttentionParams& p, int bm, int num_splits, float* ws_o, float* ws_lse,
                         cudaStream_t stream) {
   switch (p.head_dim) {
-    case 64: return launch_dim<T, 64>(p, bm, num_splits, chunk, ws_o, ws_lse, stream);
-    case 128: return launch_dim<T, 128>(p, bm, num_splits, chunk, ws_o, ws_lse, stream);
-    default: return launch_dim<T, 256>(p, bm, num_splits, chunk, ws_o, ws_lse, stream);
+    case 64: return launch_dim<T, 64>(p, bm, num_splits, ws_o, ws_lse, stream);
+    case 128: return launch_dim<T, 128>(p, bm, num_splits, ws_o, ws_lse, stream);
+    default: return launch_dim<T, 256>(p, bm, num_splits, ws_o, ws_lse, stream);
   }
 }
 
@@ -108,8 +110,14 @@ const char* tree_attention_check(const TreeAttentionParams& p) {
   if (p.num_q_heads % p.num_kv_heads != 0) return "num_q_heads must be a multiple of num_kv_heads";
   if (p.batch * int64_t(p.num_kv_heads) > 65535) return "batch * num_kv_heads must be <= 65535";
   if (p.tree_len < 1) return "tree_len (T) must be >= 1";
-  if (p.prefix_len < 0 || int64_t(p.prefix_len) + p.tree_len > p.cache_len)
+  if (p.tree_len > p.cache_len) return "T must be within the cache length S";
+  if (p.prefix_len_ptr == nullptr && (p.prefix_len < 0 || int64_t(p.prefix_len) + p.tree_len > p.cache_len))
     return "prefix_len + T must be within the cache length S";
+  if (p.prefix_len_ptr != nullptr &&
+      (reinterpret_cast<uintptr_t>(p.prefix_len_ptr) & (p.prefix_len_is_int64 ? 7u : 3u)) != 0)
+    return "prefix_len_ptr must be aligned to its element size";
+  if (p.prefix_len_ptr != nullptr && p.prefix_len_stride < 0) return "prefix_len_stride must be >= 0";
+  if (p.window < 0) return "window must be >= 0 (0: no window)";
   if (!aligned16(p.q) || !aligned16(p.k) || !aligned16(p.v) || !aligned16(p.o))
     return "q, k, v and o must be 16-byte aligned";
   const int64_t strides[] = {p.q_stride_b, p.q_stride_h, p.q_stride_t, p.k_stride_b, p.k_stride_h, p.k_stride_s,
@@ -124,8 +132,7 @@ const char* tree_attention_check(const TreeAttentionParams& p) {
 int tree_attention_num_splits(const TreeAttentionParams& p, int num_sms, int requested) {
   int bm = 0, bn = 0;
   tile_shape(p, &bm, &bn);
-  const int kv_len = p.prefix_len + p.tree_len;
-  const int key_tiles = ceil_div(kv_len, bn);
+  const int key_tiles = std::max(1, ceil_div(live_key_bound(p), bn));
   int want = requested;
   if (want <= 0) {
     // Enough CTAs for ~2 waves of the SMs, each split keeping at least 2 key tiles (the combine pass costs a write
@@ -137,8 +144,7 @@ int tree_attention_num_splits(const TreeAttentionParams& p, int num_sms, int req
     want = static_cast<int>(std::min<int64_t>(std::max<int64_t>(target / base, 1), 64));
     want = std::min(want, std::max(1, key_tiles / 2));
   }
-  want = std::max(1, std::min(want, key_tiles));
-  return ceil_div(kv_len, split_chunk(p, want, bn));  // splits that actually hold keys
+  return std::max(1, std::min(want, key_tiles));
 }
 
 size_t tree_attention_workspace_bytes(const TreeAttentionParams& p, int num_splits) {
@@ -152,8 +158,7 @@ cudaError_t tree_attention(const TreeAttentionParams& p, int num_splits, void* w
   if (tree_attention_check(p) != nullptr) return cudaErrorInvalidValue;
   int bm = 0, bn = 0;
   tile_shape(p, &bm, &bn);
-  const int chunk = split_chunk(p, num_splits, bn);
-  const int splits = ceil_div(p.prefix_len + p.tree_len, chunk);
+  const int splits = std::max(1, num_splits);
   float* ws_o = nullptr;
   float* ws_lse = nullptr;
   if (splits > 1) {
@@ -163,8 +168,8 @@ cudaError_t tree_attention(const TreeAttentionParams& p, int num_splits, void* w
     ws_o = static_cast<float*>(workspace);
     ws_lse = ws_o + size_t(p.batch) * p.num_q_heads * p.tree_len * splits * p.head_dim;
   }
-  if (p.dtype == DType::kFloat16) return launch_type<half>(p, bm, splits, chunk, ws_o, ws_lse, stream);
-  return launch_type<__nv_bfloat16>(p, bm, splits, chunk, ws_o, ws_lse, stream);
+  if (p.dtype == DType::kFloat16) return launch_type<half>(p, bm, splits, ws_o, ws_lse, stream);
+  return launch_type<__nv_bfloat16>(p, bm, splits, ws_o, ws_lse, stream);
 }
 
 }  // namespace ouroboros

@@ -27,6 +27,10 @@ def _impl(name: str):
 @functools.lru_cache(maxsize=256)
 def _resolve(device_type: str, dtype: torch.dtype, head_dim: int, backend: str | None, env_backend: str | None,
              env_interpret: str | None) -> str:
+    if device_type == "cpu" and not (backend or env_backend):
+        # The Triton interpreter is a correctness tool (orders of magnitude slower than PyTorch): CPU tensors run the
+        # reference unless a backend is asked for by name.
+        return "reference"
     name = select_backend(torch.device(device_type), backend)
     if name == "cuda" and not (backend or env_backend):
         from .cuda_ops import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
@@ -40,18 +44,53 @@ def resolve_backend(q: torch.Tensor, backend: str | None = None) -> str:
     and environment).
 
     A named backend (or one forced by ``OUROBOROS_BACKEND``) is used as asked; automatic choice takes the best usable
-    one but steps down from "cuda" for what the CUDA kernel does not cover (fp32, head dims other than 64/128/256).
+    one but steps down from "cuda" for what the CUDA kernel does not cover (fp32, head dims other than 64/128/256),
+    and runs the reference on CPU tensors (never the Triton interpreter).
     """
     return _resolve(q.device.type, q.dtype, q.shape[-1], backend, os.environ.get("OUROBOROS_BACKEND"),
                     os.environ.get("TRITON_INTERPRET"))
 
 
-def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: int,
-                   tree_mask: torch.Tensor | None = None, scale: float | None = None,
+def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: int | torch.Tensor,
+                   tree_mask: torch.Tensor | None, scale: float | None = None, *, window: int | None = None,
                    softcap: float | None = None, backend: str | None = None) -> torch.Tensor:
-    """Attention of T tree tokens over a KV cache (SPEC §3); see :func:`ouroboros_kernels.reference.tree_attention`.
+    """Attention of T tree tokens over a KV cache (SPEC §3, contract v2).
 
-    ``backend`` (or ``OUROBOROS_BACKEND``) forces "cuda", "triton" or "reference"; by default the best available one
-    for ``q``'s device runs. Every backend computes the same function within dtype tolerance.
+    Parameters
+    ----------
+    q : torch.Tensor
+        ``(B, Hq, T, D)`` queries of the T tree tokens (any strides).
+    k, v : torch.Tensor
+        ``(B, Hkv, S, D)`` cache keys/values after the update, ``Hq % Hkv == 0`` (GQA without repeats). Entries
+        ``prefix_len .. prefix_len + T - 1`` are the tree tokens; entries at or past ``prefix_len + T`` are never read,
+        so the cost follows the live length, not the buffer.
+    prefix_len : int or torch.Tensor
+        Cache entries before the tree: a Python int, or an int32/int64 tensor of shape () or (B,) on ``q``'s device,
+        read by the kernel (no host sync), so one captured CUDA graph replays for every prefix length. A tensor value
+        is clamped into ``[0, S - T]`` (checking it would need a host sync).
+    tree_mask : torch.Tensor or None
+        Packed int32 ``(T, ceil(T/32))``: bit j of row i set iff tree token i sees tree token j (its ancestors and
+        itself; ``depth_i = popcount(row i) - 1``). None: a causal chain (prefill, decode).
+    scale : float, optional
+        Score scale, default ``1 / sqrt(D)``.
+    window : int, optional
+        Sliding window w >= 1: token i, at position ``prefix_len + depth_i``, sees key j only if the key's position
+        (cache entry j: j; tree token j': ``prefix_len + depth_j'``) is ``> position_i - w`` (transformers' rule).
+    softcap : float, optional
+        c > 0: scores become ``c * tanh(scores / c)`` before masking (Gemma2).
+    backend : str, optional
+        "cuda", "triton" or "reference" (or ``OUROBOROS_BACKEND``); by default the best one for ``q``
+        (:func:`resolve_backend`). Every backend computes the same function within dtype tolerance.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(B, Hq, T, D)`` in ``q``'s dtype.
+
+    Raises
+    ------
+    ValueError
+        Naming the argument, for a bad shape, dtype or device, a mask of the wrong width, ``window < 1``,
+        ``softcap <= 0``, or a ``prefix_len`` tensor of the wrong dtype, shape or device.
     """
-    return _impl(resolve_backend(q, backend))(q, k, v, prefix_len, tree_mask, scale, softcap)
+    return _impl(resolve_backend(q, backend))(q, k, v, prefix_len, tree_mask, scale, window=window, softcap=softcap)

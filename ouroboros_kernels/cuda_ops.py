@@ -24,14 +24,21 @@ SUPPORTED_HEAD_DIMS = (64, 128, 256)
 
 
 @torch.library.register_fake("ouroboros::tree_attention")
-def _tree_attention_fake(q, k, v, prefix_len, tree_mask, scale, softcap=0.0, num_splits=0):
+def _tree_attention_fake(q, k, v, prefix_len_tensor, prefix_len, tree_mask, scale, softcap=0.0, window=0,
+                         num_splits=0):
     return q.new_empty(q.shape)  # contiguous (B, Hq, T, D), like the CUDA op
 
 
-def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: int,
-                   tree_mask: torch.Tensor | None, scale: float | None = None, softcap: float | None = None,
-                   *, num_splits: int = 0) -> torch.Tensor:
-    """Tree attention on the CUDA kernel (SPEC §3); same contract as :func:`ouroboros_kernels.reference.tree_attention`.
+def _prefix_args(prefix_len: int | torch.Tensor) -> tuple[torch.Tensor | None, int]:
+    """The op's (prefix_len_tensor, prefix_len) pair: a tensor is read by the kernel, an int passed by value."""
+    return (prefix_len, 0) if isinstance(prefix_len, torch.Tensor) else (None, int(prefix_len))
+
+
+def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: int | torch.Tensor,
+                   tree_mask: torch.Tensor | None, scale: float | None = None, *, window: int | None = None,
+                   softcap: float | None = None, num_splits: int = 0) -> torch.Tensor:
+    """Tree attention on the CUDA kernel (SPEC §3, contract v2); same contract as
+    :func:`ouroboros_kernels.reference.tree_attention`.
 
     Parameters
     ----------
@@ -40,15 +47,19 @@ def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len
         last dim and 16-byte aligned rows are used in place (e.g. a transposed ``(B, T, Hq, D)`` buffer); others are
         copied.
     k, v : torch.Tensor
-        ``(B, Hkv, S, D)`` cache keys/values, ``Hq % Hkv == 0``; entries at or past ``prefix_len + T`` are ignored.
-    prefix_len : int
-        Number of cache entries before the tree tokens; every tree token sees all of them.
+        ``(B, Hkv, S, D)`` cache keys/values, ``Hq % Hkv == 0``; entries at or past ``prefix_len + T`` are never read.
+    prefix_len : int or torch.Tensor
+        Cache entries before the tree tokens: a Python int, or an int32/int64 tensor of shape () or (B,) on ``q``'s
+        device that the kernel reads (no host sync; clamped into ``[0, S - T]``), so a captured CUDA graph replays
+        for every prefix length.
     tree_mask : torch.Tensor or None
         Packed int32 ``(T, ceil(T/32))`` visibility bits (see :mod:`ouroboros_kernels.tree`); ``None`` = causal chain.
     scale : float, optional
         Score scale, default ``1 / sqrt(D)``.
+    window : int, optional
+        Sliding window w >= 1 on true positions (``prefix_len + depth``), or None.
     softcap : float, optional
-        Gemma2-style ``softcap * tanh(scores / softcap)`` before masking; ``None`` (or 0) disables it.
+        Gemma2-style ``softcap * tanh(scores / softcap)`` before masking, or None.
     num_splits : int, optional
         Key-range splits (flash-decoding); 0 lets the kernel choose from the SM count. For tests and benchmarks.
 
@@ -57,7 +68,7 @@ def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len
     torch.Tensor
         ``(B, Hq, T, D)`` contiguous, in ``q``'s dtype.
     """
-    check_tree_attention_args(q, k, v, prefix_len, tree_mask)
+    check_tree_attention_args(q, k, v, prefix_len, tree_mask, window, softcap)
     if q.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"the cuda tree_attention kernel supports float16/bfloat16, got {q.dtype}; "
                          "use backend='triton' or 'reference' for float32")
@@ -66,15 +77,19 @@ def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len
     if q.device.type != "cuda":
         raise ValueError(f"the cuda tree_attention kernel needs CUDA tensors, got {q.device}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    softcap = 0.0 if softcap is None else float(softcap)
-    if softcap < 0.0:
-        raise ValueError(f"softcap must be positive (or None), got {softcap}")
-    return torch.ops.ouroboros.tree_attention(q, k, v, int(prefix_len), tree_mask, scale, softcap, int(num_splits))
+    prefix_tensor, prefix_value = _prefix_args(prefix_len)
+    return torch.ops.ouroboros.tree_attention(q, k, v, prefix_tensor, prefix_value, tree_mask, scale,
+                                              0.0 if softcap is None else float(softcap),
+                                              0 if window is None else int(window), int(num_splits))
 
 
-def tree_attention_num_splits(q: torch.Tensor, k: torch.Tensor, prefix_len: int, num_splits: int = 0) -> int:
-    """Key-range splits the kernel uses for these shapes (``num_splits`` > 0 forces, rounded to whole key tiles)."""
-    return int(_cuda.tree_attention_num_splits(q, k, int(prefix_len), int(num_splits)))
+def tree_attention_num_splits(q: torch.Tensor, k: torch.Tensor, prefix_len: int | torch.Tensor, num_splits: int = 0,
+                              window: int | None = None) -> int:
+    """Key-range splits the kernel uses for these shapes (``num_splits`` > 0 forces, capped at the key tiles the host
+    can bound: ``prefix_len + T`` less the window for an int, the buffer (or window + T) for a device length)."""
+    prefix_tensor, prefix_value = _prefix_args(prefix_len)
+    window = 0 if window is None else int(window)
+    return int(_cuda.tree_attention_num_splits(q, k, prefix_value, int(num_splits), window, prefix_tensor is not None))
 
 
 # ---- n-gram phrase pool (contract and layout: ouroboros_kernels/ngram.py; kernels: csrc/ngram.cu) -------------------

@@ -5,19 +5,26 @@ Every op here matches the contract of SPEC §3 and is what the Triton and CUDA k
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
 from .tree import unpack_mask
 
-__all__ = ["tree_attention", "check_tree_attention_args", "ngram_lookup", "ngram_insert"]
+__all__ = ["tree_attention", "check_tree_attention_args", "prefix_lengths", "tree_visibility", "ngram_lookup",
+           "ngram_insert"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def check_tree_attention_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: int,
-                              tree_mask: torch.Tensor | None) -> None:
-    """Raise ``ValueError`` naming the problem unless the arguments satisfy the ``tree_attention`` contract."""
+def check_tree_attention_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: int | torch.Tensor,
+                              tree_mask: torch.Tensor | None, window: int | None = None,
+                              softcap: float | None = None) -> None:
+    """Raise ``ValueError`` naming the argument unless the arguments satisfy the ``tree_attention`` contract.
+
+    A tensor ``prefix_len`` is checked for dtype, shape and device only: its value lives on the device, and reading it
+    would be a host sync (the kernels clamp it into ``[0, S - T]`` instead, so a bad value never reads out of bounds).
+    """
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be 4-D (B, H, T/S, D); got {q.dim()}, {k.dim()}, {v.dim()} dims")
     b, hq, t, d = q.shape
@@ -32,47 +39,118 @@ def check_tree_attention_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         raise ValueError(f"q, k, v must share one of fp16/bf16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}")
     if q.device != k.device or q.device != v.device:
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if prefix_len < 0 or prefix_len + t > s:
+    if isinstance(prefix_len, torch.Tensor):
+        if prefix_len.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"prefix_len must be a Python int or an int32/int64 tensor, got {prefix_len.dtype}")
+        if prefix_len.dim() > 1 or (prefix_len.dim() == 1 and prefix_len.shape[0] != b):
+            raise ValueError(f"prefix_len tensor must have shape () or (B,) = ({b},), got {tuple(prefix_len.shape)}")
+        if prefix_len.device != q.device:
+            raise ValueError(f"prefix_len is on {prefix_len.device} but q is on {q.device}")
+        if t > s:
+            raise ValueError(f"T ({t}) exceeds the cache length S ({s})")
+    elif isinstance(prefix_len, bool) or not isinstance(prefix_len, numbers.Integral):
+        raise ValueError(f"prefix_len must be a Python int or an int32/int64 tensor, got {type(prefix_len).__name__}")
+    elif prefix_len < 0 or prefix_len + t > s:
         raise ValueError(f"prefix_len ({prefix_len}) + T ({t}) must be within the cache length S ({s})")
     if tree_mask is not None:
-        if tree_mask.dtype != torch.int32 or tuple(tree_mask.shape) != (t, (t + 31) // 32):
-            raise ValueError(f"tree_mask must be int32 of shape (T, ceil(T/32)) = ({t}, {(t + 31) // 32}), "
-                             f"got {tree_mask.dtype} {tuple(tree_mask.shape)}")
+        if not isinstance(tree_mask, torch.Tensor) or tree_mask.dtype != torch.int32 \
+                or tuple(tree_mask.shape) != (t, (t + 31) // 32):
+            raise ValueError(f"tree_mask must be int32 of shape (T, ceil(T/32)) = ({t}, {(t + 31) // 32}), got "
+                             f"{getattr(tree_mask, 'dtype', type(tree_mask).__name__)} "
+                             f"{tuple(getattr(tree_mask, 'shape', ()))}")
         if tree_mask.device != q.device:
             raise ValueError(f"tree_mask is on {tree_mask.device} but q is on {q.device}")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1):
+        raise ValueError(f"window must be None or an int >= 1, got {window!r}")
+    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, numbers.Real)
+                                or not softcap > 0 or math.isinf(softcap)):
+        raise ValueError(f"softcap must be None or a finite float > 0, got {softcap!r}")
 
 
-def dense_visibility(t: int, prefix_len: int, tree_mask: torch.Tensor | None, device: torch.device) -> torch.Tensor:
-    """Boolean ``(T, prefix_len + T)``: which cache entries each tree token may see (cache prefix + tree bits)."""
-    if tree_mask is None:
-        tree = torch.ones(t, t, dtype=torch.bool, device=device).tril()
-    else:
-        tree = unpack_mask(tree_mask, t).to(device)
-    return torch.cat([torch.ones(t, prefix_len, dtype=torch.bool, device=device), tree], dim=1)
+def prefix_lengths(prefix_len: int | torch.Tensor, batch: int, max_prefix: int, device: torch.device) -> torch.Tensor:
+    """``prefix_len`` as an int64 ``(B,)`` tensor on ``device``, clamped into ``[0, max_prefix]`` (no host sync)."""
+    if isinstance(prefix_len, torch.Tensor):
+        return prefix_len.to(device=device, dtype=torch.int64).reshape(-1).expand(batch).clamp(0, max_prefix)
+    return torch.full((batch,), int(prefix_len), dtype=torch.int64, device=device)
 
 
-def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: int,
-                   tree_mask: torch.Tensor | None, scale: float | None = None,
-                   softcap: float | None = None) -> torch.Tensor:
-    """Attention of T tree tokens over a KV cache, per SPEC §3.
+def tree_visibility(prefix: torch.Tensor, n_keys: int, t: int, tree_mask: torch.Tensor | None,
+                    window: int | None) -> torch.Tensor:
+    """Boolean ``(B, T, n_keys)``: whether tree token ``i`` of batch ``b`` sees key ``j`` (SPEC §3, v2).
 
-    Returns ``o`` of shape ``(B, Hq, T, D)`` in ``q``'s dtype. Token ``i`` sees every one of the first ``prefix_len``
-    cache entries and the tree entries ``prefix_len + j`` whose bit ``j`` is set in row ``i`` of ``tree_mask``;
-    ``tree_mask=None`` means a plain causal chain (prefill / decode). Entries at or past ``prefix_len + T`` are
-    ignored. Computed in float32. ``softcap`` (Gemma2) applies ``softcap * tanh(scores / softcap)`` before masking.
+    ``prefix`` is the int64 ``(B,)`` prefix length. Key ``j < prefix`` is a cache entry at position ``j``; key
+    ``prefix + j'`` (``j' < T``) is tree token ``j'`` at position ``prefix + depth_j'``; keys past ``prefix + T`` are
+    never visible. Tree token ``i`` (position ``prefix + depth_i``, ``depth_i = popcount(row i) - 1``) sees every cache
+    entry and the tree tokens whose bits are set in its row (``tree_mask=None``: the causal chain, ``depth_i = i``);
+    with a ``window`` w, only keys whose position is ``> position_i - w`` (transformers' sliding-window rule).
+    Pure tensor ops: no host sync, graph-capturable.
     """
-    check_tree_attention_args(q, k, v, prefix_len, tree_mask)
+    device = prefix.device
+    if tree_mask is None:
+        bits = torch.ones(t, t, dtype=torch.bool, device=device).tril()
+    else:
+        bits = unpack_mask(tree_mask, t).to(device)
+    keys = torch.arange(n_keys, device=device)
+    rel = keys[None, :] - prefix[:, None]                                      # (B, n): key index inside the tree
+    in_tree = (rel >= 0) & (rel < t)
+    rel_c = rel.clamp(0, t - 1)
+    vis = (rel < 0)[:, None, :] | (in_tree[:, None, :] & bits[:, rel_c].permute(1, 0, 2))
+    if window is not None:
+        depth = bits.sum(1) - 1                                                # (T,)
+        q_pos = prefix[:, None] + depth[None, :]                               # (B, T)
+        k_pos = torch.where(in_tree, prefix[:, None] + depth[rel_c], keys[None, :])
+        vis = vis & (k_pos[:, None, :] > q_pos[:, :, None] - window)
+    return vis
+
+
+def _live_keys(prefix_len: int | torch.Tensor, t: int, s: int) -> int:
+    """How many leading keys the reference must look at: ``prefix_len + T`` when that is known on the host without a
+    device sync (a Python int, or a CPU tensor outside torch.compile tracing), else the whole buffer ``S``."""
+    if not isinstance(prefix_len, torch.Tensor):
+        return int(prefix_len) + t
+    if prefix_len.device.type == "cpu" and not torch.compiler.is_compiling():
+        return min(int(prefix_len.max()) + t, s) if prefix_len.numel() else t
+    return s
+
+
+def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: int | torch.Tensor,
+                   tree_mask: torch.Tensor | None, scale: float | None = None, *, window: int | None = None,
+                   softcap: float | None = None) -> torch.Tensor:
+    """Attention of T tree tokens over a KV cache, per SPEC §3 (contract v2).
+
+    Parameters
+    ----------
+    q : (B, Hq, T, D) queries of the tree tokens.
+    k, v : (B, Hkv, S, D), ``Hq % Hkv == 0``; entries ``prefix_len .. prefix_len + T - 1`` are the tree tokens and
+        entries at or past ``prefix_len + T`` are never used (a static cache is longer than the live part).
+    prefix_len : a Python int, or an int32/int64 tensor of shape () or (B,) on ``q``'s device (clamped into
+        ``[0, S - T]``; never read on the host for CUDA tensors).
+    tree_mask : packed int32 (T, ceil(T/32)); bit j of row i set iff tree token i sees tree token j (ancestors and
+        itself; depth_i = popcount(row i) - 1). None: a causal chain (prefill / decode).
+    scale : score scale, default ``1 / sqrt(D)``.
+    window : None or w >= 1: token i (position ``prefix_len + depth_i``) sees key j only if its position is
+        ``> position_i - w`` (transformers' sliding window; cache entry j has position j).
+    softcap : None or c > 0: scores become ``c * tanh(scores / c)`` before masking (Gemma2).
+
+    Returns
+    -------
+    o : (B, Hq, T, D) in ``q``'s dtype, computed in float32.
+    """
+    check_tree_attention_args(q, k, v, prefix_len, tree_mask, window, softcap)
     b, hq, t, d = q.shape
-    hkv = k.shape[1]
+    hkv, s = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    n = prefix_len + t
-    kf = k[:, :, :n].float().repeat_interleave(hq // hkv, dim=1)
-    vf = v[:, :, :n].float().repeat_interleave(hq // hkv, dim=1)
+    n = _live_keys(prefix_len, t, s)
+    prefix = prefix_lengths(prefix_len, b, s - t, q.device)
+    visible = tree_visibility(prefix, n, t, tree_mask, window)                 # (B, T, n)
+    live = (torch.arange(n, device=q.device)[None, :] < (prefix + t)[:, None])[:, None, :, None]  # (B, 1, n, 1)
+    # Entries past the live part may hold anything (stale slots, NaN): zero them so 0 * garbage never reaches o.
+    kf = torch.where(live, k[:, :, :n].float(), 0.0).repeat_interleave(hq // hkv, dim=1)
+    vf = torch.where(live, v[:, :, :n].float(), 0.0).repeat_interleave(hq // hkv, dim=1)
     scores = torch.matmul(q.float(), kf.transpose(-1, -2)) * scale
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)
-    visible = dense_visibility(t, prefix_len, tree_mask, q.device)
-    scores = scores.masked_fill(~visible, float("-inf"))
+    scores = scores.masked_fill(~visible[:, None], float("-inf"))
     return torch.matmul(torch.softmax(scores, dim=-1), vf).to(q.dtype)
 
 

@@ -1,12 +1,15 @@
 """The static-cache fast path and device-side drafting stay token-exact (run here without CUDA graphs)."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 import ouroboros
 from conftest import FAMILIES, hf_greedy
 from ouroboros.static import StaticRunner
+from ouroboros_kernels import ancestor_mask
 from ouroboros.tokentree import TokenTree
 from test_engine import random_prompt, repetitive_prompt, run
 
@@ -114,3 +117,52 @@ def test_compiled_fast_path_is_lossless(family_models):
     assert target._ouroboros_static_runner.compiled          # compiled, not silently fallen back to eager
     assert run(target, draft, prompt, 16, "greedy", fast=True, compile=False)[0] == expected
     assert not target._ouroboros_static_runner.compile_requested   # a runner per setting
+
+
+def test_fast_path_patches_and_leaves_greedy_unchanged():
+    """The fast path routes the model through our kernel (it patches it); afterwards HF's own generate and the
+    dynamic-cache path still give the unpatched greedy output."""
+    from conftest import make_model
+
+    target = make_model("gemma2", seed=3)
+    prompt = repetitive_prompt(67, 5, 4)
+    expected = hf_greedy(target, prompt, 16)
+    assert not ouroboros.is_patched(target)
+    assert run(target, target, prompt, 16, "speculative", fast=True)[0] == expected
+    assert ouroboros.is_patched(target) and target._ouroboros_static_runner.tree_kernel
+    assert hf_greedy(target, prompt, 16) == expected
+    assert run(target, target, prompt, 16, "ouroboros", fast=False)[0] == expected
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
+                    reason="the GPU kernels run on CUDA, or on CPU tensors under TRITON_INTERPRET=1")
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gemma3", "mistral"])
+def test_tree_forward_reads_nothing_back(family):
+    """One fast-path forward (prefill done, a tree at the device length) on the GPU kernel's code makes no host read:
+    no .item(), no nonzero, no mask built from the host length (counted with a TorchDispatchMode)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from conftest import make_model
+
+    reads = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default, torch.ops.aten.nonzero.default}
+
+    class CountReads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in reads:
+                self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = ouroboros.patch(make_model(family).to(device), backend="triton")
+    runner = StaticRunner(model, max_len=64, use_graphs=False)
+    runner.prefill(random_prompt(68, 19))
+    parents = [-1, 0, 1, 1, 3]
+    bits = ancestor_mask(parents, device)
+    with torch.no_grad(), CountReads() as counter:
+        runner._logits_impl(torch.tensor([[3, 4, 5, 6, 7]], device=device), torch.tensor([0, 1, 2, 2, 3],
+                                                                                           device=device), bits)
+    assert counter.seen == []

@@ -60,6 +60,8 @@ def test_fast_path_float32_is_token_exact(family):
     target, draft = cuda_pair(family, torch.float32)
     wrong = [label for label, expected, got in cases(target, draft) if got != expected]
     assert not wrong, f"{family}: outputs differ from HF greedy for {wrong}"
+    runner = target._ouroboros_static_runner      # the fast path ran the tree through our kernel (issue 16)
+    assert runner.tree_kernel == ouroboros.is_patched(target)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "mistral"])

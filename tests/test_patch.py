@@ -12,7 +12,7 @@ import torch  # noqa: E402
 if not torch.cuda.is_available():   # Triton on CPU tensors through the interpreter; must precede `import triton`
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402  (a hard dependency: no importorskip)
 
 import ouroboros_kernels  # noqa: E402
 from ouroboros.patch import ATTN_NAME, TreeSpec, is_patched, ouroboros_attention, patch, unpatch  # noqa: E402
@@ -128,7 +128,7 @@ def test_patched_logits_match_without_gqa(family):
     assert_same(want, got)
 
 
-@pytest.mark.parametrize("family", ["mistral", "gemma2"])
+@pytest.mark.parametrize("family", ["mistral", "gemma2", "gemma3"])
 def test_sliding_window_that_cuts(family):
     """Window 6 over a 21-token prompt: prefill, decode (DynamicCache with and without sliding layers) and a tree."""
     model = make_model(family, sliding_window=6)
@@ -270,3 +270,181 @@ def test_tree_over_a_longer_static_cache():
         unpatch(model)
         torch.testing.assert_close(prefill, model(prompt).logits, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------- the fast path's code (StaticRunner)
+SLIDING = {"mistral": 6, "gemma2": 6, "gemma3": 6}   # windows that cut inside the prompt and inside the tree
+
+
+def _chain_tree_logits_unpatched(model, prompt: list[int], decode: int, parents: list[int], tree_ids: list[int]):
+    """The unpatched model's logits for: the prompt (prefill), one decode token, then a tree (dense per-layer masks,
+    the path ``ModelRunner`` takes on unpatched models)."""
+    from ouroboros.forward import dense_tree_masks
+
+    with torch.no_grad():
+        prefill = model(torch.tensor([prompt])).logits[0]
+        step = model(torch.tensor([prompt + [decode]])).logits[0, -1:]
+        cache = DynamicCache()
+        n = len(prompt) + 1
+        model(input_ids=torch.tensor([prompt + [decode]]), cache=cache, use_cache=True)
+        depths = tree.depths(parents)
+        masks = dense_tree_masks(model.config.get_text_config(), n, parents, depths, torch.float32, "cpu")
+        tree_logits = model(input_ids=torch.tensor([tree_ids]), position_ids=torch.tensor([depths]) + n, cache=cache,
+                            use_cache=True, attention_mask=masks).logits[0]
+    return prefill, step, tree_logits
+
+
+def _chain_tree_logits_static(runner, prompt: list[int], decode: int, parents: list[int], tree_ids: list[int]):
+    """The same three forwards through ``StaticRunner._logits_impl`` (device interface, no graphs), committing each."""
+    def run(ids, depths, bits):
+        with torch.no_grad():
+            logits = runner._logits_impl(torch.tensor([ids]), torch.tensor(depths), bits)
+        runner.commit_device(torch.arange(len(ids)), torch.tensor(len(ids)))
+        return logits
+
+    prefill = run(prompt, list(range(len(prompt))), None)
+    step = run([decode], [0], torch.ones(1, 1, dtype=torch.bool))
+    tree_logits = run(tree_ids, tree.depths(parents), tree.ancestor_mask(parents))
+    return prefill, step, tree_logits
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_static_runner_logits_match_unpatched(family, backend, monkeypatch):
+    """The fast path's forward (StaticRunner on CPU tensors, no graphs) patches the model and gives the unpatched
+    model's logits for prefill, T=1 decode and a tree, with sliding windows that cut and Gemma2's softcap, passing the
+    device length to the kernel and no (T x max_len) mask."""
+    import importlib
+
+    from ouroboros.static import StaticRunner
+
+    patch_mod = importlib.import_module("ouroboros.patch")
+    over = {"sliding_window": SLIDING[family]} if family in SLIDING else {}
+    model = make_model(family, **over)
+    gen = torch.Generator().manual_seed(12)
+    prompt = torch.randint(1, VOCAB, (21,), generator=gen).tolist()
+    parents = [-1, 0, 1, 2, 3, 4, 5, 6, 2, 8, 0]          # a trunk deeper than the window, and branches
+    tree_ids = torch.randint(1, VOCAB, (len(parents),), generator=gen).tolist()
+    want = _chain_tree_logits_unpatched(model, prompt, 7, parents, tree_ids)
+
+    calls, masks = [], []
+    real_kernel, real_attention = patch_mod.ouroboros_kernels.tree_attention, patch_mod.ouroboros_attention
+
+    def spy_kernel(q, k, v, prefix_len, tree_mask, scale=None, **kw):
+        calls.append((type(prefix_len), kw.get("window"), kw.get("softcap"), kw.get("backend")))
+        return real_kernel(q, k, v, prefix_len, tree_mask, scale, **kw)
+
+    def spy_attention(module, query, key, value, attention_mask, *args, **kwargs):
+        masks.append(None if attention_mask is None else tuple(attention_mask.shape))
+        return real_attention(module, query, key, value, attention_mask, *args, **kwargs)
+
+    monkeypatch.setattr(patch_mod.ouroboros_kernels, "tree_attention", spy_kernel)
+    from transformers import AttentionInterface
+    if backend != "reference":
+        patch(model, backend=backend)
+    runner = StaticRunner(model, max_len=64, use_graphs=False)
+    assert runner.tree_kernel and is_patched(model)
+    AttentionInterface.register(ATTN_NAME, spy_attention)
+    try:
+        got = _chain_tree_logits_static(runner, prompt, 7, parents, tree_ids)
+    finally:
+        AttentionInterface.register(ATTN_NAME, real_attention)
+    for name, a, b in zip(("prefill", "decode", "tree"), want, got):
+        torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+    layers = model.config.num_hidden_layers
+    assert len(calls) == 3 * layers and all(c[0] is torch.Tensor for c in calls)     # the device length, always
+    assert {c[3] for c in calls} == {backend}                                        # auto on CPU: the reference
+    assert all(m is None or m[-1] == 0 for m in masks)                               # no (T x max_len) mask
+    windows = {c[1] for c in calls}
+    assert windows == ({None} if family not in SLIDING else {SLIDING[family]} if family != "gemma2"
+                       else {None, SLIDING[family]})
+    assert {c[2] for c in calls} == ({model.config.attn_logit_softcapping} if family == "gemma2" else {None})
+    unpatch(model)
+
+
+def test_static_runner_dense_fallback_for_layers_that_drop_kwargs():
+    """A family whose decoder layers drop extra kwargs (StableLM) keeps its attention: the runner uses dense masks."""
+    from ouroboros.static import StaticRunner
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(transformers.StableLmConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0)).eval()
+    gen = torch.Generator().manual_seed(13)
+    prompt = torch.randint(1, VOCAB, (15,), generator=gen).tolist()
+    parents = [-1, 0, 1, 1, 3]
+    tree_ids = torch.randint(1, VOCAB, (5,), generator=gen).tolist()
+    want = _chain_tree_logits_unpatched(model, prompt, 9, parents, tree_ids)
+    runner = StaticRunner(model, max_len=48, use_graphs=False)
+    assert not runner.tree_kernel and not is_patched(model)
+    got = _chain_tree_logits_static(runner, prompt, 9, parents, tree_ids)
+    for a, b in zip(want, got):
+        torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="keyword arguments"):   # and ouroboros.patch refuses it, saying why
+        patch(model, backend="reference")
+
+
+def test_tree_kwargs_dropped_on_the_way_are_refused():
+    """If a layer gets tree_call_kwargs' empty mask without the tree (its caller dropped ``ouro_tree``), the patched
+    attention raises instead of attending over nothing."""
+    from ouroboros.patch import tree_call_kwargs
+
+    model = patch(make_model("llama"), backend="reference")
+    attn = model.model.layers[0].self_attn
+    q = k = v = torch.zeros(1, 4, 3, 16)
+    spec = TreeSpec(0, tree.causal_packed_mask(3), torch.arange(3))
+    with pytest.raises(ValueError, match="drops extra keyword arguments"):
+        ouroboros_attention(attn, q, k[:, :2], v[:, :2], tree_call_kwargs(spec)["attention_mask"])
+    unpatch(model)
+
+
+# ----------------------------------------------------------------------------------------------------------- CUDA
+def _gpu_backend() -> str:
+    return "cuda" if "cuda" in ouroboros_kernels.available_backends() else "triton"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_cuda_patched_models_match_unpatched_bf16(family, head_dim):
+    """The GPU kernel inside patched bf16 models (head_dim 64 and 128): logits equal to the unpatched model's within
+    bf16 tolerance, on plain forwards and on the fast path's StaticRunner (prefill, decode, tree)."""
+    from ouroboros.static import StaticRunner
+
+    over = dict(head_dim=head_dim, hidden_size=4 * head_dim, num_attention_heads=4, num_key_value_heads=2)
+    if family == "gemma2":
+        over["sliding_window"] = 6
+    model = make_model(family, **over).to("cuda", torch.bfloat16)
+    gen = torch.Generator().manual_seed(14)
+    prompt = torch.randint(1, VOCAB, (40,), generator=gen).tolist()
+    parents = random_parents(13, seed=15)
+    tree_ids = torch.randint(1, VOCAB, (13,), generator=gen).tolist()
+    want = _chain_tree_logits_unpatched(model.float().cpu(), prompt, 5, parents, tree_ids)
+    model.to("cuda", torch.bfloat16)
+    patch(model, backend=_gpu_backend())
+    runner = StaticRunner(model, max_len=128, use_graphs=False)
+    got = _chain_tree_logits_static(runner, prompt, 5, parents, tree_ids)
+    with torch.no_grad():
+        plain = model(torch.tensor([prompt], device="cuda")).logits[0]
+    for a, b in zip(want + (want[0],), got + (plain,)):
+        torch.testing.assert_close(b.float().cpu(), a, atol=0.15, rtol=0.05)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_static_runner_fp32_triton_is_token_exact():
+    """fp32 on the GPU through the Triton kernel (the CUDA kernel is fp16/bf16 only): same argmax as unpatched."""
+    from ouroboros.static import StaticRunner
+
+    model = make_model("qwen3", head_dim=64, hidden_size=256).cuda()
+    gen = torch.Generator().manual_seed(16)
+    prompt = torch.randint(1, VOCAB, (33,), generator=gen).tolist()
+    parents = random_parents(9, seed=17)
+    tree_ids = torch.randint(1, VOCAB, (9,), generator=gen).tolist()
+    want = _chain_tree_logits_unpatched(model.cpu(), prompt, 3, parents, tree_ids)
+    model.cuda()
+    patch(model, backend="triton")
+    got = _chain_tree_logits_static(StaticRunner(model, max_len=96, use_graphs=False), prompt, 3, parents, tree_ids)
+    for a, b in zip(want, got):
+        torch.testing.assert_close(b.cpu(), a, atol=1e-3, rtol=1e-3)
+        assert torch.equal(b.argmax(-1).cpu(), a.argmax(-1))

@@ -1,14 +1,19 @@
-"""Triton tree attention: T tree tokens over a long KV cache (SPEC §3), flash-decoding style.
+"""Triton tree attention: T tree tokens over a long KV cache (SPEC §3, contract v2), flash-decoding style.
 
 Layout of the work (designed for small T and long S):
 
 * grid = (row blocks, B * Hkv, S splits). A program owns one KV head and BLOCK_M "rows", where row ``r`` of a KV
   head group is (tree token ``r // G``, query head ``hkv * G + r % G``) with ``G = Hq // Hkv``: every query head that
   shares the KV head is in the same program, so each K/V tile is read once per group, never repeated (GQA).
-* The key axis ``[0, prefix_len + T)`` is cut into ``num_splits`` chunks of whole BLOCK_N tiles; each program runs an
-  online softmax (base 2, ``scale * log2(e)`` folded into the scores) over its chunk. Tiles that lie wholly inside the
-  cache prefix are processed with no mask at all; only tiles that reach into the tree region gather the packed bit
-  mask (or apply the bottom-right causal rule when there is no mask).
+* ``prefix_len`` is a kernel argument or, for a tensor, read by the kernel from device memory (per batch row), so one
+  launch (and one captured CUDA graph) serves every prefix length. The program derives its live key range from it:
+  ``[prefix_len + d_min - window + 1, prefix_len + T)`` (tile-aligned; without a window from 0), where d_min is the
+  smallest depth among its rows; keys outside are never loaded, so the cost follows the live length, not the buffer.
+  The live range is cut into ``num_splits`` chunks of whole BLOCK_N tiles (a split with nothing to do writes an empty
+  partial); each program runs an online softmax (base 2, ``scale * log2(e)`` folded into the scores) over its chunk.
+* Tiles wholly inside the cache prefix and above every row's window start are processed with no mask at all; only
+  tiles that reach into the tree region or below some row's window start evaluate visibility (packed bit mask or the
+  bottom-right causal rule, and the window on true positions: a tree key's depth is the popcount of its mask row).
 * With one split, the program writes the output directly; otherwise it writes a normalised partial output and its
   log2-sum-exp to fp32 scratch, and a combine kernel merges the splits.
 
@@ -32,20 +37,41 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _tile(q, k_ptrs, v_ptrs, m_ptrs, start, stride_ks, stride_vs, offs_n, d_ok, tok, row_ok, m_i, l_i, acc,
-          prefix_len, hi, qk_scale, softcap,
-          MASKED: tl.constexpr, HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
-          UPCAST: tl.constexpr, EVEN_D: tl.constexpr):
+def _popcount(x):
+    """Set bits of each int32 lane (SWAR; exact for negative words too, since every shifted term is masked)."""
+    x = x - ((x >> 1) & 0x55555555)
+    x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
+    x = (x + (x >> 4)) & 0x0F0F0F0F
+    x = x + (x >> 8)
+    x = x + (x >> 16)
+    return x & 0x3F
+
+
+@triton.jit
+def _row_depth(MASK, tok, ok, stride_mt, MASK_WORDS: tl.constexpr):
+    """Depth of tree tokens ``tok`` (where ``ok``): popcount of their packed mask row - 1."""
+    depth = tl.zeros(tok.shape, tl.int32)
+    for w in tl.static_range(MASK_WORDS):
+        depth += _popcount(tl.load(MASK + tok * stride_mt + w, mask=ok, other=0))
+    return depth - 1
+
+
+@triton.jit
+def _tile(q, k_ptrs, v_ptrs, m_ptrs, MASK, start, stride_ks, stride_vs, stride_mt, offs_n, d_ok, tok, row_ok,
+          depth_q, m_i, l_i, acc, prefix_len, lo_live, hi, window, qk_scale, softcap,
+          MASKED: tl.constexpr, HAS_MASK: tl.constexpr, WINDOW: tl.constexpr, MASK_WORDS: tl.constexpr,
+          SOFTCAP: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr):
     """Fold the BLOCK_N keys ``start + offs_n`` into the online-softmax state (m_i, l_i, acc), all in base 2.
 
-    MASKED=False: a tile wholly inside the cache prefix; every row sees every key, no mask work at all.
-    MASKED=True: a tile reaching into the tree region (or past ``hi``): keys at or past ``hi`` are dropped, tree keys
-    are kept per the packed bit mask (HAS_MASK) or the bottom-right causal rule. ``k_ptrs``/``v_ptrs`` point at key
-    0 of the tile's layout; ``m_ptrs`` at the mask row of each query row.
+    MASKED=False: a tile wholly inside the cache prefix and above every row's window start; every row sees every
+    key, no mask work at all. MASKED=True: any other tile: keys outside ``[lo_live, hi)`` are neither loaded nor
+    seen, tree keys are kept per the packed bit mask (HAS_MASK) or the bottom-right causal rule, and with a WINDOW a
+    key is seen only if its position exceeds the row's position - window. ``k_ptrs``/``v_ptrs`` point at key 0 of the
+    tile's layout; ``m_ptrs`` at the mask row of each query row.
     """
     n = start + offs_n
     if MASKED:
-        n_ok = n < hi
+        n_ok = (n < hi) & (n >= lo_live)
         if EVEN_D:
             k = tl.load(k_ptrs + start * stride_ks, mask=n_ok[None, :], other=0.0)
             v = tl.load(v_ptrs + start * stride_vs, mask=n_ok[:, None], other=0.0)
@@ -73,13 +99,20 @@ def _tile(q, k_ptrs, v_ptrs, m_ptrs, start, stride_ks, stride_vs, offs_n, d_ok, 
     if MASKED:
         j = n - prefix_len  # index of the key inside the tree (negative: cache prefix)
         in_tree = (j >= 0) & n_ok
+        jj = tl.where(in_tree, j, 0)
         if HAS_MASK:
-            jj = tl.where(in_tree, j, 0)
             words = tl.load(m_ptrs[:, None] + (jj // 32)[None, :], mask=row_ok[:, None] & in_tree[None, :], other=0)
             tree_ok = ((words >> (jj % 32)[None, :]) & 1) != 0
         else:
             tree_ok = j[None, :] <= tok[:, None]
         visible = ((j < 0) & n_ok)[None, :] | (in_tree[None, :] & tree_ok)
+        if WINDOW:
+            if HAS_MASK:
+                depth_k = _row_depth(MASK, jj, in_tree, stride_mt, MASK_WORDS)
+            else:
+                depth_k = jj
+            pos_k = tl.where(in_tree, prefix_len + depth_k, n)
+            visible = visible & (pos_k[None, :] > (prefix_len + depth_q - window)[:, None])
         s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # A row that has seen no key yet keeps m = -inf; shift by 0 then, so exp2 gives 0 and never NaN.
@@ -94,17 +127,18 @@ def _tile(q, k_ptrs, v_ptrs, m_ptrs, start, stride_ks, stride_vs, offs_n, d_ok, 
     return m_new, l_i, acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["prefix_val", "num_splits", "window"])
 def _tree_attn_split_kernel(
-    Q, K, V, MASK, O, MID_O, MID_L,
+    Q, K, V, MASK, PREFIX, O, MID_O, MID_L,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
-    stride_mt, stride_ob, stride_oh, stride_ot, stride_od,
-    prefix_len, T, HKV, D, chunk, num_splits,
+    stride_mt, stride_pb, stride_ob, stride_oh, stride_ot, stride_od,
+    prefix_val, T, S, HKV, D, num_splits, window,
     qk_scale, softcap,
     G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_WORDS: tl.constexpr, PREFIX_PTR: tl.constexpr, WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr,
     INTERP: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -117,9 +151,16 @@ def _tree_attn_split_kernel(
     tok = rows // G
     head = hkv * G + rows % G
     row_ok = tok < T
+    tok_c = tl.where(row_ok, tok, 0)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     offs_n = tl.arange(0, BLOCK_N)
+
+    if PREFIX_PTR:  # the device length, clamped so that no value can send a load out of bounds
+        prefix_len = tl.load(PREFIX + b * stride_pb).to(tl.int32)
+        prefix_len = tl.minimum(tl.maximum(prefix_len, 0), S - T)
+    else:
+        prefix_len = prefix_val
 
     q_ptrs = Q + b * stride_qb + head[:, None] * stride_qh + tok[:, None] * stride_qt + offs_d[None, :] * stride_qd
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
@@ -127,19 +168,35 @@ def _tree_attn_split_kernel(
         q = q.to(tl.float32)
     k_ptrs = K + b * stride_kb + hkv * stride_kh + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd
     v_ptrs = V + b * stride_vb + hkv * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd
-    m_ptrs = MASK + tl.where(row_ok, tok, 0) * stride_mt
+    m_ptrs = MASK + tok_c * stride_mt
 
-    # Bounds of this program's keys. Written with tl.minimum/maximum (no reassignment inside runtime `if`s) so every
-    # bound stays a tensor even when Triton specialises an argument equal to 1 (T = 1 decode) into a constexpr.
-    n_keys = prefix_len + T
-    lo = pid_s * chunk
-    hi = tl.minimum(lo + chunk, n_keys)
-    if not HAS_MASK:
-        # Bottom-right causal: the last token of this row block sees nothing past prefix_len + its index.
-        last_tok = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // G, T - 1)
-        hi = tl.minimum(hi, prefix_len + last_tok + 1)
-    # Tiles [lo, full_end) lie wholly inside the cache prefix and need no mask; [full_end, hi) do.
-    full_end = tl.maximum(tl.minimum(hi, (prefix_len // BLOCK_N) * BLOCK_N), lo)
+    # Depths of this program's rows (position = prefix_len + depth) and the key range they need. Bounds are built
+    # with tl.minimum/maximum (no reassignment inside runtime `if`s) so they stay tensors whatever Triton specialises.
+    if HAS_MASK:
+        depth_q = _row_depth(MASK, tok_c, row_ok, stride_mt, MASK_WORDS)
+        d_min = tl.min(tl.where(row_ok, depth_q, T), 0)
+        d_max = tl.max(tl.where(row_ok, depth_q, 0), 0)
+        hi_live = prefix_len + T
+    else:
+        depth_q = tok
+        d_min = tl.minimum(pid_m * BLOCK_M // G, T - 1)
+        d_max = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // G, T - 1)
+        hi_live = prefix_len + d_max + 1  # bottom-right causal: nothing past the block's last token
+    if WINDOW:
+        lo_live = tl.maximum(prefix_len + d_min - window + 1, 0)
+        # Keys below the highest window start of the rows need the mask; tiles from there to the prefix do not.
+        win_end = tl.maximum(prefix_len + d_max - window + 1, 0)
+    else:
+        lo_live = prefix_len * 0
+        win_end = prefix_len * 0
+    lo_tile = (lo_live // BLOCK_N) * BLOCK_N
+    n_tiles = (hi_live - lo_tile + BLOCK_N - 1) // BLOCK_N
+    per_split = (n_tiles + num_splits - 1) // num_splits
+    lo = lo_tile + pid_s * per_split * BLOCK_N
+    hi = tl.minimum(lo + per_split * BLOCK_N, hi_live)
+    # [lo, a_end): masked (below some row's window start); [a_end, full_end): no mask; [full_end, hi): masked.
+    a_end = tl.minimum(tl.maximum(((win_end + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, lo), tl.maximum(hi, lo))
+    full_end = tl.maximum(tl.minimum(hi, (prefix_len // BLOCK_N) * BLOCK_N), a_end)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -150,25 +207,36 @@ def _tree_attn_split_kernel(
     # Triton software-pipelines.
     if INTERP:
         start = lo
+        while start < a_end:
+            m_i, l_i, acc = _tile(q, k_ptrs, v_ptrs, m_ptrs, MASK, start, stride_ks, stride_vs, stride_mt, offs_n,
+                                  d_ok, tok, row_ok, depth_q, m_i, l_i, acc, prefix_len, lo_live, hi, window,
+                                  qk_scale, softcap, True, HAS_MASK, WINDOW, MASK_WORDS, SOFTCAP, IEEE, UPCAST, EVEN_D)
+            start += BLOCK_N
         while start < full_end:
-            m_i, l_i, acc = _tile(q, k_ptrs, v_ptrs, m_ptrs, start, stride_ks, stride_vs, offs_n, d_ok, tok, row_ok,
-                                  m_i, l_i, acc, prefix_len, hi, qk_scale, softcap,
-                                  False, HAS_MASK, SOFTCAP, IEEE, UPCAST, EVEN_D)
+            m_i, l_i, acc = _tile(q, k_ptrs, v_ptrs, m_ptrs, MASK, start, stride_ks, stride_vs, stride_mt, offs_n,
+                                  d_ok, tok, row_ok, depth_q, m_i, l_i, acc, prefix_len, lo_live, hi, window,
+                                  qk_scale, softcap, False, HAS_MASK, WINDOW, MASK_WORDS, SOFTCAP, IEEE, UPCAST,
+                                  EVEN_D)
             start += BLOCK_N
         while start < hi:
-            m_i, l_i, acc = _tile(q, k_ptrs, v_ptrs, m_ptrs, start, stride_ks, stride_vs, offs_n, d_ok, tok, row_ok,
-                                  m_i, l_i, acc, prefix_len, hi, qk_scale, softcap,
-                                  True, HAS_MASK, SOFTCAP, IEEE, UPCAST, EVEN_D)
+            m_i, l_i, acc = _tile(q, k_ptrs, v_ptrs, m_ptrs, MASK, start, stride_ks, stride_vs, stride_mt, offs_n,
+                                  d_ok, tok, row_ok, depth_q, m_i, l_i, acc, prefix_len, lo_live, hi, window,
+                                  qk_scale, softcap, True, HAS_MASK, WINDOW, MASK_WORDS, SOFTCAP, IEEE, UPCAST, EVEN_D)
             start += BLOCK_N
     else:
-        for start in range(lo, full_end, BLOCK_N):
-            m_i, l_i, acc = _tile(q, k_ptrs, v_ptrs, m_ptrs, start, stride_ks, stride_vs, offs_n, d_ok, tok, row_ok,
-                                  m_i, l_i, acc, prefix_len, hi, qk_scale, softcap,
-                                  False, HAS_MASK, SOFTCAP, IEEE, UPCAST, EVEN_D)
+        for start in range(lo, a_end, BLOCK_N):
+            m_i, l_i, acc = _tile(q, k_ptrs, v_ptrs, m_ptrs, MASK, start, stride_ks, stride_vs, stride_mt, offs_n,
+                                  d_ok, tok, row_ok, depth_q, m_i, l_i, acc, prefix_len, lo_live, hi, window,
+                                  qk_scale, softcap, True, HAS_MASK, WINDOW, MASK_WORDS, SOFTCAP, IEEE, UPCAST, EVEN_D)
+        for start in range(a_end, full_end, BLOCK_N):
+            m_i, l_i, acc = _tile(q, k_ptrs, v_ptrs, m_ptrs, MASK, start, stride_ks, stride_vs, stride_mt, offs_n,
+                                  d_ok, tok, row_ok, depth_q, m_i, l_i, acc, prefix_len, lo_live, hi, window,
+                                  qk_scale, softcap, False, HAS_MASK, WINDOW, MASK_WORDS, SOFTCAP, IEEE, UPCAST,
+                                  EVEN_D)
         for start in range(full_end, hi, BLOCK_N):
-            m_i, l_i, acc = _tile(q, k_ptrs, v_ptrs, m_ptrs, start, stride_ks, stride_vs, offs_n, d_ok, tok, row_ok,
-                                  m_i, l_i, acc, prefix_len, hi, qk_scale, softcap,
-                                  True, HAS_MASK, SOFTCAP, IEEE, UPCAST, EVEN_D)
+            m_i, l_i, acc = _tile(q, k_ptrs, v_ptrs, m_ptrs, MASK, start, stride_ks, stride_vs, stride_mt, offs_n,
+                                  d_ok, tok, row_ok, depth_q, m_i, l_i, acc, prefix_len, lo_live, hi, window,
+                                  qk_scale, softcap, True, HAS_MASK, WINDOW, MASK_WORDS, SOFTCAP, IEEE, UPCAST, EVEN_D)
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
@@ -221,7 +289,13 @@ def _num_sms(device_index: int) -> int:
 def plan(b: int, hq: int, hkv: int, t: int, n_keys: int, d: int, device: torch.device,
          num_splits: int | None = None, block_m: int | None = None, block_n: int | None = None,
          dtype: torch.dtype = torch.bfloat16) -> dict:
-    """Launch parameters: block sizes, warps, number of S splits and the tile-aligned chunk of keys per split."""
+    """Launch parameters: block sizes, warps and the number of key-range splits.
+
+    ``n_keys`` is the host's bound on the keys one program may need (``prefix_len + T``, less what a window cuts,
+    when ``prefix_len`` is an int; the buffer length S, or window + T, for a device length). The kernel cuts its live
+    key range into ``num_splits`` whole-tile chunks itself, so the split count (like any captured graph) does not
+    depend on the device length.
+    """
     g = hq // hkv
     block_d = max(16, triton.next_power_of_2(d))
     rows = t * g
@@ -241,7 +315,7 @@ def plan(b: int, hq: int, hkv: int, t: int, n_keys: int, d: int, device: torch.d
             block_n = 64 if block_d < 256 else (16 if dtype == torch.float32 else 32)
     num_warps = 8 if (block_m * block_d >= 128 * 128 or block_d >= 256) else 4
     m_blocks = triton.cdiv(rows, block_m)
-    n_tiles = triton.cdiv(n_keys, block_n)
+    n_tiles = triton.cdiv(max(n_keys, 1), block_n)
     if num_splits is None:
         if device.type == "cuda":
             # Enough programs for ~2 waves, but keep at least 4 tiles per split so the combine stays cheap.
@@ -251,46 +325,48 @@ def plan(b: int, hq: int, hkv: int, t: int, n_keys: int, d: int, device: torch.d
         else:
             num_splits = 1
     num_splits = max(1, min(num_splits, n_tiles))
-    chunk = triton.cdiv(n_tiles, num_splits) * block_n
-    num_splits = triton.cdiv(n_keys, chunk)  # no empty split
     return dict(block_m=block_m, block_n=block_n, block_d=block_d, m_blocks=m_blocks,
-                num_splits=num_splits, chunk=chunk, g=g, num_warps=num_warps)
+                num_splits=num_splits, g=g, num_warps=num_warps)
 
 
-def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: int,
-                   tree_mask: torch.Tensor | None = None, scale: float | None = None,
-                   softcap: float | None = None, *, num_splits: int | None = None,
-                   block_m: int | None = None, block_n: int | None = None,
-                   out: torch.Tensor | None = None) -> torch.Tensor:
-    """Triton twin of :func:`ouroboros_kernels.reference.tree_attention`.
+def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: int | torch.Tensor,
+                   tree_mask: torch.Tensor | None, scale: float | None = None, *, window: int | None = None,
+                   softcap: float | None = None, num_splits: int | None = None, block_m: int | None = None,
+                   block_n: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Triton twin of :func:`ouroboros_kernels.reference.tree_attention` (contract v2, same arguments).
 
     Parameters
     ----------
     q : (B, Hq, T, D) queries of the tree tokens (any strides).
-    k, v : (B, Hkv, S, D) cache after the update; entries at or beyond ``prefix_len + T`` are ignored.
-    prefix_len : number of cache entries every tree token sees.
+    k, v : (B, Hkv, S, D) cache after the update; entries at or beyond ``prefix_len + T`` are never read.
+    prefix_len : Python int, or int32/int64 tensor of shape () or (B,) on q's device, read by the kernel (no host
+        sync; clamped into ``[0, S - T]``).
     tree_mask : packed int32 (T, ceil(T/32)) visibility bits among tree tokens, or None for a causal chain.
     scale : score scale, default ``1/sqrt(D)``.
+    window : sliding window w >= 1 on true positions (prefix_len + depth), or None.
     softcap : Gemma2 logit soft-capping (``softcap * tanh(score / softcap)``), or None.
-    num_splits, block_m, block_n : tuning overrides (tests use them to exercise the split/combine path).
+    num_splits, block_m, block_n : tuning overrides (tests use them to exercise the split/combine path; a split
+        count above what the live range fills leaves splits empty, which is correct, only wasteful).
     out : optional (B, Hq, T, D) output tensor (any strides) to write into.
 
     Returns
     -------
     o : (B, Hq, T, D) in ``q``'s dtype.
     """
-    check_tree_attention_args(q, k, v, prefix_len, tree_mask)
+    check_tree_attention_args(q, k, v, prefix_len, tree_mask, window, softcap)
     if q.device.type != "cuda" and not triton_interpret():
         raise ValueError(f"triton tree_attention runs on CUDA tensors, or on CPU tensors with TRITON_INTERPRET=1 set "
                          f"before triton is imported; got {q.device} tensors")
     b, hq, t, d = q.shape
-    hkv = k.shape[1]
+    hkv, s = k.shape[1], k.shape[2]
     if d > 256:
         raise ValueError(f"triton tree_attention supports head dim up to 256, got {d}")
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"softcap must be positive, got {softcap}")
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    n_keys = prefix_len + t
+    on_device = isinstance(prefix_len, torch.Tensor)
+    if on_device:
+        n_keys = s if window is None else min(s, window + t)
+    else:
+        n_keys = prefix_len + t - (max(0, prefix_len - window + 1) if window is not None else 0)
     p = plan(b, hq, hkv, t, n_keys, d, q.device, num_splits, block_m, block_n, q.dtype)
     if out is None:
         out = torch.empty(b, hq, t, d, dtype=q.dtype, device=q.device)
@@ -305,21 +381,23 @@ def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len
     else:
         mid_o = mid_l = out  # unused
     mask = tree_mask if tree_mask is not None else out  # dummy pointer when there is no mask
-    stride_mt = tree_mask.stride(0) if tree_mask is not None else 0
     if tree_mask is not None and tree_mask.stride(1) != 1:
         mask = tree_mask = tree_mask.contiguous()
-        stride_mt = tree_mask.stride(0)
+    stride_mt = tree_mask.stride(0) if tree_mask is not None else 0
+    prefix_arg = prefix_len if on_device else out  # dummy pointer when prefix_len is a host int
+    stride_pb = (prefix_len.stride(0) if prefix_len.dim() == 1 else 0) if on_device else 0
     qk_scale = scale if softcap is not None else scale * _LOG2E
     ieee = q.dtype == torch.float32
     grid = (p["m_blocks"], b * hkv, p["num_splits"])
     _tree_attn_split_kernel[grid](
-        q, k, v, mask, out, mid_o, mid_l,
+        q, k, v, mask, prefix_arg, out, mid_o, mid_l,
         *q.stride(), *k.stride(), *v.stride(),
-        stride_mt, *out.stride(),
-        prefix_len, t, hkv, d, p["chunk"], p["num_splits"],
+        stride_mt, stride_pb, *out.stride(),
+        0 if on_device else int(prefix_len), t, s, hkv, d, p["num_splits"], window if window is not None else 1,
         qk_scale, float(softcap) if softcap is not None else 1.0,
         G=p["g"], BLOCK_M=p["block_m"], BLOCK_N=p["block_n"], BLOCK_D=p["block_d"],
-        HAS_MASK=tree_mask is not None, SOFTCAP=softcap is not None, IEEE=ieee, SPLIT=split,
+        HAS_MASK=tree_mask is not None, MASK_WORDS=(t + 31) // 32 if tree_mask is not None else 1,
+        PREFIX_PTR=on_device, WINDOW=window is not None, SOFTCAP=softcap is not None, IEEE=ieee, SPLIT=split,
         INTERP=q.device.type == "cpu", UPCAST=q.device.type == "cpu" and q.dtype == torch.bfloat16,
         EVEN_D=d == p["block_d"],
         num_warps=p["num_warps"], num_stages=2,

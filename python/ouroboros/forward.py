@@ -99,7 +99,7 @@ class ModelRunner:
     def _call(self, ids: torch.Tensor, **kw):
         kw[self._cache_kw] = self.cache
         start = time.perf_counter()
-        with small_m_linear(self.device.type == "cpu"):
+        with small_m_linear(self.model, enabled=self.device.type == "cpu"):
             out = self.model(input_ids=ids, use_cache=True, **kw)
         self.forwards += 1
         return out, start
@@ -116,21 +116,34 @@ class ModelRunner:
 
     def forward_tree(self, tree: TokenTree) -> list[int]:
         """Append ``tree`` to the cache, run one forward, return the model's argmax token at every node."""
+        logits, start = self._tree_logits(tree)
+        argmax = logits.argmax(-1).tolist()
+        self.forward_time += time.perf_counter() - start
+        return argmax
+
+    def forward_tree_logits(self, tree: TokenTree) -> torch.Tensor:
+        """Like :meth:`forward_tree`, but return the raw logits (T, V) of every node, float32 on the model device."""
+        logits, start = self._tree_logits(tree)
+        logits = logits.float()
+        if logits.device.type == "cuda":
+            torch.cuda.synchronize(logits.device)    # so the timing is honest
+        self.forward_time += time.perf_counter() - start
+        return logits
+
+    def _tree_logits(self, tree: TokenTree) -> tuple[torch.Tensor, float]:
+        """One forward of ``tree`` appended to the cache: its logits (T, V) in the model dtype and the start time."""
         prefix = self.n_cached
         ids = torch.tensor([tree.tokens], dtype=torch.long, device=self.device)
         pos = torch.tensor([tree.depths], dtype=torch.long, device=self.device) + prefix
         if uses_our_attention(self.model):
-            from .patch import TreeSpec
+            from .patch import TreeSpec, tree_call_kwargs
             packed = pack_mask(ancestor_mask(tree.parents)).to(self.device)
-            spec = TreeSpec(prefix_len=prefix, mask=packed, depths=pos[0] - prefix)
-            kw = {"attention_mask": None, "ouro_tree": spec}
+            kw = tree_call_kwargs(TreeSpec(prefix_len=prefix, mask=packed, depths=pos[0] - prefix))
         else:
             mask = dense_tree_masks(self.config, prefix, tree.parents, tree.depths, self.model.dtype, self.device)
             kw = {"attention_mask": mask}
         out, start = self._call(ids, position_ids=pos, **kw)
-        argmax = out.logits[0].argmax(-1).tolist()
-        self.forward_time += time.perf_counter() - start
-        return argmax
+        return out.logits[0], start
 
     def keep(self, prefix_len: int, nodes: Sequence[int]) -> None:
         """After ``forward_tree``: keep the cache prefix plus the entries of ``nodes`` (a root-down path)."""

@@ -8,21 +8,22 @@ Gemma3 and Phi3 (every family whose attention calls ``ALL_ATTENTION_FUNCTIONS.ge
 
 Engine contract: a tree verification call is
 
-    model(input_ids=ids (1, T), position_ids=(1, T), cache=DynamicCache(), use_cache=True, attention_mask=None,
-          ouro_tree=TreeSpec(prefix_len, packed_mask, depths))
+    model(input_ids=ids (1, T), position_ids=(1, T), cache=..., use_cache=True, **tree_call_kwargs(spec))
 
+with ``spec = TreeSpec(prefix_len, packed_mask, depths)``; ``tree_call_kwargs`` adds ``ouro_tree=spec`` and an empty
+4-D ``attention_mask`` (transformers uses a 4-D mask as given, so it builds no mask at all; the attention ignores it).
 ``ouro_tree`` travels unfiltered through ``**kwargs`` to every attention call. Cache entry ``p < prefix_len`` has
 position ``p``; tree token ``i`` has position ``prefix_len + depths[i]`` and sees the whole cache, itself and the tree
-tokens whose bits are set in its row of ``mask``. With ``ouro_tree`` the mask describes visibility completely and any
-``attention_mask`` is ignored.
+tokens whose bits are set in its row of ``mask`` (None: a causal chain). ``prefix_len`` may be a device tensor (the
+static cache's length): the kernel reads it, so the call has no host sync and replays from a CUDA graph.
 
 Without ``ouro_tree``:
 - no mask (prefill, decode, ``generate`` without padding): bottom-right causal, done by the kernel;
 - a 4-D mask (bool True = attend, or additive float; built by transformers from a padded 2-D mask or a static cache,
   or passed by the caller): used as given, like SDPA, on a dense PyTorch path.
 
-Sliding windows (``sliding_window=``; key position > query position - window) are exact: when the window cannot cut
-anything the kernel runs, otherwise the dense path applies the window. ``softcap=`` (Gemma2) is passed to the kernel.
+Sliding windows (``sliding_window=``; key position > query position - window) and ``softcap=`` (Gemma2) are passed
+to the kernel, which applies them on true positions (SPEC §3, contract v2).
 """
 from __future__ import annotations
 
@@ -33,9 +34,8 @@ import torch.nn.functional as F
 
 import ouroboros_kernels
 from ouroboros_kernels.attention import resolve_backend
-from ouroboros_kernels.tree import unpack_mask
 
-__all__ = ["ATTN_NAME", "TreeSpec", "patch", "unpatch", "is_patched", "ouroboros_attention"]
+__all__ = ["ATTN_NAME", "TreeSpec", "tree_call_kwargs", "patch", "unpatch", "is_patched", "ouroboros_attention"]
 
 ATTN_NAME = "ouroboros"
 _BACKEND_ATTR = "_ouroboros_backend"
@@ -47,20 +47,30 @@ _BACKENDS = ("auto",) + tuple(ouroboros_kernels.BACKENDS)
 class TreeSpec:
     """The token tree of one verification forward.
 
-    prefix_len : number of cache entries before the tree (all visible to every tree token).
+    prefix_len : number of cache entries before the tree (all visible to every tree token, within a sliding window):
+        a Python int, or an int32/int64 tensor of shape () or (B,) on the model device (read by the kernel).
     mask : packed int32 ``(T, ceil(T/32))`` on the model device; bit j of row i set iff token i sees token j.
-    depths : int64 ``(T,)``; tree token i has position ``prefix_len + depths[i]``.
+        None: a causal chain (prefill).
+    depths : int64 ``(T,)``; tree token i has position ``prefix_len + depths[i]`` (``popcount(mask row i) - 1``; the
+        kernel derives it from the mask, the caller passes the same positions as ``position_ids``).
     """
 
-    prefix_len: int
-    mask: torch.Tensor
+    prefix_len: int | torch.Tensor
+    mask: torch.Tensor | None
     depths: torch.Tensor
+
+
+def tree_call_kwargs(spec: TreeSpec) -> dict:
+    """Keyword arguments that make a patched model's forward verify the tree ``spec``: ``ouro_tree`` plus an empty 4-D
+    ``attention_mask``, so transformers builds no mask at all (a 4-D mask is used as given; ours ignores it)."""
+    device = spec.depths.device
+    return {"ouro_tree": spec, "attention_mask": torch.ones((1, 1, 0, 0), dtype=torch.bool, device=device)}
 
 
 # ------------------------------------------------------------------------------------------------------ dense fallback
 def _dense_attention(q, k, v, visible, scale, softcap):
-    """Exact attention with an explicit mask; ``visible`` is bool (True = attend) or additive float, broadcastable to
-    ``(B, Hq, T, S)``. Used only where the kernel's visibility rule does not apply (4-D masks, cutting windows)."""
+    """Exact attention with an explicit 4-D mask; ``visible`` is bool (True = attend) or additive float,
+    broadcastable to ``(B, Hq, T, S)``. Used only for masks given by transformers or the caller (padding)."""
     g = q.shape[1] // k.shape[1]
     if softcap is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale, enable_gqa=g > 1)
@@ -73,29 +83,6 @@ def _dense_attention(q, k, v, visible, scale, softcap):
     else:
         scores = scores + visible.float()
     return torch.matmul(torch.softmax(scores, dim=-1), vf).to(q.dtype)
-
-
-def _tree_visibility(tree: TreeSpec, t: int, window: int | None, device) -> torch.Tensor:
-    """Bool ``(T, prefix_len + T)`` of a tree call, with the sliding window applied on true positions."""
-    p = tree.prefix_len
-    tree_vis = unpack_mask(tree.mask, t).to(device)
-    vis = torch.cat([torch.ones(t, p, dtype=torch.bool, device=device), tree_vis], dim=1)
-    if window is not None:
-        qpos = p + tree.depths.to(device)
-        kpos = torch.cat([torch.arange(p, device=device), qpos])
-        vis = vis & (kpos[None, :] > qpos[:, None] - window)
-    return vis
-
-
-def _causal_visibility(t: int, s: int, window: int | None, device) -> torch.Tensor:
-    """Bool ``(T, S)`` bottom-right causal mask, with the window in key-index space (keys are contiguous positions
-    ending at the last query, so index differences are position differences, also for sliding-window cache layers)."""
-    qidx = torch.arange(s - t, s, device=device)[:, None]
-    kidx = torch.arange(s, device=device)[None, :]
-    vis = kidx <= qidx
-    if window is not None:
-        vis = vis & (kidx > qidx - window)
-    return vis
 
 
 # ------------------------------------------------------------------------------------------------- backend choice
@@ -124,24 +111,25 @@ def ouroboros_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
     window = sliding_window if sliding_window else None
 
     if ouro_tree is not None:
-        p = int(ouro_tree.prefix_len)
-        if p + t > s:
-            raise ValueError(
-                f"ouro_tree.prefix_len ({p}) + T ({t}) exceeds the {s} keys of layer "
-                f"{getattr(module, 'layer_idx', '?')}: the cache must keep the full history (use DynamicCache() "
-                "without a config, not a sliding-window cache)")
-        # Without a host sync we only know depth <= T - 1: the window cannot cut when p + T - 1 < window.
-        if window is not None and p + t - 1 >= window:
-            vis = _tree_visibility(ouro_tree, t, window, query.device)
-            out = _dense_attention(query, key[:, :, :p + t], value[:, :, :p + t], vis, scale, softcap)
-        else:
-            out = ouroboros_kernels.tree_attention(query, key, value, p, ouro_tree.mask, scale, softcap,
-                                                   backend=backend)
+        p = ouro_tree.prefix_len
+        if not isinstance(p, torch.Tensor):
+            p = int(p)
+            if p + t > s:
+                raise ValueError(
+                    f"ouro_tree.prefix_len ({p}) + T ({t}) exceeds the {s} keys of layer "
+                    f"{getattr(module, 'layer_idx', '?')}: the cache must keep the full history (use DynamicCache() "
+                    "without a config, not a sliding-window cache)")
+        out = ouroboros_kernels.tree_attention(query, key, value, p, ouro_tree.mask, scale, window=window,
+                                               softcap=softcap, backend=backend)
     elif attention_mask is None:
-        if window is not None and s - 1 >= window:
-            out = _dense_attention(query, key, value, _causal_visibility(t, s, window, query.device), scale, softcap)
-        else:
-            out = ouroboros_kernels.tree_attention(query, key, value, s - t, None, scale, softcap, backend=backend)
+        # Keys are contiguous positions ending at the last query (also in a sliding-window cache layer, which keeps
+        # the newest entries): bottom-right causal, the window in index space.
+        out = ouroboros_kernels.tree_attention(query, key, value, s - t, None, scale, window=window, softcap=softcap,
+                                               backend=backend)
+    elif attention_mask.dim() == 4 and attention_mask.numel() == 0:
+        raise ValueError(f"layer {getattr(module, 'layer_idx', '?')} got tree_call_kwargs' empty mask but no "
+                         f"ouro_tree: {type(module).__name__}'s decoder layer drops extra keyword arguments, so the "
+                         "tree cannot reach ouroboros attention; pass dense 4-D masks to this model instead")
     else:
         if attention_mask.dim() != 4:
             raise ValueError(f"ouroboros attention expects a 4-D attention mask or None, got shape "
@@ -208,9 +196,10 @@ def patch(model: torch.nn.Module, backend: str = "auto") -> torch.nn.Module:
         ouroboros_kernels.select_backend(device, backend)  # raises ValueError if it cannot run here
     _register()
     if not is_patched(model):
-        if not type(model)._can_set_attn_implementation():
-            raise ValueError(f"{type(model).__name__} does not route attention through transformers' "
-                             "AttentionInterface; ouroboros cannot patch it")
+        from .architectures import patch_refusal
+        reason = patch_refusal(model)      # no AttentionInterface, or layers that drop the tree kwarg
+        if reason is not None:
+            raise ValueError(reason)
         prev = model.config._attn_implementation
         model.set_attn_implementation(ATTN_NAME)
         if not is_patched(model):

@@ -6,8 +6,10 @@
 - a device interface (``forward_device``, ``commit_device``) whose inputs and outputs are device tensors of fixed
   shape: no host sync, so a drafting phase can run without the host and a forward can be replayed from a CUDA graph.
 
-Rollback is a length update; accepted branch entries are gathered into contiguous slots by one index copy per layer.
-Rejected slots are simply overwritten later: the mask is built from the length, so stale entries are never seen.
+Attention runs through our kernel (the runner patches the model, see :mod:`ouroboros.patch`): every forward passes
+the tree descriptor with the device length as ``prefix_len`` (no T x max_len mask, no host sync), and the kernel reads
+only the live part ``[0, length + T)`` of the buffers. Rollback is a length update; accepted branch entries are
+gathered into contiguous slots by one index copy per layer; rejected slots are simply overwritten later.
 """
 from __future__ import annotations
 
@@ -19,12 +21,13 @@ from typing import Sequence
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from ouroboros_kernels import ancestor_mask
+from ouroboros_kernels import ancestor_mask, pack_mask
 
 from .forward import cache_kwarg, layer_masks
+from .patch import TreeSpec, is_patched, patch, tree_call_kwargs
 from .tokentree import TokenTree
 
-__all__ = ["StaticKVCache", "StaticRunner", "BUCKETS"]
+__all__ = ["StaticKVCache", "StaticRunner", "BUCKETS", "route_to_kernel"]
 
 BUCKETS = (1, 16, 32, 64, 128, 256, 512)
 
@@ -120,13 +123,38 @@ def _bucket(t: int) -> int:
     return t
 
 
+def route_to_kernel(model) -> bool:
+    """Prepare ``model`` for the fast path: patch it (when not already patched) so that trees reach our attention
+    kernel; True when they do.
+
+    False, leaving the model as it is, when its decoder layers drop extra keyword arguments before attention (StableLM,
+    GPT-NeoX: the tree descriptor could not get through) or transformers cannot switch its attention; the runner then
+    passes dense 4-D masks.
+    """
+    from .architectures import _attention_gets_extra_kwargs
+
+    if not _attention_gets_extra_kwargs(model):
+        return False
+    if not is_patched(model):
+        try:
+            patch(model)
+        except ValueError:
+            return False
+    return True
+
+
 class StaticRunner:
     """A model on a :class:`StaticKVCache`; see the module docstring for its two interfaces."""
 
     def __init__(self, model, max_len: int, use_graphs: bool | None = None, compile: bool | None = None) -> None:
         """``compile``: run the tree forward through ``torch.compile`` (inductor fuses the elementwise ops; the CUDA
         graphs are then captured around the compiled code). None reads ``OUROBOROS_COMPILE`` (1 = on; default off).
-        A compile failure warns and falls back to the eager forward."""
+        A compile failure warns and falls back to the eager forward.
+
+        The model is switched to ouroboros attention (:func:`ouroboros.patch`, backend "auto") unless it already is,
+        and stays patched, which leaves its outputs (and ``generate``) unchanged; see :func:`route_to_kernel` for the
+        models whose trees take dense masks instead (``tree_kernel`` False)."""
+        self.tree_kernel = route_to_kernel(model)
         self.model = model
         self.config = model.config.get_text_config()
         self.device = model.device
@@ -156,7 +184,8 @@ class StaticRunner:
         ``compile`` setting asked for (None: the default, :func:`default_compile`)."""
         want = default_compile() if compile is None else compile
         return (max_len <= self.cache.max_len and self.model.device == self.device
-                and self.model.dtype == self._dtype and want == self.compile_requested)
+                and self.model.dtype == self._dtype and want == self.compile_requested
+                and (is_patched(self.model) or not self.tree_kernel))
 
     def reset(self) -> None:
         """Start empty (the buffers and captured graphs stay)."""
@@ -165,21 +194,40 @@ class StaticRunner:
         self.forwards, self.forward_time, self.gathers = 0, 0.0, 0
 
     # ---- device interface -------------------------------------------------------------------------------------
-    def _forward_impl(self, ids: torch.Tensor, depths: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
-        """ids (1, T), depths (T,), bits (T, T) bool ancestor-or-self -> argmax (T,). Pure device ops."""
-        t, max_len = ids.shape[1], self.cache.max_len
+    def _logits_impl(self, ids: torch.Tensor, depths: torch.Tensor, bits: torch.Tensor | None) -> torch.Tensor:
+        """ids (1, T), depths (T,), bits (T, T) bool ancestor-or-self (None: a causal chain) -> logits (T, V) of
+        every tree node.
+
+        Pure device ops, no host sync (graph-capturable): the tree goes to the attention kernel as a packed mask with
+        the device length as its prefix length (on a model whose layers drop the descriptor: dense masks over the
+        buffer). Writes the tree's keys/values at the device length, which it does not advance."""
         prefix = self.cache.length
-        cols = torch.arange(max_len, device=ids.device)
+        if self.tree_kernel:
+            spec = TreeSpec(prefix_len=prefix, mask=None if bits is None else pack_mask(bits), depths=depths)
+            kw = tree_call_kwargs(spec)
+        else:
+            kw = {"attention_mask": self._dense_masks(depths, bits)}
+        kw[self._cache_kw] = self.cache
+        return self.model(input_ids=ids, position_ids=(prefix + depths)[None], use_cache=True, **kw).logits[0]
+
+    def _dense_masks(self, depths: torch.Tensor, bits: torch.Tensor | None):
+        """The (T x max_len) 4-D mask(s) of a tree at the device length, for models the kernel path cannot reach."""
+        t, max_len = depths.shape[0], self.cache.max_len
+        if bits is None:
+            bits = torch.ones(t, t, dtype=torch.bool, device=depths.device).tril()
+        prefix = self.cache.length
+        cols = torch.arange(max_len, device=depths.device)
         rel = cols - prefix
         in_tree = (rel >= 0) & (rel < t)
         tree_vis = bits[:, rel.clamp(0, t - 1)] & in_tree[None, :]
         visible = (cols < prefix)[None, :] | tree_vis
         q_pos = prefix + depths
         k_pos = torch.where(in_tree, prefix + depths[rel.clamp(0, t - 1)], cols)
-        mask = layer_masks(self.config, visible, q_pos, k_pos, self.model.dtype)
-        kw = {self._cache_kw: self.cache}
-        logits = self.model(input_ids=ids, position_ids=q_pos[None], attention_mask=mask, use_cache=True, **kw).logits
-        return logits[0].argmax(-1)
+        return layer_masks(self.config, visible, q_pos, k_pos, self.model.dtype)
+
+    def _forward_impl(self, ids: torch.Tensor, depths: torch.Tensor, bits: torch.Tensor | None) -> torch.Tensor:
+        """ids (1, T), depths (T,), bits (T, T) bool ancestor-or-self -> argmax (T,) of :meth:`_logits_impl`."""
+        return self._logits_impl(ids, depths, bits).argmax(-1)
 
     def _run_step(self, ids: torch.Tensor, depths: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
         if not self.compiled:
@@ -191,15 +239,23 @@ class StaticRunner:
             self.compiled = False
             return self._forward_impl(ids, depths, bits)
 
-    def forward_device(self, ids: torch.Tensor, depths: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
-        """One forward of a fixed-layout tree appended at the device length; the length is not advanced."""
+    def _run_logits(self, ids: torch.Tensor, depths: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+        """The logits step: :meth:`_logits_impl` as float32 (T, V); eager (not compiled), graphed like the argmax."""
+        return self._logits_impl(ids, depths, bits).float()
+
+    def forward_device(self, ids: torch.Tensor, depths: torch.Tensor, bits: torch.Tensor,
+                       logits: bool = False) -> torch.Tensor:
+        """One forward of a fixed-layout tree appended at the device length; the length is not advanced.
+
+        Returns the argmax (T,), or with ``logits`` the logits (T, V) float32 (captured in its own graph per size)."""
         self.forwards += 1
         t = ids.shape[1]
+        step = self._run_logits if logits else self._run_step
         if not self.use_graphs:
-            return self._run_step(ids, depths, bits)
-        graph = self._graphs.get(t) or self._capture(t, ids, depths, bits)
+            return step(ids, depths, bits)
+        graph = self._graphs.get((t, logits)) or self._capture((t, logits), step, ids, depths, bits)
         if graph is None:
-            return self._run_step(ids, depths, bits)
+            return step(ids, depths, bits)
         g, s_ids, s_depths, s_bits, s_out = graph
         s_ids.copy_(ids)
         s_depths.copy_(depths)
@@ -207,8 +263,9 @@ class StaticRunner:
         g.replay()
         return s_out.clone()
 
-    def _capture(self, t: int, ids, depths, bits):
-        """Capture the forward for tree size ``t`` (once per size); None (and graphs off) if capture fails."""
+    def _capture(self, key: tuple[int, bool], step, ids, depths, bits):
+        """Capture ``step`` for ``key`` = (tree size, logits?) (once per key); None (and graphs off) if capture
+        fails."""
         try:
             static = (ids.clone(), depths.clone(), bits.clone())
             saved = self.cache.length.clone()
@@ -216,14 +273,14 @@ class StaticRunner:
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for _ in range(2):
-                    self._run_step(*static)
+                    step(*static)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                out = self._run_step(*static)
+                out = step(*static)
             self.cache.length.copy_(saved)
-            self._graphs[t] = (graph, *static, out)
-            return self._graphs[t]
+            self._graphs[key] = (graph, *static, out)
+            return self._graphs[key]
         except Exception as err:  # a model whose forward syncs with the host cannot be captured
             warnings.warn(f"CUDA graph capture failed ({err}); running without graphs")
             self.use_graphs = False
@@ -254,19 +311,34 @@ class StaticRunner:
         start = time.perf_counter()
         ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
         depths = torch.arange(len(tokens), device=self.device)
-        bits = torch.ones(len(tokens), len(tokens), dtype=torch.bool, device=self.device).tril()
         self.forwards += 1
-        self._forward_impl(ids, depths, bits)
+        self._forward_impl(ids, depths, None)
         self.cache.length.add_(len(tokens))
         self._n += len(tokens)
         self.forward_time += time.perf_counter() - start
 
     def forward_tree(self, tree: TokenTree) -> list[int]:
         """Padded to a bucket size (pad nodes see only the cache and themselves, and are never kept)."""
+        start = time.perf_counter()
+        argmax = self.forward_device(*self._stage(tree))
+        out = argmax[:len(tree)].tolist()
+        self.forward_time += time.perf_counter() - start
+        return out
+
+    def forward_tree_logits(self, tree: TokenTree) -> torch.Tensor:
+        """Like :meth:`forward_tree`, but the raw logits (T, V) float32 of every node, on the model device."""
+        start = time.perf_counter()
+        logits = self.forward_device(*self._stage(tree), logits=True)[:len(tree)]
+        if logits.device.type == "cuda":
+            torch.cuda.synchronize(logits.device)    # so the timing is honest
+        self.forward_time += time.perf_counter() - start
+        return logits
+
+    def _stage(self, tree: TokenTree) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``tree`` padded to its bucket as device inputs (ids (1, b), depths (b,), bits (b, b)): one copy."""
         t = len(tree)
         b = _bucket(t)
         self._check_room(b)
-        start = time.perf_counter()
         host, dev = self._inputs(b)
         host.zero_()                                 # ids | depths | bits (b x b), one host-to-device copy
         host[:t] = torch.tensor(tree.tokens)
@@ -275,10 +347,7 @@ class StaticRunner:
         bits.fill_diagonal_(1)
         bits[:t, :t] = ancestor_mask(tree.parents)
         dev.copy_(host, non_blocking=True)
-        argmax = self.forward_device(dev[None, :b], dev[b:2 * b], dev[2 * b:].view(b, b).bool())
-        out = argmax[:t].tolist()
-        self.forward_time += time.perf_counter() - start
-        return out
+        return dev[None, :b], dev[b:2 * b], dev[2 * b:].view(b, b).bool()
 
     def _inputs(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The staging buffers of bucket ``b``: a (pinned, on CUDA) host tensor and its device twin."""

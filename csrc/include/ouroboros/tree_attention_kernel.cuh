@@ -1,12 +1,16 @@
 // Tree attention: device code (include from .cu files only). See tree_attention.cuh for the contract.
 //
 // One CTA = 4 warps = one (batch, kv head), one tile of BM query rows (all Hq/Hkv heads of the group, token-major),
-// one chunk of the key range. Per key tile of BN keys:
+// one chunk of the live key range. The prefix length is read on the device (host value or device tensor, per batch
+// row); the live range runs from the lowest window start of the CTA's rows (0 without a window) to the end of the
+// tree (to the CTA's last token for the causal chain), in whole BN tiles, cut into gridDim.x chunks. Keys outside it
+// are never loaded. Per key tile of BN keys:
 //   1. K and V tiles arrive by cp.async (rows past the chunk zero-filled, so no NaN garbage reaches P V); the next
 //      tile's K is prefetched during softmax and P V, its V during the next Q K^T;
 //   2. S = Q K^T on tensor cores (WMMA 16x16x16, fp32 accumulate) into shared memory;
 //   3. online softmax in base 2 (fp32), threads-per-row groups reduce with shuffles; the mask is only evaluated on
-//      tiles that reach the tree part of the cache (or the end of the chunk): cache-only tiles are unmasked;
+//      tiles that reach the tree part of the cache, the end of the chunk, or below some row's window start (tree
+//      keys' positions come from the popcount of their mask rows): the other cache tiles are unmasked;
 //   4. O += P V on tensor cores. Each warp keeps its O fragments in registers for the whole key loop; when a row's
 //      running max grows (alpha != 1; rare after the first tiles) the fragments take one trip through shared memory
 //      to be rescaled per row, since WMMA accumulator layouts are opaque.
@@ -17,6 +21,7 @@
 #include <cuda_fp16.h>
 #include <mma.h>
 
+#include <climits>
 #include <cstdint>
 
 #include "ouroboros/tree_attention.cuh"
@@ -52,6 +57,24 @@ __device__ __forceinline__ float fast_exp2(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
+}
+
+// The prefix length of batch row b: the host value, or the device value clamped into [0, S - T] (so no value can
+// send a load out of bounds).
+__device__ __forceinline__ int prefix_of(const TreeAttentionParams& p, int b) {
+  if (p.prefix_len_ptr == nullptr) return p.prefix_len;
+  const int64_t i = int64_t(b) * p.prefix_len_stride;
+  const int64_t v = p.prefix_len_is_int64 ? static_cast<const int64_t*>(p.prefix_len_ptr)[i]
+                                          : int64_t(static_cast<const int32_t*>(p.prefix_len_ptr)[i]);
+  const int64_t hi = int64_t(p.cache_len) - p.tree_len;
+  return static_cast<int>(v < 0 ? 0 : (v > hi ? hi : v));
+}
+
+// Depth of a tree token: popcount of its packed mask row, minus 1 (the token itself).
+__device__ __forceinline__ int mask_row_depth(const uint32_t* row, int words) {
+  int n = 0;
+  for (int w = 0; w < words; ++w) n += __popc(__ldg(row + w));
+  return n - 1;
 }
 
 // 16-byte global -> shared copy; when `valid` is false nothing is read and the destination is zero-filled.
@@ -96,11 +119,10 @@ struct SmemLayout {
                 "WMMA needs 32-byte aligned tiles");
 };
 
-// Grid: (num_splits, B * Hkv, ceil(G * T / BM)). `chunk` = keys per split, a multiple of BN.
+// Grid: (num_splits, B * Hkv, ceil(G * T / BM)); each split takes an equal share of whole BN tiles of the live range.
 template <typename T, int D, int BM, int BN>
 __global__ void __launch_bounds__(kThreads)
-    tree_attention_kernel(const TreeAttentionParams p, const int chunk, float* __restrict__ ws_o,
-                          float* __restrict__ ws_lse) {
+    tree_attention_kernel(const TreeAttentionParams p, float* __restrict__ ws_o, float* __restrict__ ws_lse) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();  // bf16 WMMA and cp.async need sm_80+; the host code never launches this
 #else
@@ -132,16 +154,44 @@ __global__ void __launch_bounds__(kThreads)
   const int rows = group * p.tree_len;
   const int row0 = blockIdx.z * BM;
   const bool causal = p.tree_mask == nullptr;
+  const bool windowed = p.window > 0;
+  const int prefix_len = prefix_of(p, b);
 
-  // Keys this CTA may need: the chunk of this split, clipped to the end of the tree; in causal mode also to the last
-  // tree token any of this CTA's rows can see.
-  int key_end = p.prefix_len + p.tree_len;
-  if (causal) {
-    const int t_hi = (min(row0 + BM, rows) - 1) / group;
-    key_end = p.prefix_len + t_hi + 1;
+  // Softmax ownership: kTpr consecutive threads (same warp) own one row; columns are interleaved between them.
+  const int my_row = tid / kTpr;
+  const int my_part = tid % kTpr;
+  const int my_t = min((row0 + my_row) / group, p.tree_len - 1);
+  const int mask_words = (p.tree_len + 31) / 32;
+  const uint32_t* mask_base = reinterpret_cast<const uint32_t*>(p.tree_mask);
+  const uint32_t* mask_row = causal ? nullptr : mask_base + int64_t(my_t) * mask_words;
+  // Position of this thread's row: prefix_len + my_depth (needed only with a window).
+  const int my_depth = causal ? my_t : (windowed ? mask_row_depth(mask_row, mask_words) : 0);
+
+  // The CTA's depth range: its first and last token (causal chain), or the min/max over its rows' mask popcounts.
+  const int t_hi = (min(row0 + BM, rows) - 1) / group;
+  int d_lo = row0 / group, d_hi = t_hi;
+  if (!causal && windowed) {
+    __shared__ int s_depth[2];
+    if (tid == 0) s_depth[0] = INT_MAX, s_depth[1] = 0;
+    __syncthreads();
+    if (my_part == 0 && row0 + my_row < rows) {
+      atomicMin(&s_depth[0], my_depth);
+      atomicMax(&s_depth[1], my_depth);
+    }
+    __syncthreads();
+    d_lo = s_depth[0];
+    d_hi = s_depth[1];
   }
-  const int key_begin = split * chunk;
-  const int key_stop = min(key_begin + chunk, key_end);
+  // Live keys of this CTA: [key_lo, key_hi). Keys below win_end may lie below some row's window start.
+  const int key_hi = causal ? prefix_len + t_hi + 1 : prefix_len + p.tree_len;
+  const int key_lo = windowed ? max(0, prefix_len + d_lo - p.window + 1) : 0;
+  const int win_end = windowed ? max(0, prefix_len + d_hi - p.window + 1) : 0;
+  // This split's equal share of the live range's whole tiles (empty when the range has fewer tiles than splits).
+  const int lo_tile = key_lo / BN * BN;
+  const int tiles = (key_hi - lo_tile + BN - 1) / BN;
+  const int per_split = (tiles + num_splits - 1) / num_splits;
+  const int key_begin = lo_tile + split * per_split * BN;
+  const int key_stop = min(key_begin + per_split * BN, key_hi);
 
   // Q tile: rows past the end are zero-filled (their results are never stored).
   const T* q_base = static_cast<const T*>(p.q) + int64_t(b) * p.q_stride_b;
@@ -163,13 +213,6 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int i = 0; i < kOwn; ++i) wmma::fill_fragment(o_frag[i], 0.f);
 
-  // Softmax ownership: kTpr consecutive threads (same warp) own one row; columns are interleaved between them.
-  const int my_row = tid / kTpr;
-  const int my_part = tid % kTpr;
-  const int my_t = min((row0 + my_row) / group, p.tree_len - 1);
-  const int mask_words = (p.tree_len + 31) / 32;
-  const uint32_t* mask_row =
-      causal ? nullptr : reinterpret_cast<const uint32_t*>(p.tree_mask) + int64_t(my_t) * mask_words;
   const bool use_softcap = p.softcap > 0.f;
   const float score_mul = use_softcap ? p.scale / p.softcap : p.scale * kLog2e;
   const float cap_mul = p.softcap * kLog2e;
@@ -186,7 +229,7 @@ __global__ void __launch_bounds__(kThreads)
       for (int c = tid; c < BN * kChunksPerRow; c += kThreads) {
         const int j = c / kChunksPerRow, cc = c % kChunksPerRow;
         const int s = n0 + j;
-        const bool valid = s < key_stop;  // rows past the chunk are zero-filled (no NaN garbage reaches P V)
+        const bool valid = s < key_stop && s >= key_lo;  // others zero-filled: no NaN garbage reaches P V
         const int64_t sv = valid ? s : 0;
         cp_async16(dst + j * L::kLdQK + cc * 8, base + sv * stride + cc * 8, valid);
       }
@@ -220,8 +263,9 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
     load_tile(k_s, k_base, p.k_stride_s, n0 + BN);  // K tile no longer read: prefetch the next one
 
-    // 3. Online softmax of this thread's columns; mask only where the tile reaches tree tokens or the chunk end.
-    const bool need_mask = n0 + BN > p.prefix_len || n0 + BN > key_stop;
+    // 3. Online softmax of this thread's columns; mask only where the tile reaches tree tokens, the chunk end or
+    // below some row's window start.
+    const bool need_mask = n0 + BN > prefix_len || n0 + BN > key_stop || n0 < win_end;
     // Pass 1 writes the scaled, capped, masked logits back in place (own columns only) and takes the max; pass 2
     // exponentiates them (keeping them in shared memory rather than registers leaves room for the O fragments).
     float* s_row = s_s + my_row * L::kLdS;
@@ -233,11 +277,15 @@ __global__ void __launch_bounds__(kThreads)
       if (use_softcap) val = cap_mul * tanhf(val);
       if (need_mask) {
         const int s = n0 + col;
-        bool visible = s < key_stop;
-        if (visible && s >= p.prefix_len) {
-          const int j = s - p.prefix_len;
+        bool visible = s < key_stop && s >= key_lo;
+        int pos = s;  // key position: cache entry s sits at s, tree token j at prefix_len + depth_j
+        if (visible && s >= prefix_len) {
+          const int j = s - prefix_len;
           visible = causal ? j <= my_t : ((__ldg(mask_row + (j >> 5)) >> (j & 31)) & 1u) != 0u;
+          if (visible && windowed)
+            pos = prefix_len + (causal ? j : mask_row_depth(mask_base + int64_t(j) * mask_words, mask_words));
         }
+        if (visible && windowed) visible = pos > prefix_len + my_depth - p.window;
         if (!visible) val = -INFINITY;
       }
       s_row[col] = val;
