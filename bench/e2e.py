@@ -4,18 +4,27 @@
     python bench/e2e.py --forward-costs                      # cost of one forward vs tree size (CPU defaults)
     python bench/e2e.py --dataset humaneval --sweep "window=2,3;guess_set=2,4" --methods ouroboros
     python bench/e2e.py --draft-quant none                   # keep the draft in float32 (default on CPU: int8)
+    python bench/e2e.py --do-sample --temperature 0.7 --top-p 0.95 --seed 0     # lossless sampling, every method
+    python bench/e2e.py --temperatures 0,0.3,0.7,1.0 --top-p 0.95                # speed-up against temperature
+    python bench/e2e.py --pair small --n-prompts 2 --max-new-tokens 16          # the small random pair (smoke run)
 
-Methods (``--methods``, comma separated, default all):
+Methods (``--methods``, comma separated; default: every greedy method, or with sampling the sampling set):
   hf_greedy        HF ``generate`` greedy (the reference for speed and for exactness)
-  hf_assisted      HF assisted generation (``assistant_model=draft``)
+  hf_sample        HF ``generate(do_sample=True)`` (the reference for speed when sampling)
+  hf_assisted      HF assisted generation (``assistant_model=draft``; sampling too when sampling)
   hf_prompt_lookup HF prompt-lookup decoding (``prompt_lookup_num_tokens=10``)
   greedy, speculative, lookahead, prompt_lookup, ouroboros   ``ouroboros.generate(method=...)``
+  speculative_ds   speculative with ``draft_sampling=True`` (the draft samples its proposals)
   ouroboros_warm   ouroboros with one PhrasePool carried across all prompts (history reuse)
 
-Per method: tokens/s, speedup over HF greedy measured in the same run, accepted tokens per target forward, target and
-draft forwards (counted by forward hooks on both models, for every method), and the fraction of prompts whose output
-equals HF greedy exactly. Writes ``bench/results/e2e_<dataset>_<dtype>.json`` + ``.png`` and the per-cycle traces of
-our methods to ``bench/results/traces_<dataset>.json`` (for the GPU replay benchmark).
+Sampling (``--do-sample``, or ``--temperatures`` for a sweep; temperature 0 is greedy, ``do_sample=False``): every
+method gets the same settings and, per prompt, the same seed (``--seed`` + prompt index, set before each call).
+
+Per method: tokens/s, speedup over the HF baseline (greedy or sampling) measured in the same run, accepted tokens per
+target forward, target and draft forwards (counted by forward hooks on both models, for every method), and, greedy,
+the fraction of prompts whose output equals HF greedy exactly. Writes ``bench/results/e2e_<dataset>_<dtype>.json``
+(``..._t<T>.json`` when sampling, ``temps_<dataset>_<dtype>.json`` for a temperature sweep) + ``.png`` and the
+per-cycle traces of our methods to ``bench/results/traces_<dataset>.json`` (for the GPU replay benchmark).
 """
 from __future__ import annotations
 
@@ -27,7 +36,9 @@ import os
 import platform
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -35,9 +46,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "python"))
 
 RESULTS = ROOT / "bench" / "results"
-HF_METHODS = ("hf_greedy", "hf_assisted", "hf_prompt_lookup")
-OUR_METHODS = ("greedy", "speculative", "lookahead", "prompt_lookup", "ouroboros", "ouroboros_warm")
+HF_METHODS = ("hf_greedy", "hf_sample", "hf_assisted", "hf_prompt_lookup")
+OUR_METHODS = ("greedy", "speculative", "speculative_ds", "lookahead", "prompt_lookup", "ouroboros", "ouroboros_warm")
 ALL_METHODS = HF_METHODS + OUR_METHODS
+GREEDY_METHODS = tuple(m for m in ALL_METHODS if m not in ("hf_sample", "speculative_ds"))
+SAMPLE_METHODS = ("hf_sample", "hf_assisted", "speculative", "speculative_ds", "ouroboros", "ouroboros_warm")
+BASELINES = {"hf_greedy": "HF generate greedy", "hf_sample": "HF generate sampling"}   # speed (and greedy: exactness)
+ENGINE_METHOD = {"ouroboros_warm": "ouroboros", "speculative_ds": "speculative"}    # label -> ouroboros.generate method
 PARAM_NAMES = ("gamma", "ngram", "window", "guess_set", "topk")
 PLD_TOKENS = 10
 
@@ -98,6 +113,29 @@ class ForwardCounter:
 
 
 # --------------------------------------------------------------------------------------------------- methods
+@dataclass(frozen=True)
+class Sampling:
+    """The sampling settings every method of a run shares; temperature 0 means greedy (``do_sample=False``)."""
+
+    temperature: float
+    top_p: float = 1.0
+    top_k: int = 50
+    seed: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def generate_kwargs(self) -> dict:
+        """Keywords for HF ``generate`` and ``ouroboros.generate`` alike (same names, same meaning)."""
+        if self.greedy:
+            return {}
+        return dict(do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+
+    def seed_for(self, prompt_index: int) -> int:
+        return self.seed + prompt_index
+
+
 def eos_ids(target, tok) -> list[int]:
     eos = target.generation_config.eos_token_id
     eos = [eos] if isinstance(eos, int) else list(eos or [])
@@ -107,9 +145,11 @@ def eos_ids(target, tok) -> list[int]:
     return eos
 
 
-def hf_run(method: str, target, draft, ids, max_new: int, eos: list[int], pad: int):
+def hf_run(method: str, target, draft, ids, max_new: int, eos: list[int], pad: int,
+           sampling: Sampling | None = None):
     kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=max_new, do_sample=False, eos_token_id=eos,
               pad_token_id=pad, temperature=None, top_p=None, top_k=None)
+    kw.update(sampling.generate_kwargs() if sampling is not None else {})
     if method == "hf_assisted":
         kw["assistant_model"] = draft
     elif method == "hf_prompt_lookup":
@@ -119,13 +159,17 @@ def hf_run(method: str, target, draft, ids, max_new: int, eos: list[int], pad: i
     return out[0, ids.shape[1]:].tolist(), None
 
 
-def our_run(method: str, target, draft, ids, max_new: int, eos: list[int], params: dict, pool=None):
+def our_run(method: str, target, draft, ids, max_new: int, eos: list[int], params: dict, pool=None,
+            sampling: Sampling | None = None):
     import ouroboros
 
-    m = "ouroboros" if method == "ouroboros_warm" else method
+    m = ENGINE_METHOD.get(method, method)
+    extra = sampling.generate_kwargs() if sampling is not None else {}
+    if method == "speculative_ds" and extra:
+        extra["draft_sampling"] = True
     out, stats = ouroboros.generate(target, draft if m in ("speculative", "ouroboros") else None, ids,
                                     max_new_tokens=max_new, method=m, pool=pool, eos_token_id=eos,
-                                    return_stats=True, **params)
+                                    return_stats=True, **params, **extra)
     return out[0, ids.shape[1]:].tolist(), stats
 
 
@@ -135,14 +179,20 @@ def resolved_params(device, params: dict, method: str | None = None) -> dict:
     return resolve_config(device, method, **params).as_dict()
 
 
-def run_one(method, target, draft, tok, ids, max_new, eos, params, counters, pool=None) -> dict:
-    """One generation: output, wall time, forwards counted by hooks, engine stats and trace."""
+def run_one(method, target, draft, tok, ids, max_new, eos, params, counters, pool=None,
+            sampling: Sampling | None = None, prompt_index: int = 0) -> dict:
+    """One generation: output, wall time, forwards counted by hooks, engine stats and trace.
+
+    When sampling, torch's global RNG is seeded with ``sampling.seed_for(prompt_index)`` first: every method draws
+    from the same seed on the same prompt."""
+    if sampling is not None:
+        torch.manual_seed(sampling.seed_for(prompt_index))
     counters[0].take(), counters[1].take()
     t0 = time.perf_counter()
     if method in HF_METHODS:
-        out, stats = hf_run(method, target, draft, ids, max_new, eos, tok.pad_token_id)
+        out, stats = hf_run(method, target, draft, ids, max_new, eos, tok.pad_token_id, sampling)
     else:
-        out, stats = our_run(method, target, draft, ids, max_new, eos, params, pool)
+        out, stats = our_run(method, target, draft, ids, max_new, eos, params, pool, sampling)
     dt = time.perf_counter() - t0
     (tf, tft), (df, dft) = counters[0].take(), counters[1].take()
     rec = {"tokens": len(out), "seconds": dt, "target_forwards": tf, "target_tokens_in": tft,
@@ -153,19 +203,35 @@ def run_one(method, target, draft, tok, ids, max_new, eos, params, counters, poo
     return rec
 
 
-def build_summary(results: dict, labels: list, runs: list, device) -> dict:
-    reference = [r["output"] for r in results["hf_greedy"]["per_prompt"]]
+def base_method(labels) -> str:
+    """The HF baseline among ``labels`` (hf_greedy, or hf_sample in a sampling run)."""
+    found = [b for b in BASELINES if b in labels]
+    if len(found) != 1:
+        raise SystemExit(f"a run needs exactly one HF baseline of {list(BASELINES)}, got {found}")
+    return found[0]
+
+
+def speedup_of(s: dict) -> float:
+    """A summary row's speedup over its run's baseline."""
+    return next((v for k, v in s.items() if k.startswith("speedup_vs_")), float("nan"))
+
+
+def build_summary(results: dict, labels: list, runs: list, device, exact: bool = True) -> dict:
+    """Per-label summary; speedups over the run's HF baseline; with ``exact`` (greedy) also the fraction of prompts
+    whose output equals the baseline's (HF greedy) exactly."""
+    base = base_method(labels)
+    reference = [r["output"] for r in results[base]["per_prompt"]] if exact else None
     summary = {}
     for label, (m, p) in zip(labels, runs):
         res = results[label]
         if m not in HF_METHODS:
-            res["resolved_params"] = resolved_params(device, p, m)
-        summary[label] = summarize(m, res, reference if m != "hf_greedy" else None)
+            res["resolved_params"] = resolved_params(device, p, ENGINE_METHOD.get(m, m))
+        summary[label] = summarize(m, res, reference if label != base else None)
         if m not in HF_METHODS:
             summary[label]["resolved_params"] = res["resolved_params"]
-    base = summary["hf_greedy"]["tokens_per_s"]
+    base_tps = summary[base]["tokens_per_s"]
     for s in summary.values():
-        s["speedup_vs_hf_greedy"] = s["tokens_per_s"] / base if base else 0.0
+        s[f"speedup_vs_{base}"] = s["tokens_per_s"] / base_tps if base_tps else 0.0
     return summary
 
 
@@ -210,22 +276,30 @@ def table(summary: dict) -> str:
     for m, s in summary.items():
         acc = s.get("accepted_per_target_forward")
         ident = s.get("identical_to_hf_greedy")
-        rows.append(f"{m:18s} {s['tokens_per_s']:7.2f} {s.get('speedup_vs_hf_greedy', float('nan')):7.2f}x "
+        rows.append(f"{m:18s} {s['tokens_per_s']:7.2f} {speedup_of(s):7.2f}x "
                     f"{acc if acc is not None else float('nan'):8.2f} {s['target_forwards']:8d} "
                     f"{s['draft_forwards']:8d} {'' if ident is None else f'{ident:.0%}':>8s}")
     return "\n".join(rows)
 
 
-def plot(summary: dict, title: str, path: Path) -> None:
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend, or None (with a note) when matplotlib is missing."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib not installed (pip install matplotlib): no PNG written")
+        return None
+    return plt
+
+
+def plot(summary: dict, title: str, path: Path) -> None:
+    plt = _pyplot()
+    if plt is None:
         return
     names = list(summary)
-    speed = [summary[m].get("speedup_vs_hf_greedy", 0.0) for m in names]
+    speed = [speedup_of(summary[m]) for m in names]
     colors = ["#999999" if m in HF_METHODS else "#4c72b0" if not m.startswith("ouroboros") else "#dd8452"
               for m in names]
     fig, ax = plt.subplots(figsize=(10, 4.5))
@@ -237,10 +311,33 @@ def plot(summary: dict, title: str, path: Path) -> None:
                 f"{s['tokens_per_s']:.2f} tok/s\n{acc:.2f} acc/fwd" if acc else f"{s['tokens_per_s']:.2f} tok/s",
                 ha="center", va="bottom", fontsize=7)
     ax.axhline(1.0, color="k", lw=0.8, ls="--")
-    ax.set_ylabel("speedup over HF generate greedy")
+    ax.set_ylabel(f"speedup over {BASELINES[base_method(names)]}")
     ax.set_title(title, fontsize=9)
     ax.set_ylim(0, max(speed + [1.0]) * 1.25)
     plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_temperatures(runs: dict, title: str, path: Path) -> None:
+    """Speedup over HF's own decoding (greedy at temperature 0, sampling above) against temperature, a line per
+    method; ``runs``: temperature (str) -> one run's record with its "summary"."""
+    plt = _pyplot()
+    if plt is None:
+        return
+    temps = sorted(runs, key=float)
+    methods = [m for m in runs[temps[0]]["summary"] if m not in BASELINES]
+    fig, ax = plt.subplots(figsize=(10, 5))
+    for m in methods:
+        ys = [speedup_of(runs[t]["summary"][m]) for t in temps]
+        ax.plot([float(t) for t in temps], ys, marker="o", label=m,
+                ls="--" if m in HF_METHODS else "-", color="#999999" if m in HF_METHODS else None)
+    ax.axhline(1.0, color="k", lw=0.8, ls="--")
+    ax.set_xlabel("temperature (0 = greedy)")
+    ax.set_ylabel("speedup over HF generate (same decoding)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -281,35 +378,63 @@ def forward_costs(target, draft, tok, dtype_name: str, context: int, sizes: list
 
 
 # --------------------------------------------------------------------------------------------------- files
-def resummarize(path: Path) -> None:
-    """Recompute the summary, table and PNG of an e2e JSON from its per-prompt records."""
-    data = json.loads(path.read_text())
-    results = data["per_method"]
+def _resummarize_run(run: dict, exact: bool) -> dict:
+    """Recompute one run's summary and table (in ``run``) from its per-prompt records; returns the summary."""
+    results = run["per_method"]
     labels = list(results)
     runs = [(lab.split("[")[0], results[lab].get("params", {})) for lab in labels]
     stored = {lab: results[lab].get("resolved_params") for lab in labels}   # as resolved during the run
-    summary = build_summary(results, labels, runs, "cpu")
+    summary = build_summary(results, labels, runs, "cpu", exact=exact)
     for lab in labels:
         results[lab]["resolved_params"] = stored[lab]
         if stored[lab] is not None:
             summary[lab]["resolved_params"] = stored[lab]
         else:
             summary[lab].pop("resolved_params", None)
-    data["summary"], data["table"] = summary, table(summary).splitlines()
+    run["summary"], run["table"] = summary, table(summary).splitlines()
+    return summary
+
+
+def resummarize(path: Path) -> None:
+    """Recompute the summary, table and PNG of an e2e JSON (a temperature sweep too) from its per-prompt records."""
+    data = json.loads(path.read_text())
+    if "per_temperature" in data:
+        for temp, run in data["per_temperature"].items():
+            _resummarize_run(run, exact=float(temp) == 0)
+            print(f"temperature {temp}\n" + "\n".join(run["table"]))
+        data["speedup_vs_temperature"] = speedup_vs_temperature(data["per_temperature"])
+        path.write_text(json.dumps(data, indent=1))
+        plot_temperatures(data["per_temperature"], plot_title(data), path.with_suffix(".png"))
+        return
+    sampling = data.get("sampling")
+    summary = _resummarize_run(data, exact=sampling is None or sampling["temperature"] == 0)
     path.write_text(json.dumps(data, indent=1))
     plot(summary, plot_title(data), path.with_suffix(".png"))
     print(table(summary))
 
 
+def speedup_vs_temperature(per_temperature: dict) -> dict:
+    """method -> [speedup over HF at each temperature, in the order of ``per_temperature``]."""
+    methods = list(next(iter(per_temperature.values()))["summary"])
+    return {m: [speedup_of(run["summary"][m]) for run in per_temperature.values()] for m in methods}
+
+
 def plot_title(meta: dict) -> str:
     """The PNG title of an e2e run, from its JSON metadata."""
     m = meta["machine"]
-    return (f"{meta['pair']} {meta['dtype']} (draft quant {meta.get('draft_quant', 'none')}) on {m['cpu']} "
-            f"({m['torch_threads']} threads), {meta['dataset']} {meta['n_prompts']} prompts x "
-            f"{meta['max_new_tokens']} new tokens")
+    title = (f"{meta['pair']} {meta['dtype']} (draft quant {meta.get('draft_quant', 'none')}) on {m['cpu']} "
+             f"({m['torch_threads']} threads), {meta['dataset']} {meta['n_prompts']} prompts x "
+             f"{meta['max_new_tokens']} new tokens")
+    s = meta.get("sampling")
+    if s:
+        temps = "T " + ",".join(f"{t:g}" for t in meta["temperatures"]) if meta.get("temperatures") else \
+            f"T={s['temperature']:g}"
+        title += f"\nsampling {temps}, top_p={s['top_p']:g}, top_k={s['top_k']}, seed {s['seed']}+prompt index"
+    return title
 
 
-MERGE_KEYS = ("pair", "dtype", "dataset", "max_new_tokens", "prompt_format", "draft_quant", "ouroboros_params_override")
+MERGE_KEYS = ("pair", "dtype", "dataset", "max_new_tokens", "prompt_format", "draft_quant", "ouroboros_params_override",
+              "sampling")
 
 
 def merge(paths: list[str], out: Path | None) -> None:
@@ -363,15 +488,162 @@ def parse_sweep(text: str) -> list[dict]:
     return [dict(c) for c in itertools.product(*axes)]
 
 
-def main(argv=None) -> int:
+def parse_temperatures(args) -> list[float] | None:
+    """The temperatures of this run: None for a greedy run, one for ``--do-sample``, several for ``--temperatures``
+    (each validated with ouroboros' SamplingConfig, which holds HF's rules)."""
+    from ouroboros.sampling import SamplingConfig
+
+    if args.temperatures:
+        temps = [float(t) for t in args.temperatures.split(",") if t.strip()]
+    elif args.do_sample:
+        temps = [args.temperature]
+    else:
+        return None
+    try:
+        for t in temps:
+            SamplingConfig(do_sample=True, temperature=t, top_p=args.top_p, top_k=args.top_k)
+    except ValueError as err:
+        raise SystemExit(f"bad sampling settings: {err}") from None
+    return temps
+
+
+def resolve_methods(text: str | None, sampling: bool) -> list[str]:
+    """The methods to run, the run's HF baseline first (added when missing)."""
+    default = SAMPLE_METHODS if sampling else GREEDY_METHODS
+    methods = [m.strip() for m in (text or ",".join(default)).split(",") if m.strip()]
+    bad = [m for m in methods if m not in ALL_METHODS]
+    if bad:
+        raise SystemExit(f"unknown methods {bad}; known: {ALL_METHODS}")
+    base, other = ("hf_sample", "hf_greedy") if sampling else ("hf_greedy", "hf_sample")
+    if other in methods:
+        kind = "greedy" if sampling else "sampling"
+        raise SystemExit(f"{other} is the baseline of {kind} runs; this run's is {base}")
+    if base not in methods:
+        methods.insert(0, base)          # the reference for speed (and exactness), always in the same run
+    return methods
+
+
+def plan_runs(methods: list[str], params: dict, points: list[dict], sweep: bool) -> tuple[list[str], list]:
+    """(labels, [(method, params)]): in a parameter sweep only the ouroboros methods visit every point; the other
+    methods run once with --params."""
+    runs = [(m, {}) for m in methods if m in HF_METHODS] + \
+        [(m, params if m.startswith("ouroboros") else {}) for m in methods
+         if m not in HF_METHODS and not (sweep and m.startswith("ouroboros"))] + \
+        [(m, p) for p in (points if sweep else []) for m in methods if m.startswith("ouroboros")]
+    labels = [m if not (sweep and m.startswith("ouroboros")) else
+              f"{m}[{','.join(f'{k}={v}' for k, v in p.items())}]" for m, p in runs]
+    return labels, runs
+
+
+def make_pools(labels: list[str], runs: list, device) -> dict:
+    """One empty PhrasePool per ouroboros_warm label, carried across all prompts (history reuse)."""
+    from ouroboros import PhrasePool
+    from ouroboros.config import resolve_config
+
+    pools = {}
+    for label, (m, p) in zip(labels, runs):
+        if m == "ouroboros_warm":
+            cfg = resolve_config(device, "ouroboros", **p)     # the same capacity as generate's own pool
+            pools[label] = PhrasePool(ngram=cfg.ngram, guess_set=cfg.pool_capacity)
+    return pools
+
+
+def deadline_time(text: str | None) -> float | None:
+    """``time.time()`` of the UTC clock time HH:MM today, or None."""
+    if not text:
+        return None
+    hh, mm = (int(x) for x in text.split(":"))
+    now = time.gmtime()
+    return time.time() + ((hh * 60 + mm) - (now.tm_hour * 60 + now.tm_min)) * 60 - now.tm_sec
+
+
+def run_prompts(prompts, labels, runs, models, args, eos, counters, sampling: Sampling | None,
+                stop_at: float | None, tag: str) -> tuple[dict, int]:
+    """Every (label, run) on every prompt, prompts outer and methods inner (load from other processes hits every
+    method alike); returns the per-label records and how many prompts were done (a deadline may stop early)."""
+    from tqdm.auto import tqdm
+    from ouroboros.models import cache_root
+
+    target, draft, tok = models
+    pools = make_pools(labels, runs, target.device)
+    exact = sampling is None or sampling.greedy
+    base = base_method(labels)
+    results = {label: {"per_prompt": [], "params": p, "loadavg": []} for label, (m, p) in zip(labels, runs)}
+    bar = tqdm(total=len(runs) * len(prompts), desc=f"e2e {tag}", unit="gen")
+    done = len(prompts)
+    for i, ids in enumerate(prompts):
+        if stop_at is not None and i > 0 and time.time() > stop_at:
+            tqdm.write(f"deadline {args.deadline} UTC passed: stopping after {i} prompts")
+            done = i
+            break
+        for label, (m, p) in zip(labels, runs):
+            bar.set_postfix_str(f"prompt {i} {label}")
+            results[label]["loadavg"].append(loadavg())
+            rec = run_one(m, target, draft, tok, ids, args.max_new_tokens, eos, p, counters, pools.get(label),
+                          sampling, args.offset + i)
+            results[label]["per_prompt"].append(rec)
+            bar.update(1)
+        ref = results[base]["per_prompt"][i]
+        tqdm.write(f"prompt {i}: " + ", ".join(
+            f"{label} {r['per_prompt'][i]['tokens'] / r['per_prompt'][i]['seconds']:.2f} tok/s"
+            f"{' MISMATCH' if exact and r['per_prompt'][i]['output'] != ref['output'] else ''}"
+            for label, r in results.items()))
+        summary = build_summary(results, labels, runs, target.device, exact)
+        partial = cache_root() / "bench" / f"partial_{tag}.json"    # outside the repo
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps({"prompts_done": i + 1, "table": table(summary).splitlines(),
+                                       "summary": summary}, indent=1))
+    bar.close()
+    return results, done
+
+
+def load_models(args):
+    """(target, draft, tokenizer, load seconds) of ``--pair``; "small" is the random pair built in code, with a
+    stand-in tokenizer (no EOS, pad 0)."""
+    dtype = getattr(torch, args.dtype)
+    t0 = time.perf_counter()
+    if args.pair == "small":
+        from ouroboros.quantize import quantize_draft, resolve_draft_quant
+        from ouroboros.smallpair import small_pair
+
+        target, draft = (m.to(dtype) for m in small_pair())
+        quantize_draft(draft, resolve_draft_quant(args.draft_quant, "cpu", dtype))
+        tok = SimpleNamespace(eos_token_id=None, pad_token_id=0)
+    else:
+        from ouroboros.models import load_pair
+
+        target, draft, tok = load_pair(args.pair, dtype=dtype, draft_quant=args.draft_quant)
+    return target, draft, tok, time.perf_counter() - t0
+
+
+def load_prompt_ids(args, tok) -> tuple[list[torch.Tensor], str, str]:
+    """(prompts as (1, L) ids, data set name, prompt format) for ``--dataset`` (synthetic for the small pair)."""
+    if args.pair == "small":
+        from ouroboros.smallpair import small_prompt
+
+        prompts = [torch.tensor([small_prompt(64, seed=1 + args.offset + i)]) for i in range(args.n_prompts)]
+        return prompts, "synthetic", "synthetic token ids with repetition (ouroboros.smallpair.small_prompt)"
+    from ouroboros.models import DATASETS, encode_prompt, load_prompts
+
+    chat = DATASETS[args.dataset].style == "chat" if args.chat == "auto" else args.chat == "yes"
+    texts = load_prompts(args.dataset, args.n_prompts, offset=args.offset)
+    fmt = "chat template, one user turn + generation prompt" if chat else \
+        "raw completion (the prompt text itself, no chat template)"
+    return [encode_prompt(tok, t, chat=chat) for t in texts], args.dataset, fmt
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--pair", default="qwen2.5-coder-1.5b/0.5b")
+    ap.add_argument("--pair", default="qwen2.5-coder-1.5b/0.5b",
+                    help="a registered pair (ouroboros.models.PAIRS), or 'small': the random pair built in code "
+                         "(ouroboros.smallpair) with synthetic prompts, for smoke runs")
     ap.add_argument("--dataset", default="humaneval", choices=["humaneval", "gsm8k", "mtbench"])
     ap.add_argument("--n-prompts", type=int, default=10)
     ap.add_argument("--offset", type=int, default=0, help="skip this many prompts of the data set")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--methods", default=",".join(ALL_METHODS))
+    ap.add_argument("--methods", default=None,
+                    help=f"default: {','.join(GREEDY_METHODS)}; when sampling: {','.join(SAMPLE_METHODS)}")
     ap.add_argument("--params", default=None,
                     help="parameters for the ouroboros methods, e.g. window=3,ngram=5 (the baselines keep the device "
                          "defaults of ouroboros.config)")
@@ -399,8 +671,20 @@ def main(argv=None) -> int:
     ap.add_argument("--context", type=int, default=300)
     ap.add_argument("--sizes", default="1,4,8,16,32,64")
     ap.add_argument("--reps", type=int, default=5)
-    args = ap.parse_args(argv)
+    s = ap.add_argument_group("sampling (HF's names and defaults; every method gets the same settings and seeds)")
+    s.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    s.add_argument("--temperature", type=float, default=1.0)
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--top-k", type=int, default=50, help="0 turns top-k off")
+    s.add_argument("--seed", type=int, default=0, help="prompt i of the data set is generated with seed + i")
+    s.add_argument("--temperatures", default=None, metavar="T,T,...",
+                   help="e.g. 0,0.3,0.7,1.0: run the methods at each temperature (0 = greedy) and plot the speedup "
+                        "over HF against temperature (temps_<dataset>_<dtype>.json + .png)")
+    return ap.parse_args(argv)
 
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     if args.merge:
         merge(args.merge, Path(args.out) if args.out else None)
         return 0
@@ -409,14 +693,10 @@ def main(argv=None) -> int:
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
-    from tqdm.auto import tqdm
-    from ouroboros.models import DATASETS, cache_root, encode_prompt, load_pair, load_prompts
+    temperatures = parse_temperatures(args)
     from ouroboros.quantize import draft_quantization
 
-    dtype = getattr(torch, args.dtype)
-    t0 = time.perf_counter()
-    target, draft, tok = load_pair(args.pair, dtype=dtype, draft_quant=args.draft_quant)
-    load_s = time.perf_counter() - t0
+    target, draft, tok, load_s = load_models(args)
     with torch.inference_mode():       # page the mmapped weights in, so the first timed method does not pay for it
         for model in (target, draft):
             model(torch.arange(16)[None] + 100)
@@ -438,17 +718,10 @@ def main(argv=None) -> int:
         print("wrote", path)
         return 0
 
-    chat = DATASETS[args.dataset].style == "chat" if args.chat == "auto" else args.chat == "yes"
-    texts = load_prompts(args.dataset, args.n_prompts, offset=args.offset)
-    prompts = [encode_prompt(tok, t, chat=chat) for t in texts]
+    prompts, dataset, prompt_format = load_prompt_ids(args, tok)
     eos = eos_ids(target, tok)
     params = parse_params(args.params)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in ALL_METHODS]
-    if bad:
-        raise SystemExit(f"unknown methods {bad}; known: {ALL_METHODS}")
-    if "hf_greedy" not in methods:
-        methods.insert(0, "hf_greedy")          # the reference for speed and exactness, always in the same run
+    methods = resolve_methods(args.methods, sampling=temperatures is not None)
     points = parse_sweep(args.sweep) if args.sweep else [params]
     if args.points:
         points = [{**params, **parse_params(pt)} for pt in args.points.split(";") if pt.strip()]
@@ -461,63 +734,26 @@ def main(argv=None) -> int:
         for m in (target, draft):
             m(input_ids=prompts[0][:, :16])
 
-    # In a sweep only the ouroboros methods visit every point; the other methods run once with --params.
-    runs = [(m, {}) for m in methods if m in HF_METHODS] + \
-        [(m, params if m.startswith("ouroboros") else {}) for m in methods
-         if m not in HF_METHODS and not (args.sweep and m.startswith("ouroboros"))] + \
-        [(m, p) for p in (points if args.sweep else []) for m in methods if m.startswith("ouroboros")]
-    labels = [m if not (args.sweep and m.startswith("ouroboros")) else
-              f"{m}[{','.join(f'{k}={v}' for k, v in p.items())}]" for m, p in runs]
-    pools = {}
-    for label, (m, p) in zip(labels, runs):
-        if m == "ouroboros_warm":       # one pool carried across all prompts (history reuse)
-            from ouroboros import PhrasePool
-            from ouroboros.config import resolve_config
-            cfg = resolve_config(target.device, "ouroboros", **p)     # the same capacity as generate's own pool
-            pools[label] = PhrasePool(ngram=cfg.ngram, guess_set=cfg.pool_capacity)
-    # Prompts outer, methods inner: load from other processes hits every method alike.
-    results = {label: {"per_prompt": [], "params": p, "loadavg": []} for label, (m, p) in zip(labels, runs)}
-    bar = tqdm(total=len(runs) * len(prompts), desc=f"e2e {args.dataset}", unit="gen")
-    stop_at = None
-    if args.deadline:
-        hh, mm = (int(x) for x in args.deadline.split(":"))
-        now = time.gmtime()
-        stop_at = time.time() + ((hh * 60 + mm) - (now.tm_hour * 60 + now.tm_min)) * 60 - now.tm_sec
-    for i, ids in enumerate(prompts):
-        if stop_at is not None and i > 0 and time.time() > stop_at:
-            tqdm.write(f"deadline {args.deadline} UTC passed: stopping after {i} prompts")
-            prompts = prompts[:i]
-            break
-        for label, (m, p) in zip(labels, runs):
-            bar.set_postfix_str(f"prompt {i} {label}")
-            results[label]["loadavg"].append(loadavg())
-            rec = run_one(m, target, draft, tok, ids, args.max_new_tokens, eos, p, counters, pools.get(label))
-            results[label]["per_prompt"].append(rec)
-            bar.update(1)
-        ref = results["hf_greedy"]["per_prompt"][i]
-        tqdm.write(f"prompt {i}: " + ", ".join(
-            f"{label} {r['per_prompt'][i]['tokens'] / r['per_prompt'][i]['seconds']:.2f} tok/s"
-            f"{'' if r['per_prompt'][i]['output'] == ref['output'] else ' MISMATCH'}"
-            for label, r in results.items()))
-        summary = build_summary(results, labels, runs, target.device)
-        partial = cache_root() / "bench" / f"partial_{args.dataset}_{args.dtype}.json"    # outside the repo
-        partial.parent.mkdir(parents=True, exist_ok=True)
-        partial.write_text(json.dumps({"prompts_done": i + 1, "table": table(summary).splitlines(),
-                                       "summary": summary}, indent=1))
-    bar.close()
-    summary = build_summary(results, labels, runs, target.device)
+    labels, runs = plan_runs(methods, params, points, bool(args.sweep))
+    stop_at = deadline_time(args.deadline)
+    models = (target, draft, tok)
+    settings = [Sampling(t, args.top_p, args.top_k, args.seed) for t in temperatures] if temperatures else [None]
 
     from ouroboros.config import CPU_DEFAULTS, CPU_LOOKAHEAD_DEFAULTS, CPU_PROMPT_LOOKUP_DEFAULTS, GPU_DEFAULTS
     meta = {
-        "machine": machine, "pair": args.pair, "dtype": args.dtype, "dataset": args.dataset,
+        "machine": machine, "pair": args.pair, "dtype": args.dtype, "dataset": dataset,
         "n_prompts": len(prompts), "offset": args.offset, "max_new_tokens": args.max_new_tokens,
-        "prompt_format": "chat template, one user turn + generation prompt" if chat else
-        "raw completion (the prompt text itself, no chat template)",
+        "prompt_format": prompt_format,
         "prompt_tokens": [int(p.shape[1]) for p in prompts], "eos_token_id": eos,
         "draft_quant": draft_quantization(draft),
+        "sampling": None if temperatures is None else
+        {**asdict(settings[0]), **({"temperature": None} if args.temperatures else {})},
+        "temperatures": temperatures if args.temperatures else None,
         "hf_settings": {"greedy": "do_sample=False, explicit attention_mask",
+                        "sample": "do_sample=True with the run's temperature, top_p and top_k; torch's global RNG "
+                                  "seeded with seed + prompt index before every method's call",
                         "assisted": "assistant_model=draft, the same draft object our methods use (HF default "
-                                    "num_assistant_tokens schedule)",
+                                    "num_assistant_tokens schedule; samples when the run samples)",
                         "prompt_lookup": f"prompt_lookup_num_tokens={PLD_TOKENS}"},
         "ouroboros_params_override": params, "sweep": points if args.sweep else None,
         "resolved_ouroboros_params": resolved_params(target.device, params),
@@ -527,10 +763,39 @@ def main(argv=None) -> int:
         "timing": "wall clock per generate call, summed over prompts; tokens/s = new tokens / seconds; forwards "
                   "counted by forward pre-hooks on the target and draft models; prompts outer loop, methods inner "
                   "loop (each prompt runs every method back to back, so background load hits all alike)",
-        "loadavg_start_end": [la_start, loadavg()],
     }
-    print(table(summary))
-    stem = f"{'sweep' if args.sweep else 'e2e'}_{args.dataset}_{args.dtype}"
+    tag = f"{dataset}_{args.dtype}"
+    per_temperature = {}
+    for sampling in settings:
+        run_tag = tag if sampling is None else f"{tag}_t{sampling.temperature:g}"
+        results, done = run_prompts(prompts, labels, runs, models, args, eos, counters, sampling, stop_at, run_tag)
+        exact = sampling is None or sampling.greedy
+        summary = build_summary(results, labels, runs, target.device, exact)
+        print(("" if sampling is None else f"temperature {sampling.temperature:g}\n") + table(summary))
+        per_temperature[f"{sampling.temperature:g}" if sampling else "greedy"] = {
+            "sampling": None if sampling is None else asdict(sampling), "n_prompts": done, "summary": summary,
+            "table": table(summary).splitlines(), "per_method": results}
+    meta["loadavg_start_end"] = [la_start, loadavg()]
+
+    if args.temperatures:
+        path = Path(args.out) if args.out else RESULTS / f"temps_{tag}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for run in per_temperature.values():
+            for res in run["per_method"].values():
+                for r in res["per_prompt"]:
+                    r.pop("trace", None)
+        path.write_text(json.dumps({**meta, "per_temperature": per_temperature,
+                                    "speedup_vs_temperature": speedup_vs_temperature(per_temperature)}, indent=1))
+        plot_temperatures(per_temperature, plot_title(meta), path.with_suffix(".png"))
+        print("wrote", path, "and", path.with_suffix(".png"))
+        return 0
+
+    (run,) = per_temperature.values()
+    results, summary = run["per_method"], run["summary"]
+    meta["n_prompts"] = run["n_prompts"]
+    meta["prompt_tokens"] = meta["prompt_tokens"][:run["n_prompts"]]
+    suffix = "" if settings[0] is None else f"_t{settings[0].temperature:g}"
+    stem = f"{'sweep' if args.sweep else 'e2e'}_{tag}{suffix}"
     path = Path(args.out) if args.out else RESULTS / f"{stem}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     if not args.sweep and not args.no_traces:
@@ -539,9 +804,10 @@ def main(argv=None) -> int:
                                        "seconds": r["seconds"], "trace": r["trace"]}
                                       for p, r in zip(prompts, res["per_prompt"])]}
                   for label, res in results.items() if res["per_prompt"] and "trace" in res["per_prompt"][0]}
-        tpath = path.parent / f"traces_{args.dataset}.json"
+        tpath = path.parent / f"traces_{dataset}{suffix}.json"
         tpath.write_text(json.dumps({**{k: meta[k] for k in ("machine", "pair", "dtype", "dataset", "n_prompts",
-                                                             "max_new_tokens", "prompt_format", "date_utc")},
+                                                             "max_new_tokens", "prompt_format", "date_utc",
+                                                             "sampling")},
                                      "what": "per cycle: tree_size = tokens in the target's verification tree, "
                                              "accepted = tokens emitted by that cycle (accepted + bonus), "
                                              "draft_len = draft trunk length, draft_forwards = draft-model "

@@ -13,6 +13,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 E2E_GPU = ROOT / "bench" / "e2e_gpu.py"
+E2E = ROOT / "bench" / "e2e.py"
 
 
 def _env() -> dict:
@@ -23,11 +24,17 @@ def _env() -> dict:
     return env
 
 
-def _load_e2e_gpu():
-    spec = importlib.util.spec_from_file_location("bench_e2e_gpu", E2E_GPU)
+def _load_script(path: Path):
+    """A benchmark script imported as a module (its main() callable in-process)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module          # dataclasses look their module up while the class is created
     spec.loader.exec_module(module)
     return module
+
+
+def _load_e2e_gpu():
+    return _load_script(E2E_GPU)
 
 
 def _cycle(tree, acc, fwd=0, dlen=0):
@@ -160,9 +167,7 @@ def _e2e_part(offset: int, n: int, seconds: float) -> dict:
 
 
 def test_e2e_merge_joins_consecutive_prompt_ranges(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_e2e", ROOT / "bench" / "e2e.py")
-    e2e = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(e2e)
+    e2e = _load_script(E2E)
     a, b, out = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "ab.json"
     a.write_text(json.dumps(_e2e_part(0, 3, 4.0)))
     b.write_text(json.dumps(_e2e_part(3, 2, 2.0)))
@@ -176,3 +181,41 @@ def test_e2e_merge_joins_consecutive_prompt_ranges(tmp_path):
     b.write_text(json.dumps(_e2e_part(4, 2, 2.0)))          # a gap: prompt 3 missing
     with pytest.raises(SystemExit, match="not followed"):
         e2e.merge([str(a), str(b)], out)
+
+
+def test_e2e_sampling_runs_on_the_small_pair(tmp_path):
+    """--do-sample and the --temperatures sweep end to end on the small random pair (1 prompt, a few tokens)."""
+    e2e = _load_script(E2E)
+    small = ["--pair", "small", "--n-prompts", "1", "--max-new-tokens", "6", "--top-p", "0.95", "--seed", "5"]
+    one = tmp_path / "one.json"
+    assert e2e.main(small + ["--do-sample", "--temperature", "0.7", "--methods", "speculative", "--out", str(one)]) == 0
+    data = json.loads(one.read_text())
+    assert data["sampling"] == {"temperature": 0.7, "top_p": 0.95, "top_k": 50, "seed": 5}
+    assert list(data["summary"]) == ["hf_sample", "speculative"]
+    assert data["summary"]["hf_sample"]["speedup_vs_hf_sample"] == 1
+    assert "identical_to_hf_greedy" not in data["summary"]["speculative"]          # sampling: no exactness to check
+    assert (tmp_path / "traces_synthetic_t0.7.json").exists()
+
+    temps = tmp_path / "temps.json"
+    methods = ["hf_assisted", "speculative_ds", "ouroboros_warm"]
+    assert e2e.main(small + ["--temperatures", "0,0.7", "--methods", ",".join(methods), "--out", str(temps)]) == 0
+    data = json.loads(temps.read_text())
+    assert data["temperatures"] == [0.0, 0.7] and data["sampling"]["temperature"] is None
+    runs = data["per_temperature"]
+    assert list(runs) == ["0", "0.7"] and runs["0.7"]["sampling"]["temperature"] == 0.7
+    for run in runs.values():
+        summary = run["summary"]
+        assert list(summary) == ["hf_sample", *methods]
+        for row in summary.values():
+            assert 0 < row["tokens"] <= 6 and row["speedup_vs_hf_sample"] > 0 and row["target_forwards"] > 0
+        assert summary["hf_assisted"]["draft_forwards"] > 0 and summary["speculative_ds"]["draft_forwards"] > 0
+    for m in methods:                                  # temperature 0 is greedy: every method is HF's greedy text
+        assert runs["0"]["summary"][m]["identical_to_hf_greedy"] == 1.0
+    assert set(data["speedup_vs_temperature"]) == {"hf_sample", *methods}
+    assert all(len(v) == 2 for v in data["speedup_vs_temperature"].values())
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert one.with_suffix(".png").stat().st_size > 0 and temps.with_suffix(".png").stat().st_size > 0
+    before = runs["0.7"]["summary"]["ouroboros_warm"]["tokens_per_s"]
+    e2e.resummarize(temps)                             # recomputed from the per-prompt records alone
+    again = json.loads(temps.read_text())["per_temperature"]["0.7"]["summary"]
+    assert again["ouroboros_warm"]["tokens_per_s"] == before

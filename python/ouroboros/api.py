@@ -1,23 +1,21 @@
-"""``ouroboros.generate``: lossless greedy generation with a chosen proposal method (batch size 1)."""
+"""``ouroboros.generate``: lossless greedy or sampled generation with a chosen proposal method (batch size 1)."""
 from __future__ import annotations
 
-import warnings
 from typing import Callable, Iterator, Sequence
 
 import torch
+from transformers import LogitsProcessorList
 
+from .architectures import TESTED_MODEL_TYPES
+from .architectures import check_model as _check_model
 from .config import METHODS, resolve_config
 from .engine import GenerationStats, decode
-from .forward import uses_our_attention
 from .gpu_pool import GpuPhrasePool
+from .guard import acquire
 from .pool import PhrasePool
+from .sampling import make_sampler
 
 __all__ = ["generate", "stream", "TESTED_MODEL_TYPES"]
-
-TESTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text",
-                                "phi3"})
-_MASKABLE_ATTENTION = ("eager", "sdpa")
-_warned_types: set[str] = set()
 
 
 def _vocab_size(model) -> int:
@@ -25,20 +23,6 @@ def _vocab_size(model) -> int:
     if emb is None:
         return model.config.get_text_config().vocab_size
     return getattr(emb, "out_features", None) or emb.weight.shape[0]   # also a quantized draft's lm_head
-
-
-def _check_model(model, role: str) -> None:
-    if not hasattr(model, "config") or not hasattr(model, "forward"):
-        raise ValueError(f"{role} must be a Hugging Face causal LM (a PreTrainedModel), got {type(model).__name__}")
-    impl = getattr(model.config, "_attn_implementation", None) or "eager"
-    if not uses_our_attention(model) and impl not in _MASKABLE_ATTENTION:
-        raise ValueError(f"{role} uses attn_implementation={impl!r}, which cannot take a 4D tree mask; load it with "
-                         f"attn_implementation='sdpa' or 'eager', or call ouroboros.patch(model)")
-    model_type = model.config.get_text_config().model_type
-    if model_type not in TESTED_MODEL_TYPES and model_type not in _warned_types:
-        _warned_types.add(model_type)
-        warnings.warn(f"ouroboros is untested on model_type={model_type!r}; tested: {sorted(TESTED_MODEL_TYPES)}",
-                      stacklevel=3)
 
 
 def _prompt_list(input_ids) -> list[int]:
@@ -112,16 +96,26 @@ def stream(target, draft=None, input_ids=None, *, max_new_tokens: int, method: s
            window: int | None = None, guess_set: int | None = None, topk: int | None = None,
            eos_token_id: int | Sequence[int] | None = None, fast: bool | None = None,
            pool_device: str | torch.device | None = None, adaptive: bool | None = None,
-           compile: bool | None = None, stats: GenerationStats | None = None) -> Iterator[list[int]]:
+           compile: bool | None = None, stats: GenerationStats | None = None, do_sample: bool = False,
+           temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+           min_p: float | None = None, repetition_penalty: float | None = None,
+           generator: torch.Generator | None = None, logits_processor: LogitsProcessorList | None = None,
+           draft_sampling: bool = False, scores_out: list | None = None) -> Iterator[list[int]]:
     """Like :func:`generate`, but yield the new tokens as each cycle emits them (fills ``stats`` if given)."""
     params = dict(gamma=gamma, ngram=ngram, window=window, guess_set=guess_set, topk=topk, adaptive=adaptive)
     prompt, cfg, pool = _prepare(target, draft, input_ids, max_new_tokens, method, pool, params, pool_device)
+    if scores_out is not None and not isinstance(scores_out, list):
+        raise ValueError(f"scores_out must be a list or None, got {type(scores_out).__name__}")
+    sampler = make_sampler(do_sample, temperature, top_k, top_p, min_p, repetition_penalty, logits_processor,
+                           generator, keep_scores=scores_out is not None)
     stats = stats if stats is not None else GenerationStats()
     stats.method, stats.config = method, cfg.as_dict()
-    with torch.inference_mode():
+    uses_draft = method in ("speculative", "ouroboros")   # one call per model/pool at a time (ouroboros.guard)
+    with acquire(target, draft if uses_draft else None, pool), torch.inference_mode():
         yield from decode(target, draft, prompt, method=method, cfg=cfg, max_new_tokens=max_new_tokens,
                           eos=_eos_set(target, eos_token_id), pool=pool, stats=stats,
-                          fast=(target.device.type == "cuda") if fast is None else fast, compile=compile)
+                          fast=(target.device.type == "cuda") if fast is None else fast, compile=compile,
+                          sampler=sampler, draft_sampling=draft_sampling, scores_out=scores_out)
 
 
 def generate(target, draft=None, input_ids=None, *, max_new_tokens: int, method: str = "ouroboros",
@@ -130,8 +124,13 @@ def generate(target, draft=None, input_ids=None, *, max_new_tokens: int, method:
              eos_token_id: int | Sequence[int] | None = None, return_stats: bool = False,
              on_tokens: Callable[[list[int]], None] | None = None, fast: bool | None = None,
              pool_device: str | torch.device | None = None, adaptive: bool | None = None,
-             compile: bool | None = None):
-    """Greedy generation that returns exactly the target's own greedy tokens (batch size 1).
+             compile: bool | None = None, do_sample: bool = False, temperature: float | None = None,
+             top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
+             repetition_penalty: float | None = None, generator: torch.Generator | None = None,
+             logits_processor: LogitsProcessorList | None = None, draft_sampling: bool = False,
+             scores_out: list | None = None):
+    """Generation that is lossless (batch size 1): greedy returns exactly the target's own greedy tokens; sampling
+    (``do_sample=True``) returns text distributed exactly as plain sampling from the target with the same processors.
 
     Parameters
     ----------
@@ -148,12 +147,26 @@ def generate(target, draft=None, input_ids=None, *, max_new_tokens: int, method:
         ``OUROBOROS_COMPILE`` environment variable, off unless it is 1). The first call per tree size compiles.
     pool_device : keep a fresh pool on this device (a :class:`GpuPhrasePool`); "ouroboros" then drafts with no host
         sync per draft forward. Passing a ``GpuPhrasePool`` as ``pool`` does the same.
+    do_sample, temperature, top_k, top_p, min_p, repetition_penalty : HF's names and meaning. None takes HF's
+        default (temperature 1.0, top_k 50, top_p 1.0, min_p None, repetition_penalty 1.0), except when
+        ``logits_processor`` is given: then a None argument adds no processor (pass HF's prepared list with the
+        sampling arguments left None and nothing is applied twice). ``do_sample=False`` or ``temperature=0``:
+        greedy, with the processors (repetition penalty, ``logits_processor``) applied before the argmax; the
+        sampling-only arguments are then ignored with a warning, as HF does. Processors run per verified node on
+        that node's own token history, in HF's order: repetition penalty, ``logits_processor``, the warpers.
+    generator : draws come from it (same seed, same output); default: torch's global RNG.
+    logits_processor : a ``LogitsProcessorList`` applied to every step's scores (history-dependent ones included).
+    draft_sampling : method "speculative" only: the draft samples its tokens from its own processed distribution q
+        (accepted with min(1, r/q)) instead of proposing its greedy tokens. Ignored when greedy.
+    scores_out : a list that receives, per emitted token, ``(processed_scores, raw_logits)``, each (1, V) float32
+        (what HF's ``output_scores`` / ``output_logits`` return).
 
     Returns
     -------
     LongTensor (1, L + n) on the target's device, n <= max_new_tokens, ending at the first EOS if one was produced;
     with ``return_stats=True`` a tuple ``(ids, GenerationStats)``.
-    Raises ``ValueError`` naming the problem for bad input (batch > 1, empty prompt, vocab mismatch, ...).
+    Raises ``ValueError`` naming the problem for bad input (batch > 1, empty prompt, vocab mismatch, top_p outside
+    (0, 1], temperature < 0, ...).
     """
     prompt = _prompt_list(input_ids)      # validated once; stream takes the plain list
     stats = GenerationStats()
@@ -161,7 +174,9 @@ def generate(target, draft=None, input_ids=None, *, max_new_tokens: int, method:
     for new in stream(target, draft, prompt, max_new_tokens=max_new_tokens, method=method, pool=pool,
                       gamma=gamma, ngram=ngram, window=window, guess_set=guess_set, topk=topk,
                       eos_token_id=eos_token_id, fast=fast, pool_device=pool_device, adaptive=adaptive,
-                      compile=compile, stats=stats):
+                      compile=compile, stats=stats, do_sample=do_sample, temperature=temperature, top_k=top_k,
+                      top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, generator=generator,
+                      logits_processor=logits_processor, draft_sampling=draft_sampling, scores_out=scores_out):
         out.extend(new)
         if on_tokens is not None:
             on_tokens(new)

@@ -1,7 +1,11 @@
 """The Ouroboros cycle (SPEC §2) and the baselines, sharing one verify / accept / KV path.
 
 Every method proposes a token tree, the target verifies it in one forward (``tree_step``), and the accepted path plus
-the target's bonus token is emitted. Every emitted token is the target's argmax given the true prefix: lossless.
+the target's bonus token is emitted. Greedy: every emitted token is the target's argmax given the true prefix. With a
+:class:`~ouroboros.sampling.TreeSampler` the accepted path and the bonus come from its walk (processors per node,
+speculative sampling over the trie), so the output is distributed exactly as plain sampling from the target. Either
+way proposals are deterministic given the text so far (or, for ``draft_sampling``, drawn from the draft's own
+distribution before verification), and the pool and the Jacobi window learn only from raw argmaxes: lossless.
 """
 from __future__ import annotations
 
@@ -10,10 +14,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
+import torch
+
 from .config import DecodeConfig
 from .forward import ModelRunner
 from .gpu_pool import GpuPhrasePool
 from .pool import PhrasePool
+from .sampling import TreeSampler
 from .tokentree import TokenTree
 
 __all__ = ["GenerationStats", "StepResult", "LookaheadWindow", "tree_step", "decode"]
@@ -36,6 +43,7 @@ class GenerationStats:
     kv_gathers: int = 0              # caches compacted by a non-contiguous gather
     pool_size: int = 0
     pool_keys: int = 0
+    pool_bytes: int = 0              # pool.nbytes() after the call (bounded by its max_bytes)
     pool_lookups: int = 0
     pool_hits: int = 0
     time_total: float = 0.0
@@ -75,7 +83,12 @@ class GenerationStats:
 
 @dataclass
 class StepResult:
-    """One tree forward: the tree, the model's argmax at every node, and the accepted path below the given tokens."""
+    """One tree forward: the tree, the model's argmax at every node, and the accepted path below the given tokens.
+
+    ``argmax`` is always the raw argmax (it feeds the pool and the window, which stay deterministic). ``bonus`` is the
+    token chosen after the path by a sampler (None: the raw argmax there), ``dist`` the distribution it was drawn from
+    (sampling only) and ``scores`` (processed (1, V), raw (1, V)) per emitted token when the sampler keeps them.
+    """
 
     tree: TokenTree
     argmax: list[int]
@@ -83,6 +96,9 @@ class StepResult:
     trunk: list[int]            # nodes of the draft trunk
     branches: list[list[int]]   # nodes of each branch, in the order given
     path: list[int]             # accepted nodes below the last given node
+    bonus: int | None = None
+    dist: torch.Tensor | None = None
+    scores: list | None = None
 
     @property
     def tip(self) -> int:
@@ -90,9 +106,10 @@ class StepResult:
 
     @property
     def emitted(self) -> list[int]:
-        """Accepted tokens plus the model's own next token after them (the bonus)."""
+        """Accepted tokens plus the token chosen after them (the bonus)."""
         last = self.path[-1] if self.path else self.given[-1]
-        return [self.tree.tokens[n] for n in self.path] + [self.argmax[last]]
+        bonus = self.argmax[last] if self.bonus is None else self.bonus
+        return [self.tree.tokens[n] for n in self.path] + [bonus]
 
     @property
     def trunk_accepted(self) -> int:
@@ -101,10 +118,15 @@ class StepResult:
 
 
 def tree_step(runner: ModelRunner, pending: Sequence[int], trunk: Sequence[int] = (),
-              branches: Sequence[Sequence[int]] = ()) -> StepResult:
+              branches: Sequence[Sequence[int]] = (), *, sampler: TreeSampler | None = None,
+              context: Sequence[int] = (), trunk_q: Sequence[torch.Tensor] = ()) -> StepResult:
     """Run ``pending`` (uncached, decided tokens), then ``trunk``, then ``branches`` off the trunk's tip, as one trie.
 
-    Guarantees: one forward; afterwards the runner's cache holds exactly the old prefix + pending + accepted path.
+    Without ``sampler``: the accepted path follows the raw argmax (``TokenTree.walk``). With one: the sampler walks
+    the tree on the full logits; ``context`` is then the whole sequence up to and including ``pending``'s last token
+    (the processors' history) and ``trunk_q`` the distributions the trunk tokens were sampled from (empty: the trunk
+    is a deterministic proposal). Guarantees: one forward; afterwards the runner's cache holds exactly the old
+    prefix + pending + accepted path.
     """
     tree = TokenTree()
     given = tree.add_path(-1, pending)
@@ -112,10 +134,17 @@ def tree_step(runner: ModelRunner, pending: Sequence[int], trunk: Sequence[int] 
     tip = trunk_ids[-1] if trunk_ids else given[-1]
     branch_ids = [tree.add_path(tip, b) for b in branches]
     prefix = runner.n_cached
-    argmax = runner.forward_tree(tree)
-    path = tree.walk(given[-1], argmax)
-    runner.keep(prefix, given + path)
-    return StepResult(tree, argmax, given, trunk_ids, branch_ids, path)
+    if sampler is None:
+        argmax = runner.forward_tree(tree)
+        result = StepResult(tree, argmax, given, trunk_ids, branch_ids, tree.walk(given[-1], argmax))
+    else:
+        logits = runner.forward_tree_logits(tree)
+        argmax = logits.argmax(-1).tolist()
+        walk = sampler.walk(tree, logits, given[-1], context, dict(zip(trunk_ids, trunk_q)))
+        result = StepResult(tree, argmax, given, trunk_ids, branch_ids, walk.path, walk.bonus, walk.dist,
+                            walk.scores)
+    runner.keep(prefix, given + result.path)
+    return result
 
 
 class LookaheadWindow:
@@ -149,28 +178,35 @@ def _clip(tokens: list[int], budget: int, eos: frozenset[int]) -> tuple[list[int
 
 def draft_tokens(drafter: ModelRunner, seq: list[int], gamma: int, eos: frozenset[int], stats: GenerationStats,
                  window: LookaheadWindow | None = None, pool: PhrasePool | None = None,
-                 guess_set: int = 0) -> list[int]:
-    """Extend ``seq`` (in place) by up to ``gamma`` tokens of the drafting model's greedy text; return the draft.
+                 guess_set: int = 0, sampler: TreeSampler | None = None) -> tuple[list[int], list[torch.Tensor]]:
+    """Extend ``seq`` (in place) by up to ``gamma`` tokens of the drafting model's text; return the draft and, with
+    ``sampler`` (a sampling draft), the distribution q (V,) each draft token was drawn from (else an empty list).
 
-    With a window and pool this is phrase-level drafting (lookahead decoding on the draft model, SPEC §2 step 1):
-    each forward verifies pool guesses and advances the window, adding 1..N tokens. Without, one token per forward.
+    Without ``sampler`` the text is the draft's greedy text. With a window and pool this is phrase-level drafting
+    (lookahead decoding on the draft model, SPEC §2 step 1): each forward verifies pool guesses and advances the
+    window, adding 1..N tokens. Without, one token per forward (the only mode a sampling draft runs in).
     """
-    start = len(seq)
+    if sampler is not None and (window is not None or guess_set):
+        raise ValueError("a sampling draft drafts one token per forward: no window or guesses")
+    start, qs = len(seq), []
     while len(seq) - start < gamma:
         pending = seq[drafter.n_cached:]
         guesses = pool.lookup(pending[-1], guess_set) if pool is not None and guess_set else []
         columns = window.columns if window is not None else []
-        result = tree_step(drafter, pending, branches=[*columns, *guesses])
+        result = tree_step(drafter, pending, branches=[*columns, *guesses], sampler=sampler, context=seq)
         if window is not None:
             window.advance(result, pool)
         new = result.emitted
+        if result.dist is not None:
+            qs.append(result.dist)
         stats.draft_forwards += 1
         stats.draft_tokens += len(new)
         stats.guess_accepted += len(new) - 1
         seq.extend(new)
         if eos.intersection(new):
             break
-    return _clip(seq[start:], gamma, eos)[0]
+    draft = _clip(seq[start:], gamma, eos)[0]
+    return draft, qs[:len(draft)]
 
 
 def mine_verification(pool: PhrasePool, result: StepResult, draft: Sequence[int],
@@ -197,10 +233,12 @@ def _common_prefix(a: Sequence[int], b: Sequence[int], start: int) -> int:
 
 
 def propose(method: str, x: list[int], drf, drafter, window: LookaheadWindow | None, pool: PhrasePool | None,
-            cfg: DecodeConfig, gamma: int, eos: frozenset[int],
-            stats: GenerationStats) -> tuple[list[int], list, list[int]]:
-    """Steps 1-2 of a cycle: the draft trunk, the suffixes to hang off it, and the drafter's own sequence."""
+            cfg: DecodeConfig, gamma: int, eos: frozenset[int], stats: GenerationStats,
+            draft_sampler: TreeSampler | None = None) -> tuple[list[int], list, list[int], list[torch.Tensor]]:
+    """Steps 1-2 of a cycle: the draft trunk, the suffixes to hang off it, the drafter's own sequence, and the
+    distributions the trunk tokens were sampled from (``draft_sampler`` given; else empty: deterministic trunk)."""
     draft_seq: list[int] = []
+    trunk_q: list[torch.Tensor] = []
     seq = x
     if drafter is not None:             # ouroboros drafting with the pool on the device: one read per cycle
         draft_seq, suffixes, total = drafter.draft(x[drf.n_cached:])
@@ -209,15 +247,15 @@ def propose(method: str, x: list[int], drf, drafter, window: LookaheadWindow | N
         stats.draft_forwards += drafter.steps
         stats.draft_tokens += total
         stats.guess_accepted += total - drafter.steps
-        return draft_seq, (suffixes[:cfg.topk] if not eos.intersection(draft_seq) else []), seq
+        return draft_seq, (suffixes[:cfg.topk] if not eos.intersection(draft_seq) else []), seq, trunk_q
     if drf is not None:                 # speculative: one token per draft forward; ouroboros: phrase by phrase
         seq = list(x)
-        draft_seq = draft_tokens(drf, seq, gamma, eos, stats, window, pool,
-                                 cfg.guess_set if method == "ouroboros" else 0)
+        draft_seq, trunk_q = draft_tokens(drf, seq, gamma, eos, stats, window, pool,
+                                          cfg.guess_set if method == "ouroboros" else 0, draft_sampler)
     suffixes = []
     if method in ("prompt_lookup", "ouroboros") and cfg.topk and not eos.intersection(draft_seq):
         suffixes = pool.lookup(draft_seq[-1] if draft_seq else x[-1], cfg.topk)
-    return draft_seq, suffixes, seq
+    return draft_seq, suffixes, seq, trunk_q
 
 
 def make_runner(model, fast: bool, max_len: int, reuse: bool = True, compile: bool | None = None):
@@ -240,12 +278,22 @@ def make_runner(model, fast: bool, max_len: int, reuse: bool = True, compile: bo
 
 def decode(target, draft, prompt: Sequence[int], *, method: str, cfg: DecodeConfig, max_new_tokens: int,
            eos: frozenset[int], pool: PhrasePool | None, stats: GenerationStats,
-           fast: bool = False, compile: bool | None = None) -> Iterator[list[int]]:
+           fast: bool = False, compile: bool | None = None, sampler: TreeSampler | None = None,
+           draft_sampling: bool = False, scores_out: list | None = None) -> Iterator[list[int]]:
     """Yield the emitted tokens cycle by cycle until EOS or ``max_new_tokens`` (SPEC §2 "One cycle").
 
     ``pool`` may be a :class:`GpuPhrasePool`: then ouroboros drafts on the device (``DeviceDrafter``) and the host
-    touches the pool only in batches.
+    touches the pool only in batches. ``sampler`` (None: plain greedy) chooses the emitted tokens at verification;
+    ``draft_sampling`` (method "speculative", sampling ``sampler`` only) has the draft sample its trunk from its own
+    processed distribution with its own generator stream (:meth:`TreeSampler.for_draft`). ``scores_out`` receives,
+    per emitted token, (processed (1, V), raw (1, V)) when ``sampler`` keeps scores.
     """
+    draft_sampler = None
+    if draft_sampling:
+        if method != "speculative":
+            raise ValueError(f"draft_sampling=True needs method='speculative', got method={method!r}")
+        if sampler is not None and sampler.do_sample:
+            draft_sampler = sampler.for_draft()
     t0 = time.perf_counter()
     x = [int(t) for t in prompt]
     max_len = len(x) + max_new_tokens + cfg.max_gamma + cfg.ngram
@@ -274,13 +322,16 @@ def decode(target, draft, prompt: Sequence[int], *, method: str, cfg: DecodeConf
         n_draft_fwd = stats.draft_forwards
         if method == "lookahead":      # step 1 on the target itself: its own forward verifies the guesses
             guesses = pool.lookup(x[-1], cfg.guess_set)
-            result = tree_step(tgt, x[tgt.n_cached:], branches=[*window.columns, *guesses])
+            result = tree_step(tgt, x[tgt.n_cached:], branches=[*window.columns, *guesses], sampler=sampler,
+                               context=x)
             window.advance(result, pool)
             stats.guess_accepted += len(result.path)
             draft_seq, seq = [], x
         else:
-            draft_seq, suffixes, seq = propose(method, x, drf, drafter, window, pool, cfg, gamma, eos, stats)
-            result = tree_step(tgt, x[tgt.n_cached:], trunk=draft_seq, branches=suffixes)
+            draft_seq, suffixes, seq, trunk_q = propose(method, x, drf, drafter, window, pool, cfg, gamma, eos,
+                                                        stats, draft_sampler)
+            result = tree_step(tgt, x[tgt.n_cached:], trunk=draft_seq, branches=suffixes, sampler=sampler,
+                               context=x, trunk_q=trunk_q)
             if cfg.adaptive and draft_seq:      # longer drafts while they are accepted, shorter once they are not
                 full = result.trunk_accepted == len(draft_seq)
                 gamma = min(gamma + 2, cfg.max_gamma) if full else max(gamma - 1, 1)
@@ -290,6 +341,8 @@ def decode(target, draft, prompt: Sequence[int], *, method: str, cfg: DecodeConf
         stats.trunk_accepted += result.trunk_accepted
         stats.branch_accepted += len(result.path) - result.trunk_accepted if method != "lookahead" else 0
         new, done = _clip(result.emitted, max_new_tokens - produced, eos)
+        if scores_out is not None and result.scores is not None:
+            scores_out.extend(result.scores[:len(new)])
         old_len = len(x)
         x.extend(new)
         produced += len(new)
@@ -309,6 +362,6 @@ def decode(target, draft, prompt: Sequence[int], *, method: str, cfg: DecodeConf
         yield new
     stats.kv_gathers = tgt.gathers + (drf.gathers if drf else 0)
     if pool is not None:
-        stats.pool_size, stats.pool_keys = len(pool), pool.num_keys()
+        stats.pool_size, stats.pool_keys, stats.pool_bytes = len(pool), pool.num_keys(), pool.nbytes()
         stats.pool_lookups, stats.pool_hits = pool.stats.lookups - lookups0, pool.stats.hits - hits0
     stats.time_total = time.perf_counter() - t0

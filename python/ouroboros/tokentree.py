@@ -42,6 +42,11 @@ class TokenTree:
             parent = node
         return ids
 
+    def children(self, node: int) -> list[tuple[int, int]]:
+        """``(child node, token)`` pairs of ``node`` (-1: the roots) in insertion order; tokens are distinct."""
+        siblings = self._roots if node < 0 else self._children[node]
+        return [(child, tok) for tok, child in siblings.items()]
+
     def walk(self, start: int, argmax: Sequence[int]) -> list[int]:
         """Accepted nodes below ``start``: follow the child equal to ``argmax`` at each node until none matches."""
         path = []

@@ -1,0 +1,251 @@
+"""``ouroboros.custom_generate``: Ouroboros as the decoding loop of Hugging Face ``model.generate``.
+
+    out = target.generate(**inputs, custom_generate=ouroboros.custom_generate, draft=draft, max_new_tokens=128)
+    out = target.generate(**inputs, custom_generate=ouroboros.custom_generate, draft=draft, do_sample=True,
+                          temperature=0.7, top_p=0.95, method="ouroboros", gamma=8)
+
+``generate`` does its usual preparation (GenerationConfig resolution incl. the model's own defaults, logits processors
+and warpers, stopping criteria, attention mask) and then calls :func:`custom_generate` in place of its sampling loop,
+passing the extra keyword arguments of this function's signature (``draft``, ``method``, ``gamma``, ...) through.
+Read off transformers 5.24 (``GenerationMixin.generate`` / ``_extract_generation_mode_kwargs``): a callable
+``custom_generate`` receives neither ``streamer`` nor ``tokenizer`` (the kwargs dict is replaced by the callable's own
+keys). ``generate`` has already put the prompt into the streamer and still holds it in its frame, so the streamer is
+taken from there; the tokenizer is gone, so ``stop_strings`` need ``stopping_criteria=[StopStringCriteria(tokenizer,
+stop_strings)]`` until transformers passes ``tokenizer`` on (then ``stop_strings=`` + ``tokenizer=`` work as well).
+"""
+from __future__ import annotations
+
+import inspect
+import sys
+from typing import Any
+
+import torch
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteriaList
+from transformers.generation.utils import GenerateDecoderOnlyOutput, GenerationMixin
+
+from .api import stream
+from .engine import GenerationStats
+from .pool import PhrasePool
+
+__all__ = ["custom_generate"]
+
+# model kwargs ``generate`` prepares for every decoder-only call; anything else (inputs_embeds, pixel_values, ...)
+# would change what the model computes and is refused.
+_PREPARED_MODEL_KWARGS = frozenset({"attention_mask", "position_ids", "logits_to_keep", "cache", "past_key_values",
+                                    "use_cache", "cache_position"})
+_GENERATE_CODE = inspect.unwrap(GenerationMixin.generate).__code__
+
+
+def _is_set(value: Any, threshold: float | None = None) -> bool:
+    if value is None or value is False:
+        return False
+    return threshold is None or value > threshold
+
+
+# (GenerationConfig attribute, "set" threshold (None: any non-None, non-False value), why it is refused)
+_UNSUPPORTED_CONFIG = (
+    ("num_beams", 1, "beam search"),
+    ("num_beam_groups", 1, "group beam search"),
+    ("constraints", None, "constrained beam search"),
+    ("force_words_ids", None, "constrained beam search"),
+    ("num_return_sequences", 1, "one sequence per prompt is generated"),
+    ("penalty_alpha", 0, "contrastive search"),
+    ("dola_layers", None, "DoLa decoding"),
+    ("guidance_scale", 1, "classifier-free guidance runs its own model forwards"),
+    ("prompt_lookup_num_tokens", None, "HF prompt lookup (use method='prompt_lookup')"),
+    ("assistant_early_exit", None, "HF assisted generation (pass draft= instead)"),
+    ("use_mtp", None, "HF multi-token prediction"),
+    ("output_attentions", None, "attention weights are not kept"),
+    ("output_hidden_states", None, "hidden states are not kept"),
+)
+
+
+def _check_options(generation_config: GenerationConfig, synced_gpus: bool, hf_locals: dict,
+                   model_kwargs: dict) -> None:
+    """Raise ValueError naming the first option this decoding loop cannot honour."""
+    for name, threshold, why in _UNSUPPORTED_CONFIG:
+        value = getattr(generation_config, name, None)
+        if _is_set(value, threshold):
+            raise ValueError(f"ouroboros.custom_generate does not support {name}={value!r} ({why})")
+    if synced_gpus or hf_locals.get("synced_gpus"):
+        raise ValueError("ouroboros.custom_generate does not support synced_gpus=True (single device only)")
+    if hf_locals.get("assistant_model") is not None:
+        raise ValueError("ouroboros.custom_generate does not take assistant_model=: pass the draft as draft=")
+    for key, value in model_kwargs.items():
+        if key not in _PREPARED_MODEL_KWARGS and value is not None:
+            raise ValueError(f"ouroboros.custom_generate does not support the model input {key!r}")
+    cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
+    if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
+        raise ValueError(f"ouroboros.custom_generate does not continue from a filled cache (cache holds "
+                         f"{cache.get_seq_length()} tokens): pass the whole text as input_ids")
+
+
+def _generate_frame_locals() -> dict:
+    """The locals of the ``GenerationMixin.generate`` call that invoked us ({} when there is none)."""
+    frame = sys._getframe(1)
+    for _ in range(16):
+        if frame is None:
+            break
+        if frame.f_code is _GENERATE_CODE:
+            return frame.f_locals
+        frame = frame.f_back
+    return {}
+
+
+def _left_pads(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> int:
+    """How many leading positions ``attention_mask`` masks out; ValueError unless it is left padding (batch 1)."""
+    if attention_mask is None:
+        return 0
+    mask = attention_mask.reshape(-1).bool()
+    if mask.numel() != input_ids.shape[1]:
+        raise ValueError(f"attention_mask has {mask.numel()} positions but input_ids has {input_ids.shape[1]}")
+    n_pad = int((~mask).cumprod(0).sum())        # leading zeros
+    if not bool(mask[n_pad:].all()):
+        raise ValueError("attention_mask must be left padding (zeros, then ones); masked positions after the first "
+                         "attended one are not supported")
+    if n_pad == mask.numel():
+        raise ValueError("attention_mask masks every position: the prompt is empty")
+    return n_pad
+
+
+class _PadPrefixed(LogitsProcessor):
+    """Runs ``processors`` on the padded ids HF's own loop would give them (the stripped left pads put back)."""
+
+    def __init__(self, processors: LogitsProcessorList, pads: torch.Tensor) -> None:
+        self.processors, self.pads = processors, pads
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        pads = self.pads.to(input_ids.device).expand(input_ids.shape[0], -1)
+        return self.processors(torch.cat([pads, input_ids], dim=-1), scores)
+
+
+def _sampling_kwargs(generation_config: GenerationConfig, processors: LogitsProcessorList, pads: torch.Tensor,
+                     scores_out: list | None, draft_sampling: bool) -> dict:
+    """The sampling arguments of :func:`ouroboros.stream` for this call (none for plain greedy without extras).
+
+    ``processors`` is generate's prepared list, which already holds the temperature / top-k / top-p warpers when
+    ``do_sample``, so the sampling parameters themselves stay None (nothing is applied twice).
+    """
+    do_sample = bool(generation_config.do_sample)
+    if not do_sample and not len(processors) and scores_out is None and not draft_sampling:
+        return {}
+    if len(processors) and pads.numel():
+        processors = LogitsProcessorList([_PadPrefixed(processors, pads)])
+    return dict(do_sample=do_sample, logits_processor=processors if (do_sample or len(processors)) else None,
+                scores_out=scores_out, draft_sampling=draft_sampling)
+
+
+class _Output:
+    """The growing result of one call: HF's ``input_ids`` (pads included) plus the tokens kept so far, with their
+    scores, and whether a stopping criterion has fired."""
+
+    def __init__(self, input_ids: torch.Tensor, criteria: StoppingCriteriaList, scores_out: list | None,
+                 criteria_see_scores: bool) -> None:
+        self.sequence, self.criteria, self.scores_out = input_ids, criteria, scores_out
+        self.criteria_see_scores = criteria_see_scores
+        self.scores: list[torch.Tensor] = []
+        self.logits: list[torch.Tensor] = []
+        self.stopped = False
+
+    def extend(self, tokens: list[int]) -> int:
+        """Append ``tokens`` one at a time, checking the criteria after each as HF's loop does (so a stop inside an
+        accepted phrase cuts there); returns how many were kept."""
+        for kept, token in enumerate(tokens, start=1):
+            step = torch.tensor([[token]], dtype=self.sequence.dtype, device=self.sequence.device)
+            self.sequence = torch.cat([self.sequence, step], dim=-1)
+            if self.scores_out is not None:
+                processed, raw = self.scores_out[len(self.scores)]
+                self.scores.append(processed)
+                self.logits.append(raw)
+            seen = tuple(self.scores) if self.criteria_see_scores else None     # what HF's loop passes
+            if bool(self.criteria(self.sequence, seen).any()):
+                self.stopped = True
+                return kept
+        return len(tokens)
+
+
+def custom_generate(model, input_ids: torch.LongTensor, logits_processor: LogitsProcessorList | None = None,
+                    stopping_criteria: StoppingCriteriaList | None = None,
+                    generation_config: GenerationConfig | None = None, synced_gpus: bool = False, streamer=None, *,
+                    draft=None, method: str = "ouroboros", gamma: int | None = None, ngram: int | None = None,
+                    window: int | None = None, guess_set: int | None = None, topk: int | None = None,
+                    pool: PhrasePool | None = None, adaptive: bool | None = None, fast: bool | None = None,
+                    draft_sampling: bool = False, stats: GenerationStats | None = None,
+                    stop_strings: str | list[str] | None = None, tokenizer=None, **model_kwargs):
+    """Decode with ouroboros inside ``model.generate(..., custom_generate=ouroboros.custom_generate)`` (batch 1).
+
+    Guarantees, for the settings ``generate`` resolved:
+    - greedy (``do_sample=False``): the tokens ``model.generate`` itself returns, token for token (float32);
+      logits processors (min_new_tokens, repetition_penalty, bad_words_ids, user ones, ...) apply before the argmax;
+    - ``do_sample=True``: tokens distributed as HF's own sampling with the same processors and warpers (lossless
+      speculative sampling), drawn from torch's global RNG, so ``torch.manual_seed`` makes a call reproducible;
+    - ``max_new_tokens`` / ``max_length``, ``eos_token_id`` (one or a list) and every stopping criterion are checked
+      after each token as HF's loop does, so generation stops at the same token even inside an accepted phrase;
+    - ``streamer`` gets the prompt (from ``generate``), then each cycle's new tokens, then ``end()``;
+    - a left-padded ``attention_mask`` is honoured: the pads are stripped for decoding and kept in the result;
+    - returns the (1, L + n) ids, or with ``return_dict_in_generate=True`` a ``GenerateDecoderOnlyOutput`` with
+      ``sequences``, ``scores`` (``output_scores``: processed scores per new token) and ``logits``
+      (``output_logits``: raw logits per new token); its ``cache`` is None (ouroboros keeps its own caches).
+    Unsupported options (beam search, ``num_return_sequences`` > 1, batch > 1, ``output_attentions``, an
+    ``assistant_model``, ...) raise ValueError naming the option.
+
+    Ouroboros keywords: ``draft`` (the draft model; needed by "speculative" and "ouroboros"), ``method``, ``gamma``,
+    ``ngram``, ``window``, ``guess_set``, ``topk``, ``pool``, ``adaptive``, ``fast``, ``draft_sampling`` (speculative:
+    draft by sampling the draft's processed distribution) as in :func:`ouroboros.generate`; ``stats`` is filled with
+    a :class:`GenerationStats`.
+    """
+    generation_config = generation_config if generation_config is not None else model.generation_config
+    logits_processor = logits_processor if logits_processor is not None else LogitsProcessorList()
+    stopping_criteria = stopping_criteria if stopping_criteria is not None else StoppingCriteriaList()
+    hf_locals = _generate_frame_locals()
+    streamer = streamer if streamer is not None else hf_locals.get("streamer")
+    _check_options(generation_config, synced_gpus, hf_locals, model_kwargs)
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise ValueError(f"ouroboros.custom_generate supports batch size 1, got input_ids of shape "
+                         f"{tuple(input_ids.shape)}")
+    if stop_strings is not None:
+        if tokenizer is None:
+            raise ValueError("stop_strings need a tokenizer, and transformers does not pass tokenizer= on to a "
+                             "custom_generate callable: pass stopping_criteria=StoppingCriteriaList("
+                             "[StopStringCriteria(tokenizer, stop_strings)]) instead")
+        from transformers import StopStringCriteria
+        stopping_criteria = StoppingCriteriaList([*stopping_criteria,
+                                                  StopStringCriteria(tokenizer, stop_strings)])
+
+    n_pad = _left_pads(input_ids, model_kwargs.get("attention_mask"))
+    prompt = input_ids[0, n_pad:]
+    want_scores = bool(generation_config.return_dict_in_generate and generation_config.output_scores)
+    want_logits = bool(generation_config.return_dict_in_generate and generation_config.output_logits)
+    scores_out: list | None = [] if (want_scores or want_logits) else None
+    sampling = _sampling_kwargs(generation_config, logits_processor, input_ids[:, :n_pad], scores_out,
+                                draft_sampling)
+    eos = getattr(generation_config, "_eos_token_tensor", None)
+    if eos is None and generation_config.eos_token_id is not None:     # called without generate's preparation
+        eos = torch.tensor(generation_config.eos_token_id)
+    # generate resolves max_length (max_new_tokens + prompt, pads included); HF's loop emits at least one token
+    max_length = generation_config.max_length
+    if max_length is None:                                          # called without generate's preparation
+        max_length = input_ids.shape[1] + (generation_config.max_new_tokens or 20)
+    budget = max(1, max_length - input_ids.shape[1])
+
+    out = _Output(input_ids, stopping_criteria, scores_out, want_scores)
+    cycles = stream(model, draft, prompt, max_new_tokens=budget, method=method, pool=pool, gamma=gamma, ngram=ngram,
+                    window=window, guess_set=guess_set, topk=topk,
+                    eos_token_id=[] if eos is None else eos.reshape(-1).tolist(), fast=fast, adaptive=adaptive,
+                    stats=stats, **sampling)
+    try:
+        for new in cycles:
+            kept = out.extend(new)
+            if streamer is not None and kept:
+                streamer.put(torch.tensor(new[:kept], dtype=torch.long))
+            if out.stopped:
+                break
+    finally:
+        cycles.close()
+    if streamer is not None:
+        streamer.end()
+    if not generation_config.return_dict_in_generate:
+        return out.sequence
+    return GenerateDecoderOnlyOutput(sequences=out.sequence, scores=tuple(out.scores) if want_scores else None,
+                                     logits=tuple(out.logits) if want_logits else None, attentions=None,
+                                     hidden_states=None, cache=None)
