@@ -150,6 +150,8 @@ def test_debug_raises_instead(capsys):
     assert main(argv) == 2 and capsys.readouterr().err == "error: no model directory at /nonexistent/dir\n"
     with pytest.raises(ValueError, match="no model directory at /nonexistent/dir"):
         main(argv + ["--debug"])
+    with pytest.raises(ValueError, match="no model directory at /nonexistent/dir"):
+        main(["--debug"] + argv)                    # before the subcommand too
 
 
 # ---- the one-time conversion of the real pair: announced with its size ---------------------------------------------

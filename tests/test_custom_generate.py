@@ -158,6 +158,8 @@ def test_pool_and_stats_keywords_pass_through(pair):
     (dict(prompt_lookup_num_tokens=3), "prompt_lookup_num_tokens"),
     (dict(assistant_model="draft"), "assistant_model"),
     (dict(synced_gpus=True), "synced_gpus"),
+    (dict(guidance_scale=0.5), "guidance_scale"),
+    (dict(watermarking_config="synthid"), "watermarking_config"),
     (dict(batch=2), "batch size 1"),
     (dict(mask=[1, 1, 0, 1]), "left padding"),
     (dict(method="nope"), "unknown method"),
@@ -169,6 +171,9 @@ def test_unsupported_options_raise_naming_them(pair, kw, match):
     mask = torch.tensor([kw.pop("mask")]) if "mask" in kw else torch.ones_like(ids)
     if kw.get("assistant_model") == "draft":
         kw["assistant_model"] = draft
+    if kw.get("watermarking_config") == "synthid":
+        from transformers import SynthIDTextWatermarkingConfig
+        kw["watermarking_config"] = SynthIDTextWatermarkingConfig(ngram_len=2, keys=[1, 2])
     kw.setdefault("draft", draft)
     with pytest.raises(ValueError, match=match):
         target.generate(ids, attention_mask=mask, max_new_tokens=4, custom_generate=ouroboros.custom_generate, **kw)

@@ -500,7 +500,9 @@ def cmd_info(args) -> int:
 # --------------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
+    # SUPPRESS: a subparser's default must not overwrite `--debug` given before the subcommand
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="on an error, show the full traceback")
     parser = argparse.ArgumentParser(prog="python -m ouroboros", description=__doc__.split("\n")[0],
                                      parents=[common])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -562,12 +564,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ValueError as err:
-        if args.debug:
+        if getattr(args, "debug", False):
             raise
         print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        if args.debug:
+        if getattr(args, "debug", False):
             raise
         print("interrupted", file=sys.stderr)
         return 130

@@ -51,7 +51,7 @@ _UNSUPPORTED_CONFIG = (
     ("num_return_sequences", 1, "one sequence per prompt is generated"),
     ("penalty_alpha", 0, "contrastive search"),
     ("dola_layers", None, "DoLa decoding"),
-    ("guidance_scale", 1, "classifier-free guidance runs its own model forwards"),
+    ("watermarking_config", None, "the watermark processor keeps per-call state; ours run once per verified node"),
     ("prompt_lookup_num_tokens", None, "HF prompt lookup (use method='prompt_lookup')"),
     ("assistant_early_exit", None, "HF assisted generation (pass draft= instead)"),
     ("use_mtp", None, "HF multi-token prediction"),
@@ -67,6 +67,10 @@ def _check_options(generation_config: GenerationConfig, synced_gpus: bool, hf_lo
         value = getattr(generation_config, name, None)
         if _is_set(value, threshold):
             raise ValueError(f"ouroboros.custom_generate does not support {name}={value!r} ({why})")
+    guidance = getattr(generation_config, "guidance_scale", None)
+    if guidance is not None and guidance != 1:      # HF adds its (stateful, model-calling) processor for any != 1
+        raise ValueError(f"ouroboros.custom_generate does not support guidance_scale={guidance!r} (classifier-free "
+                         "guidance runs its own model forwards, one token at a time)")
     if synced_gpus or hf_locals.get("synced_gpus"):
         raise ValueError("ouroboros.custom_generate does not support synced_gpus=True (single device only)")
     if hf_locals.get("assistant_model") is not None:
@@ -108,15 +112,17 @@ def _left_pads(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> 
     return n_pad
 
 
-class _PadPrefixed(LogitsProcessor):
-    """Runs ``processors`` on the padded ids HF's own loop would give them (the stripped left pads put back)."""
+class _AsInHF(LogitsProcessor):
+    """Runs ``processors`` on what HF's own loop would give them: the padded ids (the stripped left pads put back),
+    on the device of the caller's ``input_ids`` (HF moves the logits there, and its processors hold tensors there)."""
 
     def __init__(self, processors: LogitsProcessorList, pads: torch.Tensor) -> None:
         self.processors, self.pads = processors, pads
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        pads = self.pads.to(input_ids.device).expand(input_ids.shape[0], -1)
-        return self.processors(torch.cat([pads, input_ids], dim=-1), scores)
+        device = self.pads.device
+        ids = torch.cat([self.pads.expand(input_ids.shape[0], -1), input_ids.to(device)], dim=-1)
+        return self.processors(ids, scores.to(device)).to(scores.device)
 
 
 def _sampling_kwargs(generation_config: GenerationConfig, processors: LogitsProcessorList, pads: torch.Tensor,
@@ -129,8 +135,8 @@ def _sampling_kwargs(generation_config: GenerationConfig, processors: LogitsProc
     do_sample = bool(generation_config.do_sample)
     if not do_sample and not len(processors) and scores_out is None and not draft_sampling:
         return {}
-    if len(processors) and pads.numel():
-        processors = LogitsProcessorList([_PadPrefixed(processors, pads)])
+    if len(processors):
+        processors = LogitsProcessorList([_AsInHF(processors, pads)])
     return dict(do_sample=do_sample, logits_processor=processors if (do_sample or len(processors)) else None,
                 scores_out=scores_out, draft_sampling=draft_sampling)
 
