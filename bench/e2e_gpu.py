@@ -410,27 +410,26 @@ def step_costs(target, draft, prompt: list[int], cfg, clock: Clock, iters: int, 
     # the ouroboros draft layout (GPU defaults) and the full device draft step
     pool = GpuPhrasePool(ngram=cfg.ngram, guess_set=cfg.guess_set, vocab_size=vocab, device=device)
     pool.seed_from(prompt)
-    drafter = DeviceDrafter(drf, pool, cfg.ngram, cfg.window, cfg.guess_set, cfg.gamma, prompt)
+    drafter = DeviceDrafter(drf, pool, cfg.ngram, cfg.window, cfg.guess_set, prompt, topk=cfg.topk)
     lay = drafter._layout(1)
     logical = 1 + (cfg.window + cfg.guess_set) * (cfg.ngram - 1)
     ids = torch.randint(0, vocab, (1, lay.size), generator=gen).to(device)
     layout_fwd = clock.per_call(lambda: drf.forward_device(ids, lay.depths, lay.bits), iters)
-    buf = torch.zeros(drafter.steps * (cfg.ngram) + 1, dtype=torch.long, device=device)
-    dlen = torch.zeros((), dtype=torch.long, device=device)
-    tok = torch.tensor([prompt[-1]], dtype=torch.long, device=device)
+    phase = drafter._begin(prompt, cfg.gamma, 1)        # one pending token (the prompt's last)
 
     def reset_draft():
         drf.cache.length.fill_(n)
-        dlen.zero_()
+        phase.dlen.zero_()
+        phase.live.fill_(True)
 
-    step = clock.per_call(lambda: drafter._step(tok, buf, dlen), iters, after=reset_draft)
+    step = clock.per_call(lambda: drafter._forward(phase), iters, after=reset_draft)
     reset_draft()
     drf._n = n
     out["draft_layout"] = {"params": cfg.as_dict(), "tokens_logical": logical, "tokens_bucket": lay.size,
                            "forward_ms": ms(layout_fwd), "full_step_ms": ms(step),
                            "step_overhead_ms": ms(step - layout_fwd),
                            "what": "full step = pool lookup + forward + acceptance + window slide + pool insert + "
-                                   "KV commit (DeviceDrafter._step), no host sync"}
+                                   "KV commit (DeviceDrafter._forward), no host sync"}
 
     # bookkeeping pieces
     book: dict = {}
@@ -599,7 +598,7 @@ class Replayer:
                                   device=self.device)
             dpool.seed_from(self.x)
             hpool = dpool.host
-            drafter = DeviceDrafter(self.drf, dpool, cfg.ngram, cfg.window, cfg.guess_set, cfg.gamma, self.x)
+            drafter = DeviceDrafter(self.drf, dpool, cfg.ngram, cfg.window, cfg.guess_set, self.x, topk=cfg.topk)
         elif kind == "pool":
             hpool = PhrasePool(ngram=cfg.ngram, guess_set=cfg.guess_set)
             hpool.seed_from(self.x)
@@ -620,10 +619,9 @@ class Replayer:
             t0 = time.perf_counter()
             # ---- draft phase
             if dfw and kind == "ouroboros":
-                drafter.steps = dfw
                 pending = self.x[self.drf.n_cached:]
                 layouts.add(drafter._layout(len(pending)).size)
-                drafter.draft(pending)
+                drafter.draft(self.x, cfg.gamma, forwards=dfw)     # the recorded number of draft forwards
             elif dfw and kind != "plain":
                 pending = self.x[self.drf.n_cached:]
                 for _ in range(dfw):          # speculative on the fast path: one host tree step per draft token

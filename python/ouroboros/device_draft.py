@@ -1,23 +1,29 @@
-"""Phrase-level drafting with everything on the device (SPEC §2 step 1; GPU pool issue item 3).
+"""The drafting rule (:class:`ouroboros.engine.Drafter`, SPEC §2 step 1) with everything on the device (SPEC §3).
 
 The draft model runs on a :class:`~ouroboros.static.StaticRunner`, the pool is a :class:`GpuPhrasePool`, and each
-draft forward has a fixed layout: the pending token(s), the W window columns and G guess slots, each a chain of N-1
-tokens hanging off the last pending token. Guesses, acceptance lengths, the window, mined n-grams, the KV compaction
-and the growing draft all stay in device tensors; the host reads the draft once per cycle (``DeviceDrafter.draft``).
+draft forward has a fixed layout: the pending token(s), then the W window columns and G guess slots, each a chain of
+N-1 tokens off the last pending token (an absent guess is an invalid slot that accepts nothing). Guesses,
+acceptance, the window, the mined n-grams, the KV compaction, the growing draft and the stop rule all stay in device
+tensors: the host reads one block per phase (the draft, its length and the suffixes to verify after it).
 
-Differences from the host drafting loop, none of which affects losslessness: guess chains are not merged into a trie
-(the longest accepted chain is taken, first on ties, which emits the same tokens), and a cycle runs a fixed number
-of draft forwards (``steps``) instead of stopping as soon as ``gamma`` tokens exist (the draft is then cut to gamma).
+Without reading, the host cannot stop a phase early: a phase runs exactly ``budget(gamma)`` forwards, and once the
+rule says stop (gamma tokens drafted, or EOS) the remaining ones are masked: they add no token, slide no window
+column, insert no n-gram and commit no KV. So the drafted tokens, the window, the pool and the cache are those of a
+host drafter, except that a phase whose budget binds ends short of gamma (a shorter draft; still lossless). The budget
+is the forwards gamma tokens take at the yield seen so far in this generation (tokens per forward that ran live; 2
+before any), at most gamma: it follows the cycle's adaptive gamma.
 """
 from __future__ import annotations
 
 import math
-import random
 import time
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
+from .engine import Draft, Drafter, initial_columns
 from .gpu_pool import GpuPhrasePool
 from .static import StaticRunner, _bucket
 
@@ -29,8 +35,9 @@ class _Layout:
 
     def __init__(self, pending: int, chains: int, n1: int, device: torch.device) -> None:
         t = pending + chains * n1
-        self.size = _bucket(t)
-        self.nodes = (pending + torch.arange(chains * n1).view(chains, n1)).to(device)   # (C, N-1)
+        self.tokens, self.size, self.pending = t, _bucket(t), pending
+        self.pending_nodes = torch.arange(pending, device=device)                          # (P,)
+        self.nodes = (pending + torch.arange(chains * n1).view(chains, n1)).to(device)     # (C, N-1)
         depths = torch.zeros(self.size, dtype=torch.long)
         depths[:pending] = torch.arange(pending)
         depths[pending:t] = (pending + torch.arange(n1)).repeat(chains)
@@ -41,84 +48,128 @@ class _Layout:
             bits[lo:lo + n1, :pending] = True
             bits[lo:lo + n1, lo:lo + n1] = torch.ones(n1, n1, dtype=torch.bool).tril()
         self.depths, self.bits = depths.to(device), bits.to(device)
-        self.pending = pending
 
 
-class DeviceDrafter:
-    """Owns the window (a device tensor) for one generation; ``draft`` runs one cycle's drafting phase."""
+@dataclass
+class _DevicePhase:
+    """One drafting phase's state: host facts, and device tensors that only the final read brings back."""
+
+    x: list[int]
+    gamma: int
+    prefix: int                 # tokens cached when the phase began
+    n_pending: int              # host tokens pending then
+    start: float
+    pending: torch.Tensor       # (P,) the next forward's pending tokens
+    buf: torch.Tensor           # (forwards * N,) the drafted tokens, valid below dlen
+    dlen: torch.Tensor          # () tokens drafted
+    live: torch.Tensor          # () bool: the rule lets the next forward count
+    lived: torch.Tensor         # () forwards that counted
+    forwards: int = 0           # forwards run
+
+
+class DeviceDrafter(Drafter):
+    """Drafts on ``runner`` with ``pool``; owns the window (a device tensor) for one generation.
+
+    ``ngram``, ``window``, ``guess_set``, ``topk``: N, W, G, K of SPEC §2 (W + G >= 1); ``context`` seeds the window
+    (as :class:`~ouroboros.engine.LookaheadWindow` does); ``eos``: the tokens that end drafting.
+    """
 
     def __init__(self, runner: StaticRunner, pool: GpuPhrasePool, ngram: int, window: int, guess_set: int,
-                 gamma: int, context: Sequence[int], seed: int = 0) -> None:
-        self.runner, self.pool = runner, pool
-        self.n1, self.w, self.g, self.gamma = ngram - 1, window, guess_set, gamma
-        self.device = runner.device
-        rng = random.Random(seed)
-        cols = [[int(context[rng.randrange(len(context))]) for _ in range(self.n1)] for _ in range(window)]
-        self.columns = torch.tensor(cols, dtype=torch.long, device=self.device).view(window, self.n1)
-        self.steps = max(1, math.ceil(gamma / 2))
+                 context: Sequence[int], *, topk: int = 0, eos: frozenset[int] = frozenset(), seed: int = 0) -> None:
+        if not isinstance(runner, StaticRunner):
+            raise ValueError(f"device drafting needs a StaticRunner, got {type(runner).__name__}")
+        if not isinstance(pool, GpuPhrasePool):
+            raise ValueError(f"device drafting needs a GpuPhrasePool, got {type(pool).__name__}")
+        if pool.ngram != ngram:
+            raise ValueError(f"the pool holds {pool.ngram}-grams but ngram={ngram}")
+        if window + guess_set < 1:
+            raise ValueError(f"device drafting needs window + guess_set >= 1, got {window} + {guess_set}")
+        self.runner, self.pool, self.eos = runner, pool, frozenset(eos)
+        self.n1, self.w, self.g, self.topk = ngram - 1, window, guess_set, topk
+        self.device = dev = runner.device
+        self.columns = torch.tensor(initial_columns(ngram, window, context, seed), dtype=torch.long,
+                                    device=dev).view(window, self.n1)
+        self._window_ok = torch.ones(window, dtype=torch.bool, device=dev)
+        self._eos = torch.tensor(sorted(self.eos), dtype=torch.long, device=dev)
+        self._pos = torch.arange(ngram, device=dev)
         self._layouts: dict[int, _Layout] = {}
-        self.forwards = 0
+        self._drafted = self._lived = 0          # the yield so far (host ints, from the phase reads)
+
+    def budget(self, gamma: int) -> int:
+        """The forwards ``gamma`` tokens take at the yield so far (tokens per live forward; 2 before any phase),
+        between 1 and gamma."""
+        rate = (self._drafted + 2) / (self._lived + 1)
+        return max(1, min(gamma, math.ceil(gamma / rate)))
 
     def _layout(self, pending: int) -> _Layout:
         if pending not in self._layouts:
             self._layouts[pending] = _Layout(pending, self.w + self.g, self.n1, self.device)
         return self._layouts[pending]
 
-    def _step(self, pending: torch.Tensor, buf: torch.Tensor, dlen: torch.Tensor) -> torch.Tensor:
-        """One draft forward from ``pending`` (P,) device tokens; appends 1..N tokens to ``buf`` at ``dlen``."""
-        lay = self._layout(pending.shape[0])
-        guesses, valid = self.pool.lookup(pending[-1:], self.g)                       # (1, G, N-1), (1, G)
-        chains = torch.cat([self.columns, guesses[0]])                                 # (C, N-1)
-        chain_ok = torch.cat([torch.ones(self.w, dtype=torch.bool, device=self.device), valid[0]])
-        ids = torch.zeros(1, lay.size, dtype=torch.long, device=self.device)
-        ids[0, :lay.pending] = pending
-        ids[0, lay.nodes.flatten()] = chains.flatten()
+    def _begin(self, x: list[int], gamma: int, forwards: int) -> _DevicePhase:
+        prefix = self.runner.n_cached
+        dev, long = self.device, torch.long
+        return _DevicePhase(x, gamma, prefix, len(x) - prefix, time.perf_counter(),
+                            pending=torch.tensor(x[prefix:], dtype=long, device=dev),
+                            buf=torch.zeros(forwards * (self.n1 + 1), dtype=long, device=dev),
+                            dlen=torch.zeros((), dtype=long, device=dev),
+                            live=torch.ones((), dtype=torch.bool, device=dev),
+                            lived=torch.zeros((), dtype=long, device=dev))
+
+    def _forward(self, ph: _DevicePhase) -> bool:
+        """One draft forward by the rule, masked once the rule says stop. Device ops only: no host read."""
+        lay = self._layout(ph.pending.shape[0])
+        chains, ok = self.columns, self._window_ok
+        if self.g:
+            key = torch.where(ph.live, ph.pending[-1:], -1)                         # -1: no lookup once stopped
+            guesses, valid = self.pool.lookup(key, self.g)                           # (1, G, N-1), (1, G)
+            chains, ok = torch.cat([chains, guesses[0]]), torch.cat([ok, valid[0]])  # (C, N-1), (C,)
+        ids = F.pad(torch.cat([ph.pending, chains.flatten()]), (0, lay.size - lay.tokens)).view(1, -1)
         argmax = self.runner.forward_device(ids, lay.depths, lay.bits)
-        self.forwards += 1
-        root = argmax[lay.pending - 1]
-        preds = argmax[lay.nodes]                                                      # (C, N-1)
-        expected = torch.cat([root.expand(chains.shape[0], 1), preds[:, :-1]], dim=1)
-        accepted = ((chains == expected) & chain_ok[:, None]).long().cumprod(1).sum(1)  # (C,)
-        best = torch.argmax(accepted)                                                  # first longest chain
-        m = accepted[best]
-        bonus = torch.where(m == 0, root, preds[best, (m - 1).clamp(min=0)])
-        emitted = torch.cat([chains[best], bonus.view(1)])
-        emitted[m] = bonus
-        buf[dlen + torch.arange(self.n1 + 1, device=self.device)] = emitted
-        dlen += m + 1
-        # the window slides one level; its columns become n-grams in the pool
-        if self.w:
-            new_cols = torch.cat([self.columns[:, 1:], preds[:self.w, -1:]], dim=1)
-            self.pool.insert_many(self.columns[:, 0], new_cols)
-            self.columns = new_cols
-        # keep the pending entries and the accepted chain's entries; the bonus is the next pending token
-        src = torch.cat([torch.arange(lay.pending, device=self.device), lay.nodes[best]])
-        self.runner.commit_device(src, lay.pending + m)
-        return bonus.view(1)
+        ph.forwards += 1
+        root = argmax[lay.pending - 1:lay.pending]
+        after = torch.cat([root.expand(chains.shape[0], 1), argmax[lay.nodes]], dim=1)   # argmax after 0..N-1 tokens
+        accepted = ((chains == after[:, :-1]) & ok[:, None]).long().cumprod(1).sum(1)    # (C,)
+        best = accepted.argmax().view(1)                                                # the first longest chain
+        m = accepted.index_select(0, best)                                              # (1,)
+        bonus = after.index_select(0, best)[0].gather(0, m)                             # (1,)
+        emitted = torch.where(self._pos < m, F.pad(chains.index_select(0, best)[0], (0, 1)), bonus)   # (N,)
+        live = ph.live
+        ph.buf.index_copy_(0, ph.dlen + self._pos, emitted)     # past the drafted length when not live: never read
+        ph.dlen += torch.where(live, m[0] + 1, 0)
+        ph.lived += live
+        ph.live = live & (ph.dlen < ph.gamma)
+        if self.eos:
+            ph.live &= ~(torch.isin(emitted, self._eos) & (self._pos <= m)).any()
+        if self.w:        # the window slides one level; its columns become n-grams in the pool (-1 keys: skipped)
+            slid = torch.cat([self.columns[:, 1:], after[:self.w, -1:]], dim=1)
+            self.pool.insert_many(torch.where(live, self.columns[:, 0], -1), slid)
+            self.columns = torch.where(live, slid, self.columns)
+        # keep the pending entries and the accepted chain's; the bonus is the next pending token
+        src = torch.cat([lay.pending_nodes, lay.nodes.index_select(0, best)[0]])
+        self.runner.commit_device(src, torch.where(live, lay.pending + m[0], 0))
+        ph.pending = bonus
+        return True
 
-    def draft(self, pending: Sequence[int]) -> tuple[list[int], list[tuple[int, ...]], int]:
-        """Run ``steps`` draft forwards from ``pending`` (host tokens not yet in the draft cache).
-
-        Returns the draft (cut to ``gamma``), the pool's newest phrases for its last token (for phrase
-        concatenation), and the number of tokens drafted before the cut. One device-to-host read.
-        """
-        start, prefix = time.perf_counter(), self.runner.n_cached
-        buf = torch.zeros(self.steps * (self.n1 + 1) + 1, dtype=torch.long, device=self.device)
-        dlen = torch.zeros((), dtype=torch.long, device=self.device)
-        token = torch.tensor(list(pending), dtype=torch.long, device=self.device)
-        for _ in range(self.steps):
-            token = self._step(token, buf, dlen)
-        cut = dlen.clamp(max=self.gamma)
-        phrases, valid = self.pool.lookup(buf[cut - 1].view(1), self.g)
-        head = torch.stack([dlen, cut])
-        flat = torch.cat([head, buf, valid[0].long(), phrases[0].flatten()]).tolist()  # the one read per cycle
-        total, n = flat[0], flat[1]
-        draft = flat[2:2 + n]
-        off = 2 + buf.shape[0]
-        ok = flat[off:off + self.g]
-        rows = flat[off + self.g:]
-        suffixes = [tuple(rows[i * self.n1:(i + 1) * self.n1]) for i in range(self.g) if ok[i]]
-        # each step caches its pending tokens and accepted guesses: all drafted tokens but the last are cached now
-        self.runner._n = prefix + len(pending) + total - 1
-        self.runner.forward_time += time.perf_counter() - start
-        return draft, suffixes, total
+    def _end(self, ph: _DevicePhase) -> Draft:
+        """The phase's one host read: the drafted tokens, and the suffixes for the cut draft's last token."""
+        n = ph.buf.shape[0]
+        parts = [ph.dlen.view(1), ph.lived.view(1), ph.buf]
+        if self.topk:
+            cut = ph.dlen.clamp(max=ph.gamma)
+            key = ph.buf.index_select(0, (cut - 1).view(1))
+            if self.eos:                 # a draft holding EOS gets no suffixes: key -1 looks up nothing
+                in_draft = torch.arange(n, device=self.device) < cut
+                key = torch.where((torch.isin(ph.buf, self._eos) & in_draft).any(), -1, key)
+            phrases, valid = self.pool.lookup(key, self.topk)
+            parts += [valid[0].long(), phrases[0].flatten()]
+        block = torch.cat(parts).tolist()                              # the one read per phase
+        drafted, lived = block[0], block[1]
+        tokens, ok, rows = block[2:2 + drafted], block[2 + n:2 + n + self.topk], block[2 + n + self.topk:]
+        suffixes = [tuple(rows[i * self.n1:(i + 1) * self.n1]) for i in range(self.topk) if ok[i]]
+        # each live forward cached its pending tokens and accepted chain: every drafted token but the last
+        self.runner._n = ph.prefix + ph.n_pending + drafted - 1
+        self.runner.forward_time += time.perf_counter() - ph.start
+        self._drafted += drafted
+        self._lived += lived
+        return Draft(self._cut(tokens, ph.gamma), ph.x + tokens, suffixes, ph.forwards, drafted, drafted - lived)

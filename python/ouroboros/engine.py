@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -23,7 +24,8 @@ from .pool import PhrasePool
 from .sampling import TreeSampler
 from .tokentree import TokenTree
 
-__all__ = ["GenerationStats", "StepResult", "LookaheadWindow", "tree_step", "decode"]
+__all__ = ["GenerationStats", "StepResult", "LookaheadWindow", "Draft", "Drafter", "HostDrafter", "make_drafter",
+           "tree_step", "decode"]
 
 
 @dataclass
@@ -35,7 +37,7 @@ class GenerationStats:
     tokens: int = 0
     cycles: int = 0
     target_forwards: int = 0
-    draft_forwards: int = 0
+    draft_forwards: int = 0          # draft forwards run (device drafting: with the masked ones, see Drafter)
     draft_tokens: int = 0            # tokens the draft phase produced (before truncation to gamma)
     trunk_accepted: int = 0          # draft tokens the target accepted
     branch_accepted: int = 0         # tokens accepted from concatenated phrases (suffix branches)
@@ -147,6 +149,12 @@ def tree_step(runner: ModelRunner, pending: Sequence[int], trunk: Sequence[int] 
     return result
 
 
+def initial_columns(ngram: int, width: int, context: Sequence[int], seed: int = 0) -> list[list[int]]:
+    """The Jacobi window's starting state: ``width`` columns of N-1 tokens drawn from ``context`` (seeded)."""
+    rng = random.Random(seed)
+    return [[int(context[rng.randrange(len(context))]) for _ in range(ngram - 1)] for _ in range(width)]
+
+
 class LookaheadWindow:
     """The 2-D Jacobi window: ``width`` columns of N-1 levels, each a chain hanging off the last token.
 
@@ -155,8 +163,7 @@ class LookaheadWindow:
     """
 
     def __init__(self, ngram: int, width: int, context: Sequence[int], seed: int = 0) -> None:
-        rng = random.Random(seed)
-        self.columns = [[int(context[rng.randrange(len(context))]) for _ in range(ngram - 1)] for _ in range(width)]
+        self.columns = initial_columns(ngram, width, context, seed)
 
     def advance(self, result: StepResult, pool: PhrasePool) -> None:
         """Slide every column using the predictions in ``result`` (whose first branches are the columns)."""
@@ -176,37 +183,148 @@ def _clip(tokens: list[int], budget: int, eos: frozenset[int]) -> tuple[list[int
     return tokens, len(tokens) == budget
 
 
-def draft_tokens(drafter: ModelRunner, seq: list[int], gamma: int, eos: frozenset[int], stats: GenerationStats,
-                 window: LookaheadWindow | None = None, pool: PhrasePool | None = None,
-                 guess_set: int = 0, sampler: TreeSampler | None = None) -> tuple[list[int], list[torch.Tensor]]:
-    """Extend ``seq`` (in place) by up to ``gamma`` tokens of the drafting model's text; return the draft and, with
-    ``sampler`` (a sampling draft), the distribution q (V,) each draft token was drawn from (else an empty list).
+@dataclass
+class Draft:
+    """What one drafting phase proposes for verification (SPEC §2 steps 1-2), and what it cost."""
 
-    Without ``sampler`` the text is the draft's greedy text. With a window and pool this is phrase-level drafting
-    (lookahead decoding on the draft model, SPEC §2 step 1): each forward verifies pool guesses and advances the
-    window, adding 1..N tokens. Without, one token per forward (the only mode a sampling draft runs in).
+    tokens: list[int]                                  # the trunk: cut to gamma, and after its first EOS
+    seq: list[int]                                     # the text + every drafted token (before the cut)
+    suffixes: list = field(default_factory=list)       # phrases to hang off the trunk's tip (phrase concatenation)
+    forwards: int = 0                                  # draft forwards run
+    drafted: int = 0                                   # tokens drafted (before the cut)
+    guessed: int = 0                                   # of those, accepted window/pool guesses (the rest: 1/forward)
+    qs: list = field(default_factory=list)             # sampling draft: the q (V,) each trunk token was drawn from
+
+
+class Drafter(ABC):
+    """Drafting (SPEC §2 step 1): the one rule every drafter follows; subclasses differ only in where it runs.
+
+    A phase starts from the tokens the drafting model has not cached yet (``pending``; the last is the root) and the
+    cycle's current ``gamma``. Each draft forward runs the pending tokens, then the W window columns and the guesses
+    (up to G phrases of ``P[root]``, newest first), each a chain of N-1 tokens off the root. It accepts the longest
+    chain prefix equal to the model's argmax chain (the first such chain on ties; a trie walk gives the same tokens)
+    and emits it plus the argmax after it (the bonus): 1..N tokens. Every window column then yields an n-gram
+    (column[0] -> column[1:] + the prediction after its last level), inserted into P in column order, and becomes
+    that phrase. The cache keeps the pending tokens and the accepted chain; the bonus is the next forward's pending
+    token. Forwards run while fewer than ``gamma`` tokens are drafted and none is EOS, at most ``budget(gamma)`` of
+    them. The draft is the drafted tokens cut to gamma and after the first EOS; unless it holds EOS, the K newest
+    phrases of ``P[its last token]`` are the suffixes to verify after it (step 2). W = G = 0 is speculative decoding's
+    drafting: one token per forward.
+
+    A host drafter (:class:`HostDrafter`) reads every forward's outcome, so it stops as soon as the rule says
+    (``budget`` = gamma never binds). A device drafter (:class:`ouroboros.device_draft.DeviceDrafter`) reads once per
+    phase: it runs exactly ``budget(gamma)`` forwards, and the ones after the rule says stop change nothing.
     """
-    if sampler is not None and (window is not None or guess_set):
-        raise ValueError("a sampling draft drafts one token per forward: no window or guesses")
-    start, qs = len(seq), []
-    while len(seq) - start < gamma:
-        pending = seq[drafter.n_cached:]
-        guesses = pool.lookup(pending[-1], guess_set) if pool is not None and guess_set else []
-        columns = window.columns if window is not None else []
-        result = tree_step(drafter, pending, branches=[*columns, *guesses], sampler=sampler, context=seq)
-        if window is not None:
-            window.advance(result, pool)
+
+    runner: ModelRunner
+    eos: frozenset[int]
+
+    def budget(self, gamma: int) -> int:
+        """The most draft forwards a phase with this ``gamma`` may run."""
+        return gamma
+
+    def draft(self, x: list[int], gamma: int, forwards: int | None = None) -> Draft:
+        """One drafting phase after the text ``x`` (whose first ``runner.n_cached`` tokens the drafting model has
+        cached) aiming at ``gamma`` tokens, by the class's rule; ``forwards`` overrides ``budget(gamma)`` (trace
+        replay). Afterwards the cache holds ``x`` and the drafted tokens but the last, or a prefix of that."""
+        if gamma < 1:
+            raise ValueError(f"gamma must be >= 1, got {gamma}")
+        forwards = self.budget(gamma) if forwards is None else forwards
+        if forwards < 1:
+            raise ValueError(f"a drafting phase runs at least one forward, got forwards={forwards}")
+        phase = self._begin(x, gamma, forwards)
+        for _ in range(forwards):
+            if not self._forward(phase):       # False: the phase is over (only a host drafter can know early)
+                break
+        return self._end(phase)
+
+    def _cut(self, drafted: list[int], gamma: int) -> list[int]:
+        """The draft: the drafted tokens cut to ``gamma`` and after the first EOS."""
+        return _clip(drafted, gamma, self.eos)[0]
+
+    @abstractmethod
+    def _begin(self, x: list[int], gamma: int, forwards: int):
+        """The state of a phase after ``x`` with ``gamma`` and at most ``forwards`` forwards."""
+
+    @abstractmethod
+    def _forward(self, phase) -> bool:
+        """One draft forward by the rule; False once the phase is known to be over."""
+
+    @abstractmethod
+    def _end(self, phase) -> Draft:
+        """The phase's draft (cut), suffixes and counts; the runner's host state made current."""
+
+
+@dataclass
+class _HostPhase:
+    start: int                                          # len(x)
+    gamma: int
+    out: Draft
+
+
+class HostDrafter(Drafter):
+    """The rule on a runner driven from the host (:class:`ModelRunner`, or a static runner's host interface) with a
+    :class:`PhrasePool`: the chains go into one trie (shared prefixes merged, absent guesses left out), so the tree
+    is no larger than it must be, which is what a CPU forward pays for.
+
+    ``sampler`` (a sampling draft, speculative only): each forward's token is drawn from the draft's processed
+    distribution instead of its argmax; the q it was drawn from is kept per draft token.
+    """
+
+    def __init__(self, runner: ModelRunner, eos: frozenset[int], window: LookaheadWindow | None = None,
+                 pool: PhrasePool | None = None, guess_set: int = 0, topk: int = 0,
+                 sampler: TreeSampler | None = None) -> None:
+        if sampler is not None and (window is not None or guess_set):
+            raise ValueError("a sampling draft drafts one token per forward: no window or guesses")
+        if pool is None and (window is not None or guess_set or topk):
+            raise ValueError("a window, guesses or suffixes need a phrase pool")
+        self.runner, self.eos, self.window, self.pool = runner, eos, window, pool
+        self.guess_set, self.topk, self.sampler = guess_set, topk, sampler
+
+    def _begin(self, x: list[int], gamma: int, forwards: int) -> _HostPhase:
+        return _HostPhase(len(x), gamma, Draft([], list(x)))
+
+    def _forward(self, phase: _HostPhase) -> bool:
+        out, seq = phase.out, phase.out.seq
+        pending = seq[self.runner.n_cached:]
+        guesses = self.pool.lookup(pending[-1], self.guess_set) if self.guess_set else []
+        columns = self.window.columns if self.window is not None else []
+        result = tree_step(self.runner, pending, branches=[*columns, *guesses], sampler=self.sampler, context=seq)
+        if self.window is not None:
+            self.window.advance(result, self.pool)
         new = result.emitted
         if result.dist is not None:
-            qs.append(result.dist)
-        stats.draft_forwards += 1
-        stats.draft_tokens += len(new)
-        stats.guess_accepted += len(new) - 1
+            out.qs.append(result.dist)
+        out.forwards += 1
+        out.drafted += len(new)
+        out.guessed += len(new) - 1
         seq.extend(new)
-        if eos.intersection(new):
-            break
-    draft = _clip(seq[start:], gamma, eos)[0]
-    return draft, qs[:len(draft)]
+        return out.drafted < phase.gamma and not self.eos.intersection(new)
+
+    def _end(self, phase: _HostPhase) -> Draft:
+        out = phase.out
+        out.tokens = self._cut(out.seq[phase.start:], phase.gamma)
+        out.qs = out.qs[:len(out.tokens)]
+        if self.topk and not self.eos.intersection(out.tokens):
+            out.suffixes = self.pool.lookup(out.tokens[-1], self.topk)
+        return out
+
+
+def make_drafter(method: str, runner, context: Sequence[int], cfg: DecodeConfig,
+                 pool: PhrasePool | GpuPhrasePool | None, eos: frozenset[int],
+                 sampler: TreeSampler | None = None) -> Drafter:
+    """The drafter of ``method`` on ``runner`` (the drafting model's, prefilled): "speculative" drafts one token per
+    forward (with ``sampler``: sampled); "ouroboros" drafts phrase by phrase with ``cfg``'s window and guesses, on the
+    device when ``pool`` is a :class:`GpuPhrasePool` (then ``runner`` must be a static runner)."""
+    if method == "speculative":
+        return HostDrafter(runner, eos, sampler=sampler)
+    if method != "ouroboros":
+        raise ValueError(f"method {method!r} has no drafting model")
+    if isinstance(pool, GpuPhrasePool):
+        from .device_draft import DeviceDrafter
+        return DeviceDrafter(runner, pool, cfg.ngram, cfg.window, cfg.guess_set, context, topk=cfg.topk, eos=eos)
+    window = LookaheadWindow(cfg.ngram, cfg.window, context) if cfg.window else None
+    return HostDrafter(runner, eos, window, pool, cfg.guess_set, cfg.topk)
 
 
 def mine_verification(pool: PhrasePool, result: StepResult, draft: Sequence[int],
@@ -232,30 +350,14 @@ def _common_prefix(a: Sequence[int], b: Sequence[int], start: int) -> int:
     return i
 
 
-def propose(method: str, x: list[int], drf, drafter, window: LookaheadWindow | None, pool: PhrasePool | None,
-            cfg: DecodeConfig, gamma: int, eos: frozenset[int], stats: GenerationStats,
-            draft_sampler: TreeSampler | None = None) -> tuple[list[int], list, list[int], list[torch.Tensor]]:
-    """Steps 1-2 of a cycle: the draft trunk, the suffixes to hang off it, the drafter's own sequence, and the
-    distributions the trunk tokens were sampled from (``draft_sampler`` given; else empty: deterministic trunk)."""
-    draft_seq: list[int] = []
-    trunk_q: list[torch.Tensor] = []
-    seq = x
-    if drafter is not None:             # ouroboros drafting with the pool on the device: one read per cycle
-        draft_seq, suffixes, total = drafter.draft(x[drf.n_cached:])
-        draft_seq = _clip(draft_seq, cfg.gamma, eos)[0]
-        seq = x + draft_seq
-        stats.draft_forwards += drafter.steps
-        stats.draft_tokens += total
-        stats.guess_accepted += total - drafter.steps
-        return draft_seq, (suffixes[:cfg.topk] if not eos.intersection(draft_seq) else []), seq, trunk_q
-    if drf is not None:                 # speculative: one token per draft forward; ouroboros: phrase by phrase
-        seq = list(x)
-        draft_seq, trunk_q = draft_tokens(drf, seq, gamma, eos, stats, window, pool,
-                                          cfg.guess_set if method == "ouroboros" else 0, draft_sampler)
-    suffixes = []
-    if method in ("prompt_lookup", "ouroboros") and cfg.topk and not eos.intersection(draft_seq):
-        suffixes = pool.lookup(draft_seq[-1] if draft_seq else x[-1], cfg.topk)
-    return draft_seq, suffixes, seq, trunk_q
+def propose(method: str, x: list[int], drafter: Drafter | None, pool: PhrasePool | None, cfg: DecodeConfig,
+            gamma: int) -> Draft:
+    """Steps 1-2 of a cycle: the drafter's phase with the current ``gamma``, or, without a drafting model, no trunk
+    (prompt lookup: the pool's phrases for the last token as suffixes)."""
+    if drafter is not None:
+        return drafter.draft(x, gamma)
+    suffixes = pool.lookup(x[-1], cfg.topk) if method == "prompt_lookup" and cfg.topk else []
+    return Draft([], x, suffixes)
 
 
 def make_runner(model, fast: bool, max_len: int, reuse: bool = True, compile: bool | None = None):
@@ -283,7 +385,8 @@ def decode(target, draft, prompt: Sequence[int], *, method: str, cfg: DecodeConf
     """Yield the emitted tokens cycle by cycle until EOS or ``max_new_tokens`` (SPEC §2 "One cycle").
 
     ``pool`` may be a :class:`GpuPhrasePool`: then ouroboros drafts on the device (``DeviceDrafter``) and the host
-    touches the pool only in batches. ``sampler`` (None: plain greedy) chooses the emitted tokens at verification;
+    touches the pool only in batches. Either way drafting follows one rule (:class:`Drafter`) with the cycle's
+    current gamma. ``sampler`` (None: plain greedy) chooses the emitted tokens at verification;
     ``draft_sampling`` (method "speculative", sampling ``sampler`` only) has the draft sample its trunk from its own
     processed distribution with its own generator stream (:meth:`TreeSampler.for_draft`). ``scores_out`` receives,
     per emitted token, (processed (1, V), raw (1, V)) when ``sampler`` keeps scores.
@@ -297,21 +400,19 @@ def decode(target, draft, prompt: Sequence[int], *, method: str, cfg: DecodeConf
     t0 = time.perf_counter()
     x = [int(t) for t in prompt]
     max_len = len(x) + max_new_tokens + cfg.max_gamma + cfg.ngram
-    drafter, device_pool = None, pool if isinstance(pool, GpuPhrasePool) else None
+    device_pool = pool if isinstance(pool, GpuPhrasePool) else None
     if device_pool is not None:
         pool = device_pool.host
     tgt = make_runner(target, fast, max_len, compile=compile)
     tgt.prefill(x[:-1])
-    drf = None
+    drafter = drf = None
     if method in ("speculative", "ouroboros"):
         on_device = method == "ouroboros" and device_pool is not None and cfg.window + cfg.guess_set > 0
         drf = make_runner(draft, fast or on_device, max_len + 2 * cfg.max_gamma * cfg.ngram, reuse=draft is not target,
                           compile=compile)
         drf.prefill(x[:-1])
-        if on_device:
-            from .device_draft import DeviceDrafter
-            drafter = DeviceDrafter(drf, device_pool, cfg.ngram, cfg.window, cfg.guess_set, cfg.gamma, x)
-    window = LookaheadWindow(cfg.ngram, cfg.window, x) if method in ("lookahead", "ouroboros") else None
+        drafter = make_drafter(method, drf, x, cfg, device_pool if on_device else pool, eos, draft_sampler)
+    window = LookaheadWindow(cfg.ngram, cfg.window, x) if method == "lookahead" else None
     if pool is not None:
         pool.seed_from(x)
         lookups0, hits0 = pool.stats.lookups, pool.stats.hits
@@ -319,24 +420,26 @@ def decode(target, draft, prompt: Sequence[int], *, method: str, cfg: DecodeConf
     produced, done, gamma = 0, False, cfg.gamma
     while not done:
         d0, v0 = (drf.forward_time if drf else 0.0), tgt.forward_time
-        n_draft_fwd = stats.draft_forwards
+        cycle_gamma = gamma
         if method == "lookahead":      # step 1 on the target itself: its own forward verifies the guesses
             guesses = pool.lookup(x[-1], cfg.guess_set)
             result = tree_step(tgt, x[tgt.n_cached:], branches=[*window.columns, *guesses], sampler=sampler,
                                context=x)
             window.advance(result, pool)
             stats.guess_accepted += len(result.path)
-            draft_seq, seq = [], x
+            drafted = Draft([], x)
         else:
-            draft_seq, suffixes, seq, trunk_q = propose(method, x, drf, drafter, window, pool, cfg, gamma, eos,
-                                                        stats, draft_sampler)
-            result = tree_step(tgt, x[tgt.n_cached:], trunk=draft_seq, branches=suffixes, sampler=sampler,
-                               context=x, trunk_q=trunk_q)
-            if cfg.adaptive and draft_seq:      # longer drafts while they are accepted, shorter once they are not
-                full = result.trunk_accepted == len(draft_seq)
+            drafted = propose(method, x, drafter, pool, cfg, gamma)
+            stats.draft_forwards += drafted.forwards
+            stats.draft_tokens += drafted.drafted
+            stats.guess_accepted += drafted.guessed
+            result = tree_step(tgt, x[tgt.n_cached:], trunk=drafted.tokens, branches=drafted.suffixes,
+                               sampler=sampler, context=x, trunk_q=drafted.qs)
+            if cfg.adaptive and drafted.tokens:     # longer drafts while they are accepted, shorter once they are not
+                full = result.trunk_accepted == len(drafted.tokens)
                 gamma = min(gamma + 2, cfg.max_gamma) if full else max(gamma - 1, 1)
             if method == "ouroboros":
-                mine_verification(pool, result, draft_seq, suffixes)
+                mine_verification(pool, result, drafted.tokens, drafted.suffixes)
         stats.target_forwards += 1
         stats.trunk_accepted += result.trunk_accepted
         stats.branch_accepted += len(result.path) - result.trunk_accepted if method != "lookahead" else 0
@@ -347,7 +450,7 @@ def decode(target, draft, prompt: Sequence[int], *, method: str, cfg: DecodeConf
         x.extend(new)
         produced += len(new)
         if drf is not None:             # roll the draft cache back to what agrees with the accepted text
-            drf.rollback(min(_common_prefix(seq, x, old_len - 1), len(x) - 1))
+            drf.rollback(min(_common_prefix(drafted.seq, x, old_len - 1), len(x) - 1))
         if pool is not None:            # the emitted text's own n-grams (prompt-lookup style)
             n = cfg.ngram
             pool.insert_many((x[i], x[i + 1:i + n]) for i in range(max(0, old_len - n + 1), len(x) - n + 1))
@@ -356,8 +459,8 @@ def decode(target, draft, prompt: Sequence[int], *, method: str, cfg: DecodeConf
         stats.time_draft += (drf.forward_time - d0) if drf else 0.0
         stats.time_verify += tgt.forward_time - v0
         stats.trace.append({"tree_size": len(result.tree), "accepted": len(new), "verified": len(result.emitted),
-                            "draft_len": len(draft_seq),
-                            "draft_forwards": stats.draft_forwards - n_draft_fwd})
+                            "draft_len": len(drafted.tokens), "gamma": cycle_gamma if drf else 0,
+                            "draft_forwards": drafted.forwards})
         stats.time_total = time.perf_counter() - t0
         yield new
     stats.kv_gathers = tgt.gathers + (drf.gathers if drf else 0)
