@@ -7,6 +7,7 @@ any model loads; a model that is not a local directory is looked up in the Huggi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import re
@@ -205,18 +206,25 @@ def print_stats(stats: GenerationStats, out=None) -> None:
 
 
 # --------------------------------------------------------------------------------------------------- generate
-def _load_model(source: ModelSource, dtype: torch.dtype, device: str):
-    """The model at ``source``, on ``device``, eval mode; without transformers' progress bars on stderr (there, the
-    CLI writes only errors)."""
-    from transformers import AutoModelForCausalLM
+@contextlib.contextmanager
+def _no_hf_progress_bars():
+    """Inside: transformers' weight-loading bars are off (stderr is for errors and our own one-line notices)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, attn_implementation="sdpa",
-                                                     **source.kwargs())
+        yield
     finally:
         hf_logging.enable_progress_bar()
+
+
+def _load_model(source: ModelSource, dtype: torch.dtype, device: str):
+    """The model at ``source``, on ``device``, eval mode, loaded without transformers' progress bars."""
+    from transformers import AutoModelForCausalLM
+
+    with _no_hf_progress_bars():
+        model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, attn_implementation="sdpa",
+                                                     **source.kwargs())
     return model.to(device).eval()
 
 
@@ -275,8 +283,9 @@ def _demo_models(args) -> DemoInputs:
     if not args.small:
         try:
             from .models import DEFAULT_PAIR, encode_prompt, load_pair, load_prompts
-            target, draft, tokenizer = load_pair(DEFAULT_PAIR, dtype=_dtype(args.dtype), attn_implementation="sdpa",
-                                                 draft_quant=args.draft_quant)
+            with _no_hf_progress_bars():
+                target, draft, tokenizer = load_pair(DEFAULT_PAIR, dtype=_dtype(args.dtype),
+                                                     attn_implementation="sdpa", draft_quant=args.draft_quant)
             text = args.prompt
             if text is None:
                 try:
