@@ -20,6 +20,7 @@
 #include <cstring>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "ouroboros/tree_attention.cuh"
@@ -235,6 +236,14 @@ struct Device {
   void *q = nullptr, *k = nullptr, *v = nullptr, *o = nullptr, *ws = nullptr, *prefix = nullptr;
   int32_t* mask = nullptr;
   size_t ws_bytes = 0;
+  Device() = default;
+  Device(const Device&) = delete;  // owns its buffers: a copy would free them twice
+  Device& operator=(const Device&) = delete;
+  Device(Device&& other) noexcept
+      : q(std::exchange(other.q, nullptr)), k(std::exchange(other.k, nullptr)), v(std::exchange(other.v, nullptr)),
+        o(std::exchange(other.o, nullptr)), ws(std::exchange(other.ws, nullptr)),
+        prefix(std::exchange(other.prefix, nullptr)), mask(std::exchange(other.mask, nullptr)),
+        ws_bytes(other.ws_bytes) {}
   ~Device() {
     for (void* ptr : {q, k, v, o, ws, prefix, static_cast<void*>(mask)})
       if (ptr) cudaFree(ptr);
