@@ -306,8 +306,8 @@ def _fmt(x):
     return "   -   " if x is None else f"{x:7.1f}"
 
 
-def _best(r, backends, suffix=""):
-    xs = [r.get(f"ours_{b}{suffix}") for b in backends if r.get(f"ours_{b}{suffix}") is not None]
+def _best(r, backends):
+    xs = [r.get(f"ours_{b}") for b in backends if r.get(f"ours_{b}") is not None]
     return min(xs) if xs else None
 
 

@@ -162,12 +162,13 @@ def hf_run(method: str, target, draft, ids, max_new: int, eos: list[int], pad: i
 def our_run(method: str, target, draft, ids, max_new: int, eos: list[int], params: dict, pool=None,
             sampling: Sampling | None = None):
     import ouroboros
+    from ouroboros.config import DRAFT_METHODS
 
     m = ENGINE_METHOD.get(method, method)
     extra = sampling.generate_kwargs() if sampling is not None else {}
     if method == "speculative_ds" and extra:
         extra["draft_sampling"] = True
-    out, stats = ouroboros.generate(target, draft if m in ("speculative", "ouroboros") else None, ids,
+    out, stats = ouroboros.generate(target, draft if m in DRAFT_METHODS else None, ids,
                                     max_new_tokens=max_new, method=m, pool=pool, eos_token_id=eos,
                                     return_stats=True, **params, **extra)
     return out[0, ids.shape[1]:].tolist(), stats

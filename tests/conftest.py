@@ -167,3 +167,24 @@ def family_models():
         return cache[key]
 
     return get
+
+
+def chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor, min_expected: float = 5.0) -> float:
+    """Pearson's chi-square goodness of fit of ``counts`` to ``probs`` (same shape); cells expecting fewer than
+    ``min_expected`` draws are merged (with the smallest others until the merged cell expects enough). A count in a
+    cell of probability 0 gives p = 0."""
+    counts, probs = counts.flatten().double(), probs.flatten().double()
+    if bool(((probs <= 0) & (counts > 0)).any()):
+        return 0.0
+    expected = probs / probs.sum() * counts.sum()
+    order = torch.argsort(expected)
+    counts, expected = counts[order], expected[order]
+    cut = 0
+    while cut < len(expected) and (expected[:cut].sum() < min_expected or expected[cut] < min_expected):
+        cut += 1
+    obs = torch.cat([counts[:cut].sum().view(1), counts[cut:]]) if cut else counts
+    exp = torch.cat([expected[:cut].sum().view(1), expected[cut:]]) if cut else expected
+    if len(exp) < 2:
+        return 1.0
+    stat = float(((obs - exp) ** 2 / exp).sum())
+    return float(torch.special.gammaincc(torch.tensor((len(exp) - 1) / 2.0), torch.tensor(stat / 2.0)))

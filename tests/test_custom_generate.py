@@ -7,7 +7,7 @@ from transformers import (LogitsProcessor, LogitsProcessorList, StoppingCriteria
                           TextStreamer)
 
 import ouroboros
-from conftest import make_model, make_tokenizer, noisy_copy
+from conftest import chi2_pvalue, make_model, make_tokenizer, noisy_copy
 
 REPETITIVE = [5, 6, 7, 8, 5, 6, 7, 8, 5]        # pool phrases and long accepted runs
 PROMPTS = [REPETITIVE, [3], list(range(10, 40))]
@@ -193,17 +193,6 @@ def test_sampling_is_reproducible_with_a_seed(pair):
     assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
 
 
-def _chi_square_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    """p-value of Pearson's goodness-of-fit test of ``counts`` against ``probs`` (cells with probability > 0)."""
-    keep = probs > 0
-    assert counts[~keep].sum() == 0, "a token of probability 0 was drawn"
-    n = counts.sum()
-    expected = probs[keep].double() * n
-    stat = ((counts[keep].double() - expected) ** 2 / expected).sum()
-    dof = int(keep.sum()) - 1
-    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), stat / 2))
-
-
 @pytest.mark.parametrize("method, extra", [("ouroboros", {}), ("speculative", {"draft_sampling": True})])
 def test_first_token_distribution_is_hfs(pair, method, extra):
     """The first sampled token follows softmax(HF's processed scores) (chi-square at a fixed seed)."""
@@ -217,4 +206,4 @@ def test_first_token_distribution_is_hfs(pair, method, extra):
     for _ in range(300):
         out = ours(target, draft, ids, method=method, max_new_tokens=1, **SAMPLING, **extra)
         counts[out[0, -1]] += 1
-    assert _chi_square_p(counts, probs) > 1e-3
+    assert chi2_pvalue(counts, probs) > 1e-3

@@ -10,7 +10,7 @@ from collections import OrderedDict
 import pytest
 import torch
 
-from ouroboros.pool import DEFAULT_MAX_BYTES, POOL_FORMAT, PhrasePool, PoolStats, budget_caps, key_bytes
+from ouroboros.pool import DEFAULT_MAX_BYTES, _lru_dict_peak_bytes, POOL_FORMAT, PhrasePool, PoolStats, budget_caps, key_bytes
 
 
 def test_insert_lookup_newest_first_and_k_limit():
@@ -284,14 +284,7 @@ def test_key_table_slot_bound_holds_under_churn():
     """The 200 B a key's slot in the table of keys may cost (pool module docstring), checked on this CPython."""
     base = sys.getsizeof(OrderedDict({0: None}))
     for keys in (*range(1, 120), 170, 171, 700, 1400, 2800):
-        table: OrderedDict[int, None] = OrderedDict()
-        peak = 0
-        for i in range(4 * keys + 16):
-            table[i] = None
-            if len(table) > keys:
-                table.popitem(last=False)
-            peak = max(peak, sys.getsizeof(table))
-        assert peak <= base + 200 * keys, keys
+        assert _lru_dict_peak_bytes(keys) <= base + 200 * keys, keys
 
 
 def test_load_cuts_a_larger_state_to_the_caps(tmp_path):

@@ -8,7 +8,7 @@ from transformers import LogitsProcessorList
 
 from .architectures import TESTED_MODEL_TYPES
 from .architectures import check_model as _check_model
-from .config import METHODS, resolve_config
+from .config import DRAFT_METHODS, METHODS, resolve_config
 from .engine import GenerationStats, decode
 from .gpu_pool import GpuPhrasePool
 from .guard import acquire
@@ -68,7 +68,7 @@ def _prepare(target, draft, input_ids, max_new_tokens, method, pool, params, poo
     vocab = _vocab_size(target)
     if max(prompt) >= vocab or min(prompt) < 0:
         raise ValueError(f"input_ids hold token ids outside the target vocabulary [0, {vocab})")
-    if method in ("speculative", "ouroboros"):
+    if method in DRAFT_METHODS:
         if draft is None:
             raise ValueError(f"method {method!r} needs a draft model")
         _check_model(draft, "draft")
@@ -110,8 +110,8 @@ def stream(target, draft=None, input_ids=None, *, max_new_tokens: int, method: s
                            generator, keep_scores=scores_out is not None)
     stats = stats if stats is not None else GenerationStats()
     stats.method, stats.config = method, cfg.as_dict()
-    uses_draft = method in ("speculative", "ouroboros")   # one call per model/pool at a time (ouroboros.guard)
-    with acquire(target, draft if uses_draft else None, pool), torch.inference_mode():
+    # one call per model/pool at a time (ouroboros.guard)
+    with acquire(target, draft if method in DRAFT_METHODS else None, pool), torch.inference_mode():
         yield from decode(target, draft, prompt, method=method, cfg=cfg, max_new_tokens=max_new_tokens,
                           eos=_eos_set(target, eos_token_id), pool=pool, stats=stats,
                           fast=(target.device.type == "cuda") if fast is None else fast, compile=compile,

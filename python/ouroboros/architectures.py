@@ -13,7 +13,7 @@ import warnings
 
 import torch
 
-from .forward import uses_our_attention
+from .forward import ATTENTION_LAYER_TYPES, uses_our_attention
 
 __all__ = ["TESTED_MODEL_TYPES", "check_model", "patch_refusal", "unsupported_reason"]
 
@@ -26,7 +26,6 @@ TESTED_MODEL_TYPES = frozenset({
     "granite", "olmo", "olmo2", "stablelm", "cohere", "qwen3_moe", "mixtral", "phi", "gpt_neox", "starcoder2",
     "exaone4", "seed_oss", "ernie4_5", "gpt2", "falcon",
 })
-_ATTENTION_LAYER_TYPES = frozenset({"full_attention", "sliding_attention"})
 _MASKABLE_ATTENTION = ("eager", "sdpa")
 _PROBE_KWARG = "ouro_probe"
 _warned_types: set[str] = set()
@@ -66,7 +65,7 @@ def _layer_reason(model) -> str | None:
         return (f"{name} keeps a recurrent state, which cannot be branched over a token tree nor rolled back to the "
                 f"accepted tokens; ouroboros needs an attention-only model")
     layer_types = getattr(model.config.get_text_config(), "layer_types", None) or []
-    other = sorted(set(layer_types) - _ATTENTION_LAYER_TYPES)
+    other = sorted(set(layer_types) - ATTENTION_LAYER_TYPES)
     if other:
         return (f"{name} has {', '.join(other)} layers; ouroboros verifies token trees only through full or "
                 f"sliding-window attention layers, whose cache can be cut back to the accepted tokens")

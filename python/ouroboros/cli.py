@@ -21,14 +21,13 @@ from typing import Callable
 import torch
 
 from .api import generate, stream
-from .config import CPU_DEFAULTS, GPU_DEFAULTS, METHODS, resolve_config
+from .config import CPU_DEFAULTS, DRAFT_METHODS, GPU_DEFAULTS, METHODS, resolve_config
 from .engine import GenerationStats
 from .quantize import draft_quantization, quantize_draft, resolve_draft_quant
 
 __all__ = ["main", "build_parser"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-NEEDS_DRAFT = ("speculative", "ouroboros")
 BUSY_SPREAD = 1.3          # runs of one side farther apart than this (max/min): the machine looks busy
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -233,7 +232,7 @@ def cmd_generate(args) -> int:
     sampling = _sampling(args)
     if not args.prompt:
         raise ValueError("the prompt is empty: pass some text with --prompt")
-    if args.method in NEEDS_DRAFT and not args.draft:
+    if args.method in DRAFT_METHODS and not args.draft:
         raise ValueError(f"--method {args.method} needs a draft model: pass --draft DIR (a smaller model with the "
                          f"target's tokenizer), or use --method greedy, lookahead or prompt_lookup")
     _check_run(args, args.method, args.device)

@@ -5,10 +5,11 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-__all__ = ["DecodeConfig", "GPU_DEFAULTS", "CPU_DEFAULTS", "CPU_LOOKAHEAD_DEFAULTS", "CPU_PROMPT_LOOKUP_DEFAULTS",
-           "METHODS", "resolve_config"]
+__all__ = ["DecodeConfig", "DRAFT_METHODS", "GPU_DEFAULTS", "CPU_DEFAULTS", "CPU_LOOKAHEAD_DEFAULTS",
+           "CPU_PROMPT_LOOKUP_DEFAULTS", "METHODS", "resolve_config"]
 
 METHODS = ("greedy", "speculative", "lookahead", "prompt_lookup", "ouroboros")
+DRAFT_METHODS = ("speculative", "ouroboros")            # the methods that run a draft model
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .config import DecodeConfig
+from .config import DRAFT_METHODS, DecodeConfig
 from .forward import ModelRunner
 from .gpu_pool import GpuPhrasePool
 from .pool import PhrasePool
@@ -406,7 +406,7 @@ def decode(target, draft, prompt: Sequence[int], *, method: str, cfg: DecodeConf
     tgt = make_runner(target, fast, max_len, compile=compile)
     tgt.prefill(x[:-1])
     drafter = drf = None
-    if method in ("speculative", "ouroboros"):
+    if method in DRAFT_METHODS:
         on_device = method == "ouroboros" and device_pool is not None and cfg.window + cfg.guess_set > 0
         drf = make_runner(draft, fast or on_device, max_len + 2 * cfg.max_gamma * cfg.ngram, reuse=draft is not target,
                           compile=compile)

@@ -18,7 +18,11 @@ from .cache import cache_length, crop_cache, keep_entries, new_cache
 from .cpu_linear import small_m_linear
 from .tokentree import TokenTree
 
-__all__ = ["ModelRunner", "cache_kwarg", "dense_tree_masks", "layer_masks", "uses_our_attention"]
+__all__ = ["ATTENTION_LAYER_TYPES", "ModelRunner", "cache_kwarg", "dense_tree_masks", "layer_masks",
+           "uses_our_attention"]
+
+# the layer types whose cache can be cut back to the accepted tokens, and so verify token trees
+ATTENTION_LAYER_TYPES = frozenset({"full_attention", "sliding_attention"})
 
 
 def cache_kwarg(model) -> str:
@@ -51,18 +55,11 @@ def layer_masks(config, visible: torch.Tensor, q_pos: torch.Tensor, k_pos: torch
 
     window = getattr(config, "sliding_window", None)
     layer_types = set(getattr(config, "layer_types", None) or [])
+    if layer_types - ATTENTION_LAYER_TYPES:
+        raise ValueError(f"layer types {sorted(layer_types - ATTENTION_LAYER_TYPES)} are not supported by ouroboros "
+                         "tree verification")
     if "sliding_attention" in layer_types:
-        masks = {}
-        for kind in layer_types:
-            if kind == "full_attention":
-                masks[kind] = additive(visible)
-            elif kind == "sliding_attention":
-                masks[kind] = additive(windowed(window))
-            else:
-                raise ValueError(f"layer type {kind!r} is not supported by ouroboros tree verification")
-        return masks
-    if layer_types - {"full_attention"}:
-        raise ValueError(f"layer types {sorted(layer_types)} are not supported by ouroboros tree verification")
+        return {kind: additive(windowed(window) if kind == "sliding_attention" else visible) for kind in layer_types}
     if window is not None and not layer_types and getattr(config, "use_sliding_window", True):
         return additive(windowed(window))
     return additive(visible)
@@ -76,6 +73,16 @@ def dense_tree_masks(config, prefix_len: int, parents: Sequence[int], depths: Se
     q_pos = prefix_len + torch.as_tensor(list(depths), dtype=torch.long, device=device)
     k_pos = torch.cat([torch.arange(prefix_len, device=device), q_pos])
     return layer_masks(config, visible, q_pos, k_pos, dtype)
+
+
+def timed_logits(runner, logits: torch.Tensor, start: float) -> torch.Tensor:
+    """``logits`` as float32, once the device has finished them; their time since ``start`` added to
+    ``runner.forward_time`` (so the timing is honest)."""
+    logits = logits.float()
+    if logits.device.type == "cuda":
+        torch.cuda.synchronize(logits.device)
+    runner.forward_time += time.perf_counter() - start
+    return logits
 
 
 class ModelRunner:
@@ -124,11 +131,7 @@ class ModelRunner:
     def forward_tree_logits(self, tree: TokenTree) -> torch.Tensor:
         """Like :meth:`forward_tree`, but return the raw logits (T, V) of every node, float32 on the model device."""
         logits, start = self._tree_logits(tree)
-        logits = logits.float()
-        if logits.device.type == "cuda":
-            torch.cuda.synchronize(logits.device)    # so the timing is honest
-        self.forward_time += time.perf_counter() - start
-        return logits
+        return timed_logits(self, logits, start)
 
     def _tree_logits(self, tree: TokenTree) -> tuple[torch.Tensor, float]:
         """One forward of ``tree`` appended to the cache: its logits (T, V) in the model dtype and the start time."""

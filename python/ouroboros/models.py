@@ -355,8 +355,7 @@ def prepare_model(model: ChunkedModel, cache_dir: str | os.PathLike | None = Non
     """Folder of the converted model in the cache, converting it first if needed (idempotent, atomic)."""
     root = cache_root(cache_dir)
     folder = root / model.model_id
-    marker = _read_marker(folder)
-    if marker is not None and (not with_tokenizer or marker.get("tokenizer")):
+    if _is_cached(model, root, with_tokenizer):
         return folder
     root.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{model.model_id}.", dir=root))

@@ -61,25 +61,26 @@ def phrase_bytes(phrase_len: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _phrase_list_peak_bytes(guess_set: int) -> int:
-    """Peak ``sys.getsizeof`` of one key's OrderedDict of at most ``guess_set`` phrases under LRU churn.
+def _lru_dict_peak_bytes(capacity: int) -> int:
+    """Peak ``sys.getsizeof`` of an OrderedDict kept at most ``capacity`` entries by LRU churn (a key's phrase list;
+    the table of keys).
 
     A dict that keeps inserting and evicting compacts into a table sized for 3x its entries; that happens within the
-    first ``4 G + 16`` inserts, and later compactions find the same size.
+    first ``4 capacity + 16`` inserts, and later compactions find the same size.
     """
-    phrases: OrderedDict[int, None] = OrderedDict()
-    peak = sys.getsizeof(phrases)
-    for i in range(4 * guess_set + 16):
-        phrases[i] = None
-        if len(phrases) > guess_set:
-            phrases.popitem(last=False)
-        peak = max(peak, sys.getsizeof(phrases))
+    table: OrderedDict[int, None] = OrderedDict()
+    peak = sys.getsizeof(table)
+    for i in range(4 * capacity + 16):
+        table[i] = None
+        if len(table) > capacity:
+            table.popitem(last=False)
+        peak = max(peak, sys.getsizeof(table))
     return peak
 
 
 def key_bytes(ngram: int, guess_set: int) -> int:
     """Most bytes one key with ``guess_set`` phrases of ``ngram - 1`` tokens can cost (module docstring)."""
-    return (_phrase_list_peak_bytes(guess_set) + _INT_BYTES + _KEY_SLOT_BYTES
+    return (_lru_dict_peak_bytes(guess_set) + _INT_BYTES + _KEY_SLOT_BYTES
             + guess_set * phrase_bytes(ngram - 1))
 
 

@@ -103,7 +103,7 @@ def logits_processor(cfg: SamplingConfig, custom: Sequence | None = None) -> Log
     return LogitsProcessorList(_merge(_penalties(cfg), custom or ()) + _warpers(cfg))
 
 
-_SAMPLE_ONLY = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "min_p": None}
+_SAMPLE_ONLY = {name: getattr(SamplingConfig(), name) for name in ("temperature", "top_k", "top_p", "min_p")}
 
 
 def resolve_sampling(do_sample: bool | None = False, temperature: float | None = None, top_k: int | None = None,

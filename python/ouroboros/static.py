@@ -23,7 +23,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ouroboros_kernels import ancestor_mask, pack_mask
 
-from .forward import cache_kwarg, layer_masks
+from .forward import cache_kwarg, layer_masks, timed_logits
 from .patch import TreeSpec, is_patched, patch, tree_call_kwargs
 from .tokentree import TokenTree
 
@@ -131,15 +131,13 @@ def route_to_kernel(model) -> bool:
     GPT-NeoX: the tree descriptor could not get through) or transformers cannot switch its attention; the runner then
     passes dense 4-D masks.
     """
-    from .architectures import _attention_gets_extra_kwargs
-
-    if not _attention_gets_extra_kwargs(model):
+    if is_patched(model):            # patched some other way: patch()'s own refusal check did not run
+        from .architectures import _attention_gets_extra_kwargs
+        return _attention_gets_extra_kwargs(model)
+    try:
+        patch(model)                 # refuses (ValueError) what the tree descriptor cannot reach
+    except ValueError:
         return False
-    if not is_patched(model):
-        try:
-            patch(model)
-        except ValueError:
-            return False
     return True
 
 
@@ -328,11 +326,7 @@ class StaticRunner:
     def forward_tree_logits(self, tree: TokenTree) -> torch.Tensor:
         """Like :meth:`forward_tree`, but the raw logits (T, V) float32 of every node, on the model device."""
         start = time.perf_counter()
-        logits = self.forward_device(*self._stage(tree), logits=True)[:len(tree)]
-        if logits.device.type == "cuda":
-            torch.cuda.synchronize(logits.device)    # so the timing is honest
-        self.forward_time += time.perf_counter() - start
-        return logits
+        return timed_logits(self, self.forward_device(*self._stage(tree), logits=True)[:len(tree)], start)
 
     def _stage(self, tree: TokenTree) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``tree`` padded to its bucket as device inputs (ids (1, b), depths (b,), bits (b, b)): one copy."""
