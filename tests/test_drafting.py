@@ -20,9 +20,9 @@ from ouroboros.engine import HostDrafter, LookaheadWindow, make_drafter
 from ouroboros.forward import ModelRunner
 from ouroboros.gpu_pool import GpuPhrasePool
 from ouroboros.pool import PhrasePool
+from ouroboros.probes import HostReads
 from ouroboros.static import StaticRunner
 from test_engine import random_prompt, repetitive_prompt, run
-from test_fast_path import HostReads
 
 N, W, G, K = 4, 2, 3, 2
 device_kernels = pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),

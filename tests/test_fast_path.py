@@ -1,75 +1,20 @@
 """The static-cache fast path and device-side drafting stay token-exact (run here without CUDA graphs)."""
 from __future__ import annotations
 
-import contextlib
 import os
 
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import ouroboros
 from conftest import FAMILIES, hf_greedy
+from ouroboros.probes import HostReads
 from ouroboros.static import StaticRunner
 from ouroboros_kernels import ancestor_mask
 from ouroboros.tokentree import TokenTree
 from test_engine import random_prompt, repetitive_prompt, run
 
 PROMPTS = [random_prompt(61, 17), repetitive_prompt(62, 5, 6), [9]]
-
-_aten = torch.ops.aten
-_READ_OPS = {_aten._local_scalar_dense.default, _aten.item.default, _aten.nonzero.default}
-
-
-class HostReads(contextlib.ExitStack):
-    """Records, inside its ``with`` block, every op that reads tensor data back to the host: ``.item()`` /
-    ``int()`` / ``bool()`` of a tensor (``aten._local_scalar_dense``), ``nonzero`` (a shape that depends on data),
-    device-to-host copies, and ``.tolist()`` / ``.numpy()`` (which on CPU tensors reach no aten op, so a
-    TorchFunctionMode sees them; a read inside one counts once). ``seen`` lists them in order."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: list[str] = []
-        self._inside = 0
-
-    def __enter__(self) -> "HostReads":
-        super().__enter__()
-        owner = self
-
-        class Functions(TorchFunctionMode):
-            def __torch_function__(self, func, types, args=(), kwargs=None):
-                if func not in (torch.Tensor.tolist, torch.Tensor.numpy) or owner._inside:
-                    return func(*args, **(kwargs or {}))
-                owner.seen.append(f"Tensor.{func.__name__}")
-                owner._inside += 1
-                try:
-                    return func(*args, **(kwargs or {}))
-                finally:
-                    owner._inside -= 1
-
-        class Ops(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                kwargs = kwargs or {}
-                if not owner._inside and _reads_back(func, args, kwargs):
-                    owner.seen.append(str(func))
-                return func(*args, **kwargs)
-
-        self.enter_context(Functions())
-        self.enter_context(Ops())
-        return self
-
-
-def _reads_back(func, args, kwargs) -> bool:
-    if func in _READ_OPS:
-        return True
-    if func is _aten._to_copy.default:      # .cpu(), .to("cpu") of a device tensor
-        target = kwargs.get("device")
-        return args[0].device.type != "cpu" and target is not None and torch.device(target).type == "cpu"
-    if func is _aten.copy_.default:         # host_tensor.copy_(device_tensor)
-        return args[0].device.type == "cpu" and args[1].device.type != "cpu"
-    return False
-
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_fast_path_every_method(family_models, family):
