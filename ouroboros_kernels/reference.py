@@ -254,3 +254,146 @@ def ngram_insert(pool, keys: torch.Tensor, phrases: torch.Tensor, old: torch.Ten
         upd = torch.where((rows_i == w)[:, None], new[None, :], rows[src])
         _put(pool.phrases, slot, upd[None], ok)
         _put(pool.counts, slot, c_new.reshape(1), ok)
+
+
+# ---- fused glue: RMSNorm, rotary embedding, SwiGLU (kernels: ouroboros_kernels/triton/glue.py) ----------------------
+RMS_NORM_CASTS = ("llama", "gemma")
+MAX_NORM_SIZE = 65536  # one row lives in one program's registers (Triton)
+
+
+def _check_float(name: str, t, dtypes=_FLOAT_DTYPES) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        raise ValueError(f"{name} must be fp16/bf16/fp32, got {t.dtype}")
+
+
+def rms_norm_dtype(x: torch.Tensor, weight: torch.Tensor, cast: str) -> torch.dtype:
+    """The output dtype of ``rms_norm``: ``x``'s dtype promoted with ``weight``'s for the Llama cast (``weight *
+    x_norm.to(x.dtype)`` promotes), ``x``'s dtype for the Gemma cast."""
+    return torch.promote_types(x.dtype, weight.dtype) if cast == "llama" else x.dtype
+
+
+def check_rms_norm_args(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+                        offset: float = 0.0, cast: str = "llama") -> None:
+    """Raise ``ValueError`` naming the argument unless the arguments satisfy the ``rms_norm`` contract."""
+    _check_float("x", x)
+    _check_float("weight", weight)
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"x must have a non-empty last dimension, got shape {tuple(x.shape)}")
+    n = x.shape[-1]
+    if weight.dim() != 1 or weight.shape[0] != n:
+        raise ValueError(f"weight must have shape ({n},) to match x's last dimension, got {tuple(weight.shape)}")
+    if n > MAX_NORM_SIZE:
+        raise ValueError(f"x's last dimension ({n}) exceeds the {MAX_NORM_SIZE} a norm row may have")
+    if weight.device != x.device:
+        raise ValueError(f"weight is on {weight.device} but x is on {x.device}")
+    if residual is not None:
+        _check_float("residual", residual)
+        if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
+            raise ValueError(f"residual must match x in shape, dtype and device: x {tuple(x.shape)} {x.dtype} "
+                             f"{x.device}, residual {tuple(residual.shape)} {residual.dtype} {residual.device}")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0 or math.isinf(eps):
+        raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
+    if isinstance(offset, bool) or not isinstance(offset, numbers.Real) or not math.isfinite(offset):
+        raise ValueError(f"offset must be a finite float, got {offset!r}")
+    if cast not in RMS_NORM_CASTS:
+        raise ValueError(f"cast must be one of {RMS_NORM_CASTS}, got {cast!r}")
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None, *,
+                       offset: float = 0.0, cast: str = "llama") -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm over the last dimension, exactly as transformers computes it.
+
+    ``cast="llama"`` (LlamaRMSNorm, Mistral, Qwen2/3):
+    ``(weight + offset) * (x32 * rsqrt(mean(x32^2) + eps)).to(x.dtype)`` with ``weight + offset`` in ``weight``'s
+    dtype (just ``weight`` for offset 0: HF's code op for op).
+    ``cast="gemma"`` (GemmaRMSNorm, offset 1): ``(x32 * rsqrt(mean(x32^2) + eps) * (offset + weight32)).to(x.dtype)``.
+    With ``residual``: ``s = x + residual`` in ``x``'s dtype (the decoder layer's residual add) is normalised instead,
+    and ``(norm(s), s)`` is returned.
+    """
+    check_rms_norm_args(x, weight, eps, residual, offset, cast)
+    if residual is not None:
+        x = x + residual
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    if cast == "llama":
+        w = weight if offset == 0 else weight + offset
+        y = w * h.to(x.dtype)
+    else:
+        y = (h * (offset + weight.float())).to(x.dtype)
+    return y if residual is None else (y, x)
+
+
+def check_rope_args(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Raise ``ValueError`` naming the argument unless the arguments satisfy the ``rope`` contract."""
+    for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
+        _check_float(name, t)
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"q and k must be 4-D (B, H, T, D), got {q.dim()} and {k.dim()} dims")
+    b, _, t, d = q.shape
+    if k.shape[0] != b or k.shape[2] != t or k.shape[3] != d:
+        raise ValueError(f"k must match q in B, T and D: q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if d % 2:
+        raise ValueError(f"the head dim D must be even for rotate_half, got {d}")
+    if cos.dim() != 3 or cos.shape[0] not in (1, b) or tuple(cos.shape[1:]) != (t, d):
+        raise ValueError(f"cos must have shape (B or 1, T, D) = ({b} or 1, {t}, {d}), got {tuple(cos.shape)}")
+    if sin.shape != cos.shape:
+        raise ValueError(f"sin must have cos's shape {tuple(cos.shape)}, got {tuple(sin.shape)}")
+    if len({q.dtype, k.dtype, cos.dtype, sin.dtype}) != 1:
+        raise ValueError(f"q, k, cos, sin must share one dtype (transformers casts cos/sin to q's), got {q.dtype}, "
+                         f"{k.dtype}, {cos.dtype}, {sin.dtype}")
+    if len({q.device, k.device, cos.device, sin.device}) != 1:
+        raise ValueError(f"q, k, cos, sin must be on one device, got {q.device}, {k.device}, {cos.device}, "
+                         f"{sin.device}")
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                   sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' ``apply_rotary_pos_emb`` (rotate_half convention, ``unsqueeze_dim=1``), op for op:
+    ``(q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin)`` with ``cos``/``sin`` ``(B or 1, T, D)``
+    broadcast over the heads of ``q`` ``(B, Hq, T, D)`` and ``k`` ``(B, Hkv, T, D)``; every op rounds to the dtype."""
+    check_rope_args(q, k, cos, sin)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def check_swiglu_args(gate: torch.Tensor, up: torch.Tensor) -> None:
+    """Raise ``ValueError`` naming the argument unless ``gate`` and ``up`` satisfy the ``swiglu`` contract."""
+    _check_float("gate", gate)
+    _check_float("up", up)
+    if gate.shape != up.shape or gate.dtype != up.dtype or gate.device != up.device:
+        raise ValueError(f"gate and up must match in shape, dtype and device: gate {tuple(gate.shape)} {gate.dtype} "
+                         f"{gate.device}, up {tuple(up.shape)} {up.dtype} {up.device}")
+    if gate.dim() < 1:
+        raise ValueError("gate and up must have at least one dimension")
+
+
+def split_gate_up(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(gate, up)``: the two halves of the last dimension of a concatenated ``(..., 2I)`` tensor (views)."""
+    _check_float("gate_up", gate_up)
+    if gate_up.dim() < 1 or gate_up.shape[-1] % 2:
+        raise ValueError(f"gate_up must have an even last dimension (gate then up), got shape {tuple(gate_up.shape)}")
+    i = gate_up.shape[-1] // 2
+    return gate_up[..., :i], gate_up[..., i:]
+
+
+def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` as the Llama-family MLP computes it (``act_fn(gate_proj(x)) * up_proj(x)``): the SiLU is
+    computed in fp32 and rounded to the dtype, then multiplied by ``up``."""
+    check_swiglu_args(gate, up)
+    return torch.nn.functional.silu(gate) * up
+
+
+def swiglu_fused_reference(gate_up: torch.Tensor) -> torch.Tensor:
+    """:func:`swiglu_reference` of the two halves of ``gate_up`` ``(..., 2I)`` (gate first): ``(..., I)``."""
+    return swiglu_reference(*split_gate_up(gate_up))
+
+
+__all__ += ["RMS_NORM_CASTS", "check_rms_norm_args", "rms_norm_dtype", "rms_norm_reference", "check_rope_args",
+            "rope_reference", "check_swiglu_args", "split_gate_up", "swiglu_reference", "swiglu_fused_reference"]
