@@ -112,5 +112,6 @@ def test_device_defaults():
     la = resolve_config("cpu", "lookahead")
     assert la.window > 0 and la.guess_set > 0            # lookahead never degenerates to greedy
     assert resolve_config("cpu", "lookahead", window=5).window == 5
-    assert resolve_config("cuda", "lookahead") == GPU_DEFAULTS
+    gla = resolve_config("cuda", "lookahead")
+    assert gla.window > 0 and gla.guess_set > 0 and resolve_config("cuda", "prompt_lookup").topk > 0
     assert resolve_config("cpu", "prompt_lookup").topk > 0       # prompt lookup never degenerates to greedy

@@ -5,8 +5,8 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-__all__ = ["DecodeConfig", "DRAFT_METHODS", "GPU_DEFAULTS", "CPU_DEFAULTS", "CPU_LOOKAHEAD_DEFAULTS",
-           "CPU_PROMPT_LOOKUP_DEFAULTS", "METHODS", "resolve_config"]
+__all__ = ["DecodeConfig", "DRAFT_METHODS", "GPU_DEFAULTS", "GPU_LOOKAHEAD_DEFAULTS", "CPU_DEFAULTS",
+           "CPU_LOOKAHEAD_DEFAULTS", "CPU_PROMPT_LOOKUP_DEFAULTS", "METHODS", "resolve_config"]
 
 METHODS = ("greedy", "speculative", "lookahead", "prompt_lookup", "ouroboros")
 DRAFT_METHODS = ("speculative", "ouroboros")            # the methods that run a draft model
@@ -51,8 +51,17 @@ class DecodeConfig:
         return asdict(self)
 
 
-# The original code's values (Yi-34B/6B, HumanEval): a wide tree is nearly free on a GPU (SPEC §4).
-GPU_DEFAULTS = DecodeConfig(gamma=12, ngram=7, window=20, guess_set=20, topk=3)
+# Chosen by the cost model (ouroboros.cost_model.choose_gpu_defaults(); bench/cost_model.py -> cost_model.json): the
+# device cycle's step costs at the item-1 targets (target verify 2.6 ms at T=1 / 3.1 at T=64, draft step 1.6 / 2.0,
+# 0.3 ms bookkeeping per cycle; the H200 run-1 shape over T), acceptance fitted on the real-pair CPU traces and runs
+# (HumanEval and GSM8K, fresh and warm pool: trunk acceptance 0.87-0.92 for the first 2 tokens, 0.91-0.95 after;
+# 1.4-2.1 tokens per draft forward at G=1..3, N=4), 256 new tokens. A draft forward (~65% of a verify) yields ~2
+# tokens, while suffixes in the target tree are nearly free, so: short adaptive drafts (cap 4*gamma = 4 tokens), 3
+# pooled guesses of N-1 = 7 tokens (draft layout 9 + 3*7 = 30 tokens, bucket 32), and 3 suffixes of 7 in the target
+# tree (1 + 4 + 21 = 26 nodes, bucket 32). Model-predicted decode: 0.613 tokens/ms vs 0.485 for the original layout
+# (gamma 12, N 7, W 20, G 20, K 3: a 241-token draft layout); at the measured unfused H200 costs 0.197 vs 0.136 (the
+# same choice). Extrapolated: N > 5, K > 1 (the runs had N 4-5, G 1-3, K 0-1) and any window (never measured: W = 0).
+GPU_DEFAULTS = DecodeConfig(gamma=1, ngram=8, window=0, guess_set=3, topk=3)
 # On a CPU a tree forward is not free: with our small-M linear (``ouroboros.cpu_linear``) 2-4 tokens cost about one
 # token's forward and 5-9 tokens about twice that (real Qwen2.5-Coder pair, fp32, 2-core AMD EPYC; without it 3-5x).
 # So there is no Jacobi window, and no phrase is concatenated to the verified draft (topk=0): a 3-token suffix made
@@ -70,16 +79,20 @@ CPU_LOOKAHEAD_DEFAULTS = DecodeConfig(gamma=8, ngram=4, window=2, guess_set=2, t
 # Prompt lookup IS the concatenated phrase (it has no draft model): one suffix of N-1 tokens per verification.
 CPU_PROMPT_LOOKUP_DEFAULTS = replace(CPU_DEFAULTS, topk=1)
 _CPU_METHOD_DEFAULTS = {"lookahead": CPU_LOOKAHEAD_DEFAULTS, "prompt_lookup": CPU_PROMPT_LOOKUP_DEFAULTS}
+# Lookahead decoding IS the window: on a GPU it keeps the original code's wide one (the cost model above has no draft
+# model for it to weigh against).
+GPU_LOOKAHEAD_DEFAULTS = DecodeConfig(gamma=12, ngram=7, window=20, guess_set=20, topk=3)
+_GPU_METHOD_DEFAULTS = {"lookahead": GPU_LOOKAHEAD_DEFAULTS}
 
 
 def resolve_config(device: torch.device | str, method: str | None = None, **overrides: int | None) -> DecodeConfig:
     """The defaults for ``device`` and ``method`` with non-None ``overrides`` applied.
 
-    "cuda" -> GPU_DEFAULTS; otherwise CPU_DEFAULTS, or CPU_LOOKAHEAD_DEFAULTS for ``method="lookahead"`` and
+    "cuda" -> GPU_DEFAULTS (GPU_LOOKAHEAD_DEFAULTS for ``method="lookahead"``); otherwise CPU_DEFAULTS, or CPU_LOOKAHEAD_DEFAULTS for ``method="lookahead"`` and
     CPU_PROMPT_LOOKUP_DEFAULTS for ``method="prompt_lookup"``.
     """
     if torch.device(device).type == "cuda":
-        base = GPU_DEFAULTS
+        base = _GPU_METHOD_DEFAULTS.get(method, GPU_DEFAULTS)
     else:
         base = _CPU_METHOD_DEFAULTS.get(method, CPU_DEFAULTS)
     return replace(base, **{k: v for k, v in overrides.items() if v is not None})
