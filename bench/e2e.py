@@ -159,6 +159,9 @@ def hf_run(method: str, target, draft, ids, max_new: int, eos: list[int], pad: i
     return out[0, ids.shape[1]:].tolist(), None
 
 
+DEVICE_CYCLE = False      # --device-cycle: set once by main()
+
+
 def our_run(method: str, target, draft, ids, max_new: int, eos: list[int], params: dict, pool=None,
             sampling: Sampling | None = None):
     import ouroboros
@@ -168,6 +171,10 @@ def our_run(method: str, target, draft, ids, max_new: int, eos: list[int], param
     extra = sampling.generate_kwargs() if sampling is not None else {}
     if method == "speculative_ds" and extra:
         extra["draft_sampling"] = True
+    if DEVICE_CYCLE and m == "ouroboros":          # the GPU path: whole cycles on the device (DeviceCycle)
+        extra["fast"] = True
+        if pool is None:
+            extra["pool_device"] = target.device
     out, stats = ouroboros.generate(target, draft if m in DRAFT_METHODS else None, ids,
                                     max_new_tokens=max_new, method=m, pool=pool, eos_token_id=eos,
                                     return_stats=True, **params, **extra)
@@ -536,16 +543,19 @@ def plan_runs(methods: list[str], params: dict, points: list[dict], sweep: bool)
     return labels, runs
 
 
-def make_pools(labels: list[str], runs: list, device) -> dict:
-    """One empty PhrasePool per ouroboros_warm label, carried across all prompts (history reuse)."""
-    from ouroboros import PhrasePool
+def make_pools(labels: list[str], runs: list, device, vocab: int) -> dict:
+    """One empty PhrasePool (GpuPhrasePool with ``--device-cycle``) per ouroboros_warm label, carried across all
+    prompts (history reuse)."""
+    from ouroboros import GpuPhrasePool, PhrasePool
     from ouroboros.config import resolve_config
 
     pools = {}
     for label, (m, p) in zip(labels, runs):
         if m == "ouroboros_warm":
             cfg = resolve_config(device, "ouroboros", **p)     # the same capacity as generate's own pool
-            pools[label] = PhrasePool(ngram=cfg.ngram, guess_set=cfg.pool_capacity)
+            pools[label] = (GpuPhrasePool(ngram=cfg.ngram, guess_set=cfg.pool_capacity, vocab_size=vocab,
+                                          device=device) if DEVICE_CYCLE
+                            else PhrasePool(ngram=cfg.ngram, guess_set=cfg.pool_capacity))
     return pools
 
 
@@ -566,7 +576,7 @@ def run_prompts(prompts, labels, runs, models, args, eos, counters, sampling: Sa
     from ouroboros.models import cache_root
 
     target, draft, tok = models
-    pools = make_pools(labels, runs, target.device)
+    pools = make_pools(labels, runs, target.device, target.config.get_text_config().vocab_size)
     exact = sampling is None or sampling.greedy
     base = base_method(labels)
     results = {label: {"per_prompt": [], "params": p, "loadavg": []} for label, (m, p) in zip(labels, runs)}
@@ -656,6 +666,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "included; auto: int8 for a float32 pair on a CPU")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/e2e_<dataset>_<dtype>.json)")
     ap.add_argument("--no-traces", action="store_true")
+    ap.add_argument("--device-cycle", action="store_true",
+                    help="run the ouroboros methods as on a GPU: fast=True with a device pool, so whole cycles run "
+                         "on the device (DeviceCycle, fixed layouts); greedy only")
     ap.add_argument("--sweep", default=None,
                     help="grid over parameters, e.g. 'window=2,4;guess_set=2,4': runs --methods per point "
                          "(HF greedy once as reference) and writes a sweep JSON")
@@ -721,6 +734,8 @@ def main(argv=None) -> int:
 
     prompts, dataset, prompt_format = load_prompt_ids(args, tok)
     eos = eos_ids(target, tok)
+    global DEVICE_CYCLE
+    DEVICE_CYCLE = args.device_cycle
     params = parse_params(args.params)
     methods = resolve_methods(args.methods, sampling=temperatures is not None)
     points = parse_sweep(args.sweep) if args.sweep else [params]

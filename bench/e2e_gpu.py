@@ -28,6 +28,23 @@ step costs (CUDA events on a GPU, perf_counter on a CPU; the fast path's StaticR
   (``forward_tree``: tree upload + argmax download); draft forward and full draft step (pool lookup, acceptance,
   window, pool insert, KV commit) of the ouroboros draft layout 1 + (W+G)*(N-1) tokens for ``GPU_DEFAULTS``;
   bookkeeping: KV gather, keep+rollback (host), GPU-pool lookup/insert, host-adapter pool updates, tree building.
+  kernels per forward at T in {1,64}, target and draft (``kernels_per_forward``): the torch profiler on a GPU
+  (``ouroboros.probes.cuda_kernels``: graph replays included where the profiler sees them, else the eager forward);
+  on a CPU the proxy ``ouroboros.probes.OpCounter`` (aten ops that launch a GPU kernel; our kernels' reference
+  twins count as one kernel each). Columns: ``lean`` = the floor, a gpt-fast-style CUDA-graph decoder with the same
+  weights (bench/lean_decoder.py), ``none`` = our runners as they are, and the ``--glue`` modes with their ratio to
+  lean; ``ms_per_forward`` by tree size for the same columns.
+  ``cycle_probe``: host reads (``ouroboros.probes.HostReads``) and eager ops (OpCounter: on a GPU the ops outside the
+  captured graphs) per cycle of ``generate(method="ouroboros", fast=True, pool_device=...)``, after a warm-up call.
+
+glue (``--glue``: none | fused | compile | all; default all, --tiny: fused), on fresh static runners, last in a pair
+  fused    ``ouroboros.fused_glue.apply_fused_glue`` on target and draft (reverted after; "unavailable" if missing)
+  compile  ``StaticRunner(compile=True)`` with ``automatic_dynamic_shapes`` off (one static graph per tree size), at
+           T in {1,64}; records each size's first-call seconds (compile + capture); skipped when the budget is short
+
+live vs replay (``live_vs_replay``): the live run's own ``stats.trace`` replayed (below) on the same models and
+  runners with the live run's parameters; tok/s of both over the cycles after the first, and replay/live (issue 17:
+  at the same acceptance they should agree within 10%).
 
 replay (per recorded cycle: tree_size, accepted, draft_forwards, draft_len)
   ouroboros*: ``draft_forwards`` draft steps of the device drafter (the ouroboros draft layout, one host read);
@@ -39,7 +56,8 @@ replay (per recorded cycle: tree_size, accepted, draft_forwards, draft_len)
   A missing or unreadable traces file is reported and the replay skipped.
 
 Stage order per pair (the baseline first, so a short budget never loses it; its compile state is reset after it):
-build, hf_static_compile, ours_greedy, step costs, replay, ours_ouroboros_live, hf_eager.
+build, hf_static_compile, ours_greedy, step costs, replay, ours_ouroboros_live, live_vs_replay, hf_eager, glue
+(last: fusing repacks the weights, which stales CUDA graphs captured before it).
 A replayed method's ``tok_s`` has no prefill in it, like the columns' ``decode_tok_s`` it is compared with;
 ``e2e_estimate_tok_s`` adds the static-runner prefill measured in the step costs.
 
@@ -77,6 +95,12 @@ RESULTS = ROOT / "bench" / "results"
 DEFAULT_TRACES = RESULTS / "traces_humaneval.json"
 SCHEMA = "ouroboros.e2e_gpu/1"
 VERIFY_BUCKETS = (1, 16, 32, 64, 128)
+DRAFT_BUCKETS = (1, 16, 64)       # draft forward sizes timed
+KERNEL_BUCKETS = (1, 64)          # tree sizes whose kernels per forward are counted (T=1 decode, T=64 verify)
+GLUE_MODES = ("fused", "compile")  # --glue all = none (the runners as they are) + these
+# On a CPU our kernels run as their PyTorch reference twins; the kernel proxy counts each call as the one kernel it
+# stands in for (ouroboros_kernels.reference: tree attention, and the fused glue's RMSNorm, RoPE and SwiGLU).
+REFERENCE_STANDINS = ("tree_attention", "rms_norm_reference", "rope_reference", "swiglu_reference")
 # SPEC §4 anchors (one H200, torch 2.11, transformers 5.17, prompt 512): tok/s, and ms per step of a minimal
 # CUDA-graph decoder at T=1 / T=64; copied into the JSON for comparison, never used in a ratio.
 SPEC_ANCHORS_H200 = {
@@ -350,6 +374,8 @@ def col_ours(target, draft, ids, new, clock, method: str, pool_device=None, comp
     rec = rates(len(out), t, t_first)
     summary = stats.summary()
     compiled = bool(getattr(target, "_ouroboros_static_runner", None) and target._ouroboros_static_runner.compiled)
+    if method == "ouroboros":
+        rec["trace"] = list(stats.trace)          # replayed by live_vs_replay
     rec.update(label=f"ouroboros.generate(method={method!r}, fast=True, compile={compiled})", output=out,
                compiled=compiled,
                graphs=target.device.type == "cuda" and not graph_failures, graph_failures=graph_failures,
@@ -394,12 +420,12 @@ def step_costs(target, draft, prompt: list[int], cfg, clock: Clock, iters: int, 
                          "draft": ms(clock.wall(lambda: drf.prefill(prompt[:-1]))[0])}
 
     verify, verify_host, draft_v = {}, {}, {}
-    for t in VERIFY_BUCKETS:
+    for t in VERIFY_BUCKETS:            # DRAFT_BUCKETS are among them
         args = chain_inputs(t, vocab, device, gen)
         verify[str(t)] = ms(clock.per_call(lambda: tgt.forward_device(*args), iters))
         tree = chain_tree(t, vocab)
         verify_host[str(t)] = ms(clock.per_call(lambda: tgt.forward_tree(tree), iters))
-        if t in (1, 16):
+        if t in DRAFT_BUCKETS:
             draft_v[str(t)] = ms(clock.per_call(lambda: drf.forward_device(*args), iters))
     out["target_verify_device"] = verify
     out["decode_T1_ms"] = verify["1"]
@@ -414,7 +440,11 @@ def step_costs(target, draft, prompt: list[int], cfg, clock: Clock, iters: int, 
     lay = drafter._layout(1)
     logical = 1 + (cfg.window + cfg.guess_set) * (cfg.ngram - 1)
     ids = torch.randint(0, vocab, (1, lay.size), generator=gen).to(device)
-    layout_fwd = clock.per_call(lambda: drf.forward_device(ids, lay.depths, lay.bits), iters)
+    if hasattr(lay, "inputs"):      # a layout with per-pending-count rows: the row of one valid pending token
+        depths, bits = lay.inputs(torch.ones((), dtype=torch.long, device=device))
+    else:
+        depths, bits = lay.depths, lay.bits
+    layout_fwd = clock.per_call(lambda: drf.forward_device(ids, depths, bits), iters)
     phase = drafter._begin(prompt, cfg.gamma, 1)        # one pending token (the prompt's last)
 
     def reset_draft():
@@ -470,7 +500,248 @@ def step_costs(target, draft, prompt: list[int], cfg, clock: Clock, iters: int, 
     book["tree_nodes"] = 1 + cfg.gamma + cfg.topk * (cfg.ngram - 1)
     book["verify_bucket_of_that_tree"] = _bucket(book["tree_nodes"])
     out["bookkeeping"] = book
+
+    # kernels per forward and ms per forward: our runners as they are (glue "none") against the lean decoder floor
+    ours: dict = {}
+    _section(ours, "target", lambda: runner_probe(tgt, (), vocab, clock, iters))
+    _section(ours, "draft", lambda: runner_probe(drf, (), vocab, clock, iters))
+    lean: dict = {}
+    _section(lean, "target", lambda: lean_probe(target, n, VERIFY_BUCKETS, clock, iters))
+    _section(lean, "draft", lambda: lean_probe(draft, n, DRAFT_BUCKETS, clock, iters))
+    out["lean"] = lean
+    out["kernels_per_forward"] = {"method": kernel_method(device),
+                                  "target": kernel_table(lean["target"], {"none": ours["target"]}),
+                                  "draft": kernel_table(lean["draft"], {"none": ours["draft"]}),
+                                  "ours_detail": ours,
+                                  "note": "ours = StaticRunner.forward_device as it is (input copies, graph replay, "
+                                          "output clone); lean = one graph replay (bench/lean_decoder.py)"}
+    out["ms_per_forward"] = {"target": {"lean": lean["target"].get("ms"), "none": verify},
+                             "draft": {"lean": lean["draft"].get("ms"), "none": draft_v}}
+    # host reads and eager ops per cycle of the live path (last: generate resets the engine's runners)
+    ids = torch.tensor([prompt], dtype=torch.long, device=device)
+    _section(out, "cycle_probe", lambda: cycle_probe(target, draft, ids, new_tokens, device))
     return out                    # the runners (and their graphs) are freed when this frame ends
+
+
+# ----------------------------------------------------------------------------------------------------- kernel probes
+# Kernels per forward: the CUDA profiler on a GPU (graph replays included when it sees them, see
+# ouroboros.probes.cuda_kernels); on a CPU the dispatcher-level proxy ouroboros.probes.OpCounter (REFERENCE_STANDINS).
+
+
+def kernel_method(device: torch.device) -> str:
+    if device.type == "cuda":
+        return "torch profiler (CUDA kernels + memcpy + memset per forward)"
+    return ("OpCounter (CPU proxy: aten ops that launch a kernel on a GPU; reference twins of our kernels count as "
+            "one)")
+
+
+def count_kernels(fn, device: torch.device, eager=None) -> dict:
+    """Kernels one call of ``fn`` launches (``fn`` already ran once): ``{"total", "source", "top"}``."""
+    from ouroboros.probes import OpCounter, cuda_kernels
+
+    if device.type == "cuda":
+        seen = cuda_kernels(fn, eager=eager)
+        return {"total": seen.total, "source": seen.source, "kernels": seen.kernels, "memcpy": seen.memcpy,
+                "memset": seen.memset, "top": seen.names.most_common(6)}
+    import ouroboros_kernels.reference as reference
+
+    with OpCounter() as counter, contextlib.ExitStack() as stack:
+        for name in REFERENCE_STANDINS:
+            if hasattr(reference, name):
+                stack.enter_context(counter.opaque_function(reference, name))
+        fn()
+    return {"total": counter.total, "source": "OpCounter", "top": counter.top(6)}
+
+
+def runner_probe(runner, buckets, vocab: int, clock: Clock, iters: int, kernels_at=KERNEL_BUCKETS,
+                 first_call: bool = False, time_left=None) -> dict:
+    """ms per ``forward_device`` by tree size (a chain of T tokens at the runner's length) and kernels per forward at
+    ``kernels_at``; ``first_call``: also the seconds of each size's first call (compile + capture). With
+    ``time_left`` (seconds, a callable), sizes are skipped once it is under 30."""
+    gen = torch.Generator().manual_seed(2)
+    out: dict = {"ms": {}, "kernels": {}}
+    if first_call:
+        out["first_call_s"] = {}
+    if runner.device.type != "cuda" and getattr(runner, "compiled", False):
+        # OpCounter is a dispatch mode, under which torch.compile refuses to run (the runner would fall back to
+        # eager for good); inductor's CPU kernels are invisible to it anyway
+        kernels_at = ()
+        out["kernels_note"] = "compiled on a CPU: kernels not counted (OpCounter would stop the compiled code)"
+    for t in sorted(set(buckets) | set(kernels_at)):
+        if time_left is not None and time_left() < 30:
+            out.setdefault("skipped_sizes", []).append(t)
+            continue
+        args = chain_inputs(t, vocab, runner.device, gen)
+        seconds, _ = clock.wall(lambda: runner.forward_device(*args))
+        if first_call:
+            out["first_call_s"][str(t)] = round(seconds, 3)
+        if t in buckets:
+            out["ms"][str(t)] = ms(clock.per_call(lambda: runner.forward_device(*args), iters))
+        if t in kernels_at:
+            eager = getattr(runner, "_run_step", None)
+            out["kernels"][str(t)] = count_kernels(lambda: runner.forward_device(*args), runner.device,
+                                                   eager=(lambda: eager(*args)) if eager else None)
+    return out
+
+
+def _lean_decoder_module():
+    """bench/lean_decoder.py, imported by path (bench/ is not a package)."""
+    import importlib.util
+
+    name = "bench_lean_decoder"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / "lean_decoder.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module           # dataclasses look their module up while the class is created
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def lean_probe(model, prefix_len: int, buckets, clock: Clock, iters: int) -> dict:
+    """The lean decoder floor (bench/lean_decoder.py) with ``model``'s weights: ms by tree size, kernels at
+    KERNEL_BUCKETS."""
+    longest = max(*buckets, *KERNEL_BUCKETS)
+    dec = _lean_decoder_module().LeanDecoder.from_hf(model, max_len=prefix_len + longest + 8)
+    try:
+        out = {"ms": {str(t): round(dec.step_ms(t, prefix_len, iters), 4) for t in buckets}, "kernels": {}}
+        for t in KERNEL_BUCKETS:
+            prof = dec.kernel_profile(t, prefix_len)
+            out["kernels"][str(t)] = prof
+        out["timing"] = clock.kind
+        out["graphs"] = dec.use_graphs
+        return out
+    finally:
+        del dec
+        free_memory()
+
+
+def kernel_table(lean: dict, modes: dict) -> dict:
+    """``{T: {"lean": n, mode: n, f"{mode}_vs_lean": ratio}}`` from probes' ``kernels`` sections."""
+    table_: dict = {}
+    for t in map(str, KERNEL_BUCKETS):
+        row: dict = {"lean": ((lean.get("kernels") or {}).get(t) or {}).get("total")}
+        for mode, probe in modes.items():
+            n = ((probe.get("kernels") or {}).get(t) or {}).get("total")
+            row[mode] = n
+            if n and row["lean"]:
+                row[f"{mode}_vs_lean"] = round(n / row["lean"], 3)
+        table_[t] = row
+    return table_
+
+
+def cycle_probe(target, draft, ids, new_tokens: int, device: torch.device) -> dict:
+    """Host reads and eager ops per cycle of the live ouroboros path (``generate(fast=True, pool_device=...)``,
+    warmed up first so that no graph capture is counted). Eager ops: on a GPU the ops outside the captured
+    graphs (a replay dispatches no aten op); on a CPU (no graphs) every op of the cycle."""
+    import ouroboros
+    from ouroboros.probes import HostReads, OpCounter
+
+    # compile=False: both probes are dispatch modes, under which torch.compile refuses to run; the host reads and the
+    # ops outside the graphs do not depend on what runs inside them
+    kw = dict(max_new_tokens=min(new_tokens, 32), method="ouroboros", fast=True, eos_token_id=[],
+              pool_device=device, compile=False)
+    ouroboros.generate(target, draft, ids, **kw)
+    with HostReads() as reads, OpCounter() as ops:
+        _, stats = ouroboros.generate(target, draft, ids, return_stats=True, **kw)
+    cycles = max(stats.cycles, 1)
+    kinds: dict = {}
+    for s in reads.seen:
+        kinds[s] = kinds.get(s, 0) + 1
+    return {"cycles": stats.cycles, "tokens": stats.tokens, "host_reads": len(reads.seen),
+            "host_reads_per_cycle": round(len(reads.seen) / cycles, 3), "host_read_kinds": kinds,
+            "eager_ops_per_cycle": round(ops.total / cycles, 1), "eager_ops_top": ops.top(8),
+            "eager_ops_scope": "outside the CUDA graphs" if device.type == "cuda" else "every op (no graphs on CPU)",
+            "device_cycle": getattr(stats, "device_cycle", None), "config": stats.config}
+
+
+def _section(out: dict, key: str, fn) -> None:
+    """``out[key] = fn()``, or the error (one probe's failure keeps the rest of the step costs)."""
+    try:
+        out[key] = fn()
+    except Exception as err:  # noqa: BLE001
+        out[key] = error_record(err)
+
+
+@torch.inference_mode()
+def glue_stage(target, draft, prompt: list[int], modes, clock: Clock, iters: int, vocab: int, new_tokens: int,
+               cfg, budget_left) -> dict:
+    """The step costs of each glue mode on fresh static runners: "fused" (``ouroboros.fused_glue``, reverted after)
+    and "compile" (``StaticRunner(compile=True)`` with static shapes per tree size). Runs last in a pair: fusing
+    repacks the weights, which stales graphs captured before it."""
+    from ouroboros.static import StaticRunner
+
+    max_len = len(prompt) + new_tokens + cfg.gamma + cfg.ngram + max(VERIFY_BUCKETS)
+    out: dict = {"method": kernel_method(target.device), "modes": {}}
+    for mode in modes:
+        rec: dict = {}
+        out["modes"][mode] = rec
+        if mode == "fused":
+            try:
+                from ouroboros import fused_glue
+            except ImportError as err:
+                rec["status"] = f"unavailable ({err})"
+                continue
+        elif budget_left() < (10 if target.device.type == "cpu" else 90):
+            rec["status"] = "skipped: time budget (a compile per tree size)"
+            continue
+        saved = torch._dynamo.config.automatic_dynamic_shapes
+        try:
+            for role, model, buckets in (("target", target, VERIFY_BUCKETS), ("draft", draft, DRAFT_BUCKETS)):
+                if mode == "compile":
+                    if budget_left() < (5 if target.device.type == "cpu" else 60):
+                        rec[role] = {"status": "skipped: time budget"}
+                        continue
+                    buckets = KERNEL_BUCKETS                # a compile per size: only the sizes counted
+                    torch._dynamo.config.automatic_dynamic_shapes = False   # one static graph per tree size
+                else:
+                    fused_glue.apply_fused_glue(model)
+                runner = StaticRunner(model, max_len, compile=mode == "compile")
+                runner.prefill(prompt[:-1])
+                rec[role] = runner_probe(runner, buckets, vocab, clock, iters, first_call=mode == "compile",
+                                         time_left=budget_left if mode == "compile" else None)
+                rec[role]["compiled"] = runner.compiled
+                del runner
+            rec["status"] = "measured"
+        except Exception as err:  # noqa: BLE001 - one mode's failure must not end the pair
+            rec.update(error_record(err))
+        finally:
+            torch._dynamo.config.automatic_dynamic_shapes = saved
+            if mode == "fused":
+                for model in (target, draft):
+                    with contextlib.suppress(Exception):
+                        fused_glue.revert_fused_glue(model)
+            else:
+                with contextlib.suppress(Exception):
+                    torch._dynamo.reset()
+            free_memory()
+    return out
+
+
+def live_vs_replay(target, draft, prompt: list[int], vocab: int, live: dict, clock: Clock, new_tokens: int) -> dict:
+    """The live ouroboros run's own trace replayed (Replayer, forced acceptance) on the same models: tok/s of both
+    over the cycles after the first (the live rate: tokens after the first cycle / time after it), and their ratio."""
+    from ouroboros.config import DecodeConfig, GPU_DEFAULTS
+
+    trace = _clean_cycles(live.get("trace") or [])
+    if len(trace) < 2:
+        return {"status": f"live trace too short ({len(trace)} cycles)"}
+    params = {k: v for k, v in (live.get("stats") or {}).get("config", {}).items() if k in GPU_DEFAULTS.as_dict()}
+    cfg = DecodeConfig(**params) if params else GPU_DEFAULTS
+    after = trace[1:]
+    live_seconds = live["seconds"] - live["seconds_prefill_first_token"]
+    live_tokens = sum(c["accepted"] for c in after)
+    with torch.inference_mode():
+        rep = Replayer(target, draft, prompt, cfg, vocab, new_tokens)
+        rec = rep.run("ouroboros_live", [after], cfg, clock, len(after))
+    live_rate = live_tokens / live_seconds if live_seconds > 0 else None
+    ratio = rec["tok_s"] / live_rate if live_rate and rec.get("tok_s") else None
+    return {"cycles": len(after), "mean_accepted": round(live_tokens / len(after), 3),
+            "mean_tree_size": rec["mean_tree_size"], "params": cfg.as_dict(),
+            "live_tok_s": round(live_rate, 3) if live_rate else None, "replay_tok_s": rec.get("tok_s"),
+            "replay_over_live": round(ratio, 3) if ratio else None,
+            "within_10pct": bool(ratio and abs(ratio - 1) <= 0.10), "replay": rec,
+            "what": "the live run's recorded cycles (after the first) replayed on the same models and runners; the "
+                    "issue's target: within 10%"}
 
 
 # ----------------------------------------------------------------------------------------------------- traces
@@ -569,6 +840,46 @@ class Replayer:
             r._n = self.base
         self.x = list(self.prompt)
 
+    def run_device_cycle(self, cycles_by_prompt: list[list[dict]], cfg, clock: Clock, max_cycles: int) -> dict:
+        """Ouroboros: the live path's own code (``DeviceCycle.replay``: whole cycles on the device, one graph and one
+        read per cycle) with the recorded forwards and acceptance forced, each recorded prompt from the prompt; one
+        untimed pass first (graphs captured), then the timed one."""
+        from ouroboros.device_cycle import DeviceCycle
+        from ouroboros.engine import GenerationStats
+        from ouroboros.gpu_pool import GpuPhrasePool
+
+        left, prompts = max_cycles, []
+        for p in cycles_by_prompt:
+            if left > 0 and p:
+                prompts.append(p[:left])
+                left -= len(prompts[-1])
+        pool = GpuPhrasePool(ngram=cfg.ngram, guess_set=cfg.pool_capacity, vocab_size=self.vocab,
+                             device=self.device)
+        cycle = DeviceCycle(self.tgt, self.drf, pool, cfg, frozenset())
+        for p in prompts:
+            cycle.replay(self.prompt, p)                       # warm-up: kernels, tables, one graph per forwards
+        stats = GenerationStats()
+        clock.sync()
+        t0 = time.perf_counter()
+        accepted = sum(cycle.replay(self.prompt, p, stats) for p in prompts)
+        clock.sync()
+        seconds = time.perf_counter() - t0
+        n = max(stats.cycles, 1)
+        cycles = [c for p in prompts for c in p]
+        self.reset()
+        return {"replayed": True, "kind": "ouroboros", "path": "DeviceCycle.replay (the live path's code)",
+                "cycles": stats.cycles, "accepted_tokens": accepted, "seconds": round(seconds, 5),
+                "tok_s": round(accepted / seconds, 3) if seconds else None,
+                "ms_per_cycle": round(seconds / n * 1e3, 4),
+                "mean_tree_size": round(sum(c["tree_size"] for c in cycles) / n, 3),
+                "mean_accepted": round(accepted / n, 3),
+                "mean_draft_forwards": round(stats.draft_forwards / n, 3),
+                "mean_draft_len": round(sum(c["draft_len"] for c in cycles) / n, 3),
+                "verify_tree_bucket": cycle.layout.size, "graphs_captured": len(cycle._graphs),
+                "prompt_resets": len(prompts),
+                "draft_layout": {"params": cfg.as_dict(),
+                                 "tokens_logical": cycle.drafter.slots + (cfg.window + cfg.guess_set) * (cfg.ngram - 1)}}
+
     def run(self, label: str, cycles_by_prompt: list[list[dict]], layout_cfg, clock: Clock,
             max_cycles: int) -> dict:
         from ouroboros.device_draft import DeviceDrafter
@@ -591,6 +902,8 @@ class Replayer:
             kind = "plain"
         else:                       # an unlabelled trace with draft forwards: the ouroboros draft layout
             kind = "ouroboros"
+        if kind == "ouroboros":
+            return self.run_device_cycle(cycles_by_prompt, cfg, clock, max_cycles)
         self.reset()
         dpool = hpool = drafter = None
         if kind == "ouroboros":
@@ -770,6 +1083,40 @@ def versions() -> dict:
     return info
 
 
+def nested_errors(rec, path: str = "") -> list[tuple[str, str]]:
+    """(path, message) of every ``"error"`` recorded below ``rec`` (a probe or mode that failed inside a stage)."""
+    found = []
+    if isinstance(rec, dict):
+        for key, value in rec.items():
+            if key == "error" and path:
+                found.append((path, str(value)[:300]))
+            elif isinstance(value, dict):
+                found.extend(nested_errors(value, f"{path}.{key}" if path else key))
+    return found
+
+
+def merge_glue(pair: dict) -> None:
+    """Put each glue mode's kernels and ms per forward into the step costs' tables next to "lean" and "none"."""
+    steps, glue = pair.get("step_costs") or {}, pair.get("glue") or {}
+    kpf, mpf = steps.get("kernels_per_forward"), steps.get("ms_per_forward")
+    if not kpf or not mpf:
+        return
+    for mode, rec in (glue.get("modes") or {}).items():
+        for role in ("target", "draft"):
+            probe = rec.get(role) if isinstance(rec, dict) else None
+            if not isinstance(probe, dict) or "ms" not in probe:
+                continue
+            mpf[role][mode] = probe["ms"]
+            if probe.get("kernels_note"):
+                continue
+            lean_row = kpf[role]
+            for t, row in lean_row.items():
+                n = ((probe.get("kernels") or {}).get(t) or {}).get("total")
+                row[mode] = n
+                if n and row.get("lean"):
+                    row[f"{mode}_vs_lean"] = round(n / row["lean"], 3)
+
+
 def compute_ratios(pair: dict) -> None:
     cols = pair.get("columns", {})
 
@@ -865,6 +1212,52 @@ def table(results: dict) -> list[str]:
                          f"{_f(book.get('host_tree_build_mask_walk'), 3)}")
         elif sc:
             lines.append(f"step costs: {(sc.get('error') or sc.get('skipped') or '?')[:100]}")
+        lines.extend(step_cost_lines(pair))
+    return lines
+
+
+def step_cost_lines(pair: dict) -> list[str]:
+    """The step-cost table: kernels and ms per forward (lean floor vs each glue mode), host reads and eager ops per
+    cycle of the live path, live vs replay."""
+    lines = []
+    sc = pair.get("step_costs") or {}
+    kpf, mpf = sc.get("kernels_per_forward"), sc.get("ms_per_forward")
+    if kpf:
+        lines.append(f"kernels/forward ({kpf['method'].split(' (')[0]}):")
+        for role in ("target", "draft"):
+            cells = []
+            for t, row in (kpf.get(role) or {}).items():
+                modes = [f"{m} {row[m]}" + (f" ({row[m + '_vs_lean']:.2f}x)" if row.get(m + "_vs_lean") else "")
+                         for m in ("none", *GLUE_MODES) if m in row]
+                cells.append(f"T{t}: lean {row.get('lean', '-')}, " + ", ".join(modes))
+            lines.append(f"  {role:6s} " + " | ".join(cells))
+    if mpf:
+        lines.append("ms/forward by tree size:")
+        for role in ("target", "draft"):
+            for mode, by_t in (mpf.get(role) or {}).items():
+                if by_t:
+                    lines.append(f"  {role:6s} {mode:8s} " + " ".join(f"T{t}={_f(x, 3)}" for t, x in by_t.items()))
+    for mode, rec in ((pair.get("glue") or {}).get("modes") or {}).items():
+        if rec.get("status") != "measured" or rec.get("error"):
+            lines.append(f"glue {mode}: {(rec.get('error') or rec.get('status') or '?')[:100]}")
+        elif mode == "compile":
+            first = {role: (rec.get(role) or {}).get("first_call_s") for role in ("target", "draft")}
+            lines.append("glue compile first call s (compile + capture): " + "; ".join(
+                f"{role} " + " ".join(f"T{t}={x}" for t, x in (v or {}).items()) for role, v in first.items()))
+    cp = sc.get("cycle_probe")
+    if isinstance(cp, dict) and "host_reads_per_cycle" in cp:
+        lines.append(f"live ouroboros cycle: {cp['host_reads_per_cycle']:.1f} host reads/cycle, "
+                     f"{cp['eager_ops_per_cycle']:.0f} eager ops/cycle ({cp['eager_ops_scope']}), "
+                     f"{cp['cycles']} cycles")
+    elif isinstance(cp, dict) and cp.get("error"):
+        lines.append(f"live ouroboros cycle probe: {cp['error'][:100]}")
+    lv = pair.get("live_vs_replay")
+    if isinstance(lv, dict) and lv.get("live_tok_s"):
+        lines.append(f"live vs replay (same trace, {lv['cycles']} cycles, acc/cyc {lv['mean_accepted']:.2f}): live "
+                     f"{lv['live_tok_s']:.1f} tok/s, replay {_f(lv.get('replay_tok_s'), 1)} tok/s, replay/live "
+                     f"{_f(lv.get('replay_over_live'))} ({'within' if lv['within_10pct'] else 'NOT within'} 10%)")
+    elif isinstance(lv, dict):
+        lines.append(f"live vs replay: {(lv.get('error') or lv.get('status') or lv.get('skipped') or '?')[:100]}")
     return lines
 
 
@@ -933,7 +1326,12 @@ def parse_args(argv=None):
                     help="our fast path with torch.compile inside the CUDA graphs (OUROBOROS_COMPILE=1); adds an "
                          "ours_greedy_nocompile column")
     ap.add_argument("--skip", default="", help="comma list of stages to skip: hf_eager, hf_static_compile, "
-                                               "ours_greedy, ours_ouroboros_live, step_costs, replay")
+                                               "ours_greedy, ours_ouroboros_live, step_costs, replay, "
+                                               "live_vs_replay, glue")
+    ap.add_argument("--glue", choices=["none", "fused", "compile", "all"], default=None,
+                    help="step costs of the glue modes besides our runners as they are ('none'): 'fused' "
+                         "(ouroboros.fused_glue), 'compile' (StaticRunner(compile=True), static shapes), 'all' = "
+                         "both (default: all; --tiny: fused, as a CPU inductor compile takes ~45 s per shape)")
     ap.add_argument("--iters", type=int, default=None, help="timed iterations per step cost (default 20; tiny 3)")
     ap.add_argument("--budget-s", type=float, default=450.0,
                     help="skip remaining stages after this many seconds (the whole script should fit 8 minutes)")
@@ -947,6 +1345,7 @@ def parse_args(argv=None):
     args.dtype = args.dtype or ("float32" if tiny else "bfloat16")
     args.iters = args.iters or (3 if tiny else 20)
     args.replay_max_cycles = args.replay_max_cycles or (12 if tiny else 400)
+    args.glue = args.glue or ("fused" if tiny else "all")
     if args.device is None and not tiny and not torch.cuda.is_available():
         ap.error("no CUDA device: the real shapes (up to 7B) need a GPU; use --tiny for a CPU smoke run, or pass "
                  "--device cpu to insist")
@@ -985,7 +1384,8 @@ def main(argv=None) -> int:
         "tiny": args.tiny, "card": card, "device": str(device),
         "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "versions": versions(),
         "settings": {"pairs": args.pairs, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-                     "dtype": args.dtype, "hf_compile": args.hf_compile, "ours_compile": args.ours_compile, "iters": args.iters, "seed": args.seed,
+                     "dtype": args.dtype, "hf_compile": args.hf_compile, "ours_compile": args.ours_compile,
+                     "glue": args.glue, "iters": args.iters, "seed": args.seed,
                      "budget_s": args.budget_s, "skip": sorted(args.skip), "traces": args.traces,
                      "replay_layout": args.replay_layout, "replay_max_cycles": args.replay_max_cycles,
                      "gpu_defaults": GPU_DEFAULTS.as_dict(), "verify_buckets": list(VERIFY_BUCKETS),
@@ -1048,6 +1448,7 @@ def main(argv=None) -> int:
                 t0 = time.perf_counter()
                 try:
                     where[key] = fn()
+                    results["errors"].extend(f"{name}: {key}.{path}: {msg}" for path, msg in nested_errors(where[key]))
                 except Exception as err:  # noqa: BLE001 - record and go on
                     where[key] = error_record(err)
                     results["errors"].append(f"{name}: {key}: {where[key]['error']}")
@@ -1084,8 +1485,22 @@ def main(argv=None) -> int:
             stage("ours_ouroboros_live", lambda: col_ours(target, draft, ids, args.new_tokens, clock, "ouroboros",
                                                           pool_device=device),
                   need_s=0 if args.tiny else 20)
+            live = pair["columns"].get("ours_ouroboros_live") or {}
+            if "trace" in live:
+                stage("live_vs_replay", lambda: live_vs_replay(target, draft, prompt, vocab, live, clock,
+                                                               args.new_tokens),
+                      need_s=0 if args.tiny else 15, where=holder)
+                pair["live_vs_replay"] = holder.get("live_vs_replay")
             stage("hf_eager", lambda: col_hf_eager(target, ids, args.new_tokens, clock),
                   need_s=0 if args.tiny else 30)
+            modes = GLUE_MODES if args.glue == "all" else () if args.glue == "none" else (args.glue,)
+            if modes:           # last: fusing repacks the weights (graphs captured before it would go stale)
+                reserve = 0 if args.tiny else 150 * (len(args.pairs) - pi - 1)    # the pairs still to run
+                stage("glue", lambda: glue_stage(target, draft, prompt, modes, clock, args.iters, vocab,
+                                                 args.new_tokens, GPU_DEFAULTS, lambda: budget_left() - reserve),
+                      need_s=0 if args.tiny else 45, where=holder)
+                pair["glue"] = holder.get("glue")
+                merge_glue(pair)
             live = pair["columns"].get("ours_ouroboros_live")
             if isinstance(live, dict) and "stats" in live:
                 live["note"] = ("live run of the real fast ouroboros path (device drafting, GPU pool) on the RANDOM "

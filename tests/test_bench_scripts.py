@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import ouroboros
+from ouroboros.static import _bucket
+
 ROOT = Path(__file__).resolve().parents[1]
 E2E_GPU = ROOT / "bench" / "e2e_gpu.py"
 E2E = ROOT / "bench" / "e2e.py"
@@ -65,7 +68,8 @@ def test_e2e_gpu_tiny_end_to_end(tmp_path):
     assert data["schema"] == "ouroboros.e2e_gpu/1" and data["tiny"] is True
     assert data["card"] == "cpu" and data["versions"]["torch"] == torch.__version__
     assert data["versions"]["transformers"]
-    assert data["settings"]["dtype"] == "float32" and data["settings"]["gpu_defaults"]["window"] == 20
+    gpu = ouroboros.GPU_DEFAULTS
+    assert data["settings"]["dtype"] == "float32" and data["settings"]["gpu_defaults"] == gpu.as_dict()
     assert data["errors"] == [], data["errors"]
     assert set(data["pairs"]) == {"qwen", "llama"}
     for name, pair in data["pairs"].items():
@@ -79,21 +83,23 @@ def test_e2e_gpu_tiny_end_to_end(tmp_path):
         steps = pair["step_costs"]
         assert set(steps["target_verify_device"]) == {"1", "16", "32", "64", "128"}
         assert all(v > 0 for v in steps["target_verify_device"].values())
-        assert steps["draft_layout"]["tokens_logical"] == 1 + (20 + 20) * 6
-        assert steps["draft_layout"]["tokens_bucket"] == 256 and steps["draft_layout"]["full_step_ms"] > 0
+        logical = 1 + (gpu.window + gpu.guess_set) * (gpu.ngram - 1)
+        assert steps["draft_layout"]["tokens_logical"] == logical
+        assert steps["draft_layout"]["tokens_bucket"] == _bucket(logical) and steps["draft_layout"]["full_step_ms"] > 0
         for key in ("kv_gather_14_slots", "keep_gather_plus_rollback_host", "gpu_pool_lookup",
                     "gpu_pool_insert_window", "host_tree_build_mask_walk"):
             assert steps["bookkeeping"][key] > 0, key
         replay = pair["replay"]["methods"]
         assert set(replay) == {"greedy", "speculative", "ouroboros", "ouroboros@trace_layout", "greedy_synthetic"}
-        assert replay["ouroboros@trace_layout"]["draft_layout"]["tokens_logical"] == 1 + (3 + 4) * 4
-        assert replay["ouroboros@trace_layout"]["draft_buckets"] == [32]
-        assert replay["ouroboros@trace_layout"]["accepted_tokens"] == replay["ouroboros"]["accepted_tokens"]
-        assert replay["ouroboros"]["replayed"] is True and replay["ouroboros"]["kind"] == "ouroboros"
-        assert replay["ouroboros"]["cycles"] == 6
-        assert replay["ouroboros"]["accepted_tokens"] == 4 + 9 + 1 + 6 + 4 + 9
-        assert replay["ouroboros"]["forced_short_tokens"] == 0
-        assert replay["ouroboros"]["draft_buckets"] == [256]
+        # ouroboros replays run the live path's code (DeviceCycle.replay): N + 1 pending slots in the first forward,
+        # a trunk of at most the adaptive maximum of gamma, plus one suffix of N - 1 tokens kept
+        trace_layout = replay["ouroboros@trace_layout"]
+        assert trace_layout["draft_layout"]["tokens_logical"] == (5 + 1) + (3 + 4) * 4
+        assert trace_layout["accepted_tokens"] == 4 + 9 + 1 + 6 + 4 + 9         # every record fits that layout
+        assert trace_layout["path"].startswith("DeviceCycle.replay") and trace_layout["cycles"] == 6
+        rec = replay["ouroboros"]
+        assert rec["replayed"] is True and rec["kind"] == "ouroboros" and rec["cycles"] == 6
+        assert 6 <= rec["accepted_tokens"] <= 4 + 9 + 1 + 6 + 4 + 9        # capped by the GPU layout's tree
         assert replay["speculative"]["accepted_tokens"] == 12 and replay["greedy"]["accepted_tokens"] == 5
         for rec in replay.values():
             assert rec["tok_s"] > 0 and rec["vs_hf_static_compile"] > 0 and rec["vs_ours_greedy"] > 0

@@ -81,6 +81,8 @@ def _prepare(target, draft, input_ids, max_new_tokens, method, pool, params, poo
         params["ngram"] = pool.ngram
     cfg = resolve_config(target.device, method, **params)
     uses_pool = method in ("lookahead", "prompt_lookup", "ouroboros")
+    if method == "ouroboros" and pool is None and pool_device is None and target.device.type == "cuda":
+        pool_device = target.device              # the CUDA default: drafting and the pool on the device
     if uses_pool:
         if pool is None and pool_device is not None:
             pool = GpuPhrasePool(ngram=cfg.ngram, guess_set=cfg.pool_capacity, vocab_size=vocab, device=pool_device)
@@ -145,8 +147,11 @@ def generate(target, draft=None, input_ids=None, *, max_new_tokens: int, method:
     fast : the static-cache step path with CUDA graphs per tree-size bucket (default: on for CUDA models).
     compile : with ``fast``, run the tree forwards through ``torch.compile`` inside the graphs (default: the
         ``OUROBOROS_COMPILE`` environment variable, off unless it is 1). The first call per tree size compiles.
-    pool_device : keep a fresh pool on this device (a :class:`GpuPhrasePool`); "ouroboros" then drafts with no host
-        sync per draft forward. Passing a ``GpuPhrasePool`` as ``pool`` does the same.
+    pool_device : keep a fresh pool on this device (a :class:`GpuPhrasePool`; default for "ouroboros" on a CUDA
+        model without ``pool``); "ouroboros" then drafts on the device, and with ``fast`` and greedy decoding runs
+        whole cycles there (:class:`ouroboros.device_cycle.DeviceCycle`: one CUDA graph and one small read per
+        cycle). Passing a ``GpuPhrasePool`` as ``pool`` does the same (and its cycles' graphs are reused by later
+        calls with the same pool).
     do_sample, temperature, top_k, top_p, min_p, repetition_penalty : HF's names and meaning. None takes HF's
         default (temperature 1.0, top_k 50, top_p 1.0, min_p None, repetition_penalty 1.0), except when
         ``logits_processor`` is given: then a None argument adds no processor (pass HF's prepared list with the

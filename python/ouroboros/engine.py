@@ -52,6 +52,8 @@ class GenerationStats:
     time_prefill: float = 0.0        # putting the prompt into the caches (before the first cycle)
     time_draft: float = 0.0
     time_verify: float = 0.0
+    device_cycle: bool = False       # the whole cycle ran on the device (DeviceCycle): draft and verify times are
+    #                                  not split (no host sync inside a cycle); all of it is in time_total
     trace: list = field(default_factory=list, repr=False)
 
     @property
@@ -378,6 +380,22 @@ def make_runner(model, fast: bool, max_len: int, reuse: bool = True, compile: bo
     return runner
 
 
+def _device_cycle(tgt, drf, pool: GpuPhrasePool, cfg: DecodeConfig, eos: frozenset[int], prompt: list[int],
+                  max_new_tokens: int, stats: GenerationStats, t0: float) -> Iterator[list[int]]:
+    """Greedy ouroboros as :class:`ouroboros.device_cycle.DeviceCycle` cycles (kept on the target's runner, with
+    its captured graphs, for later calls with the same runners, pool and settings)."""
+    from .device_cycle import DeviceCycle
+    cycle = getattr(tgt, "_device_cycle", None)
+    if cycle is None or not cycle.fits(tgt, drf, pool, cfg, eos):
+        cycle = tgt._device_cycle = DeviceCycle(tgt, drf, pool, cfg, eos)
+    lookups0, hits0 = pool.stats.lookups, pool.stats.hits
+    stats.device_cycle = True
+    yield from cycle.generate(prompt, max_new_tokens, stats)
+    stats.pool_size, stats.pool_keys, stats.pool_bytes = len(pool), pool.num_keys(), pool.nbytes()
+    stats.pool_lookups, stats.pool_hits = pool.stats.lookups - lookups0, pool.stats.hits - hits0
+    stats.time_total = time.perf_counter() - t0
+
+
 def decode(target, draft, prompt: Sequence[int], *, method: str, cfg: DecodeConfig, max_new_tokens: int,
            eos: frozenset[int], pool: PhrasePool | None, stats: GenerationStats,
            fast: bool = False, compile: bool | None = None, sampler: TreeSampler | None = None,
@@ -404,12 +422,16 @@ def decode(target, draft, prompt: Sequence[int], *, method: str, cfg: DecodeConf
     if device_pool is not None:
         pool = device_pool.host
     tgt = make_runner(target, fast, max_len, compile=compile)
-    tgt.prefill(x[:-1])
     drafter = drf = None
     if method in DRAFT_METHODS:
         on_device = method == "ouroboros" and device_pool is not None and cfg.window + cfg.guess_set > 0
         drf = make_runner(draft, fast or on_device, max_len + 2 * cfg.max_gamma * cfg.ngram, reuse=draft is not target,
                           compile=compile)
+        if on_device and fast and sampler is None and scores_out is None:     # the whole cycle on the device
+            yield from _device_cycle(tgt, drf, device_pool, cfg, eos, x, max_new_tokens, stats, t0)
+            return
+    tgt.prefill(x[:-1])
+    if drf is not None:
         drf.prefill(x[:-1])
         drafter = make_drafter(method, drf, x, cfg, device_pool if on_device else pool, eos, draft_sampler)
     window = LookaheadWindow(cfg.ngram, cfg.window, x) if method == "lookahead" else None

@@ -55,7 +55,9 @@ class _StaticLayer(CacheLayerMixin):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        slots = self.length + torch.arange(key_states.shape[-2], device=key_states.device)
+        slots = self.owner.slots
+        if slots is None or slots.shape[0] != key_states.shape[-2]:
+            slots = self.length + torch.arange(key_states.shape[-2], device=key_states.device)
         self.keys.index_copy_(2, slots, key_states)
         self.values.index_copy_(2, slots, value_states)
         return self.keys, self.values
@@ -83,6 +85,7 @@ class StaticKVCache(Cache):
         self.length = torch.zeros((), dtype=torch.long, device=device)
         self.max_len = max_len
         self.stacked: tuple[torch.Tensor, torch.Tensor] | None = None   # (L, B, H, max_len, D) keys and values
+        self.slots: torch.Tensor | None = None    # during a runner's forward: the slots it writes (all layers)
         self._own: list[int] = []                                       # layers outside the stacked buffers
         super().__init__(layers=[_StaticLayer(self, i) for i in range(num_layers)])
 
@@ -116,6 +119,30 @@ def default_compile() -> bool:
     return os.environ.get("OUROBOROS_COMPILE", "0") == "1"
 
 
+def default_glue(device: torch.device) -> bool:
+    """Whether fast-path runners fuse the model's glue when not told: ``OUROBOROS_FUSED_GLUE=1``/``0``, else on CUDA."""
+    env = os.environ.get("OUROBOROS_FUSED_GLUE")
+    return env == "1" if env in ("0", "1") else device.type == "cuda"
+
+
+def fuse_glue(model) -> bool:
+    """Fuse ``model``'s RMSNorm/RoPE/SwiGLU and pack its q/k/v and gate/up GEMMs (:mod:`ouroboros.fused_glue`)
+    unless already done; False (the model left as it is) for a family the fused glue does not cover."""
+    from .fused_glue import apply_fused_glue, is_fused
+    if is_fused(model):
+        return True
+    try:
+        apply_fused_glue(model)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_fused(model) -> bool:
+    from .fused_glue import is_fused
+    return is_fused(model)
+
+
 def _bucket(t: int) -> int:
     for b in BUCKETS:
         if t <= b:
@@ -144,15 +171,25 @@ def route_to_kernel(model) -> bool:
 class StaticRunner:
     """A model on a :class:`StaticKVCache`; see the module docstring for its two interfaces."""
 
-    def __init__(self, model, max_len: int, use_graphs: bool | None = None, compile: bool | None = None) -> None:
-        """``compile``: run the tree forward through ``torch.compile`` (inductor fuses the elementwise ops; the CUDA
-        graphs are then captured around the compiled code). None reads ``OUROBOROS_COMPILE`` (1 = on; default off).
-        A compile failure warns and falls back to the eager forward.
+    def __init__(self, model, max_len: int, use_graphs: bool | None = None, compile: bool | None = None,
+                 glue: bool | None = None) -> None:
+        """``compile``: run the tree forward through ``torch.compile(dynamic=False, fullgraph=True)``, one graph per
+        tree-size bucket, our attention one opaque custom op in it (:mod:`ouroboros_kernels.custom_ops`), so inductor
+        fuses the glue around it; the CUDA graphs are captured around the compiled code. None reads
+        ``OUROBOROS_COMPILE`` (1 = on; default off). A graph break warns and compiles with breaks; any other compile
+        failure warns and falls back to the eager forward. The inductor cache (``TORCHINDUCTOR_CACHE_DIR``) makes a
+        second process start fast (``bench/compile_startup.py``).
+
+        ``glue``: fuse the model's RMSNorm / RoPE / SwiGLU into single kernels and its q/k/v and gate/up GEMMs into
+        one each (:func:`ouroboros.fused_glue.apply_fused_glue`; outputs unchanged; the model stays fused). None:
+        ``OUROBOROS_FUSED_GLUE`` (1/0), else on for CUDA models. Families without fused glue run as they are.
 
         The model is switched to ouroboros attention (:func:`ouroboros.patch`, backend "auto") unless it already is,
         and stays patched, which leaves its outputs (and ``generate``) unchanged; see :func:`route_to_kernel` for the
         models whose trees take dense masks instead (``tree_kernel`` False)."""
         self.tree_kernel = route_to_kernel(model)
+        self.glue_requested = default_glue(model.device) if glue is None else bool(glue)
+        self.glue = self.glue_requested and fuse_glue(model)    # False: the family has no fused glue
         self.model = model
         self.config = model.config.get_text_config()
         self.device = model.device
@@ -160,17 +197,20 @@ class StaticRunner:
         self._cache_kw = cache_kwarg(model)
         self._dtype = model.dtype
         self.use_graphs = (self.device.type == "cuda") if use_graphs is None else use_graphs
-        self._graphs: dict[int, tuple] = {}
+        self._graphs: dict[tuple, tuple] = {}
+        self.inside_capture = False      # a caller is capturing a larger graph: run forwards directly, no own graphs
         self.compiled = default_compile() if compile is None else bool(compile)
         self.compile_requested = self.compiled     # ``compiled`` turns False if compiling fails
-        self._compiled = None
+        self._compiled: dict[bool, object] = {}   # logits? -> the compiled step (argmax or float32 logits)
         if self.compiled:
-            # one compiled entry per runner and tree-size class (T=1, T>1): keep room for several runners
+            # dynamic=False: one compiled graph per (runner, bucket) for each step, never a dynamic-shape one; the
+            # limits are per step function (shared by all runners): keep room for many runners' 7 buckets
             config = torch._dynamo.config
-            for name in ("recompile_limit", "cache_size_limit"):
+            for name, least in (("recompile_limit", 64), ("cache_size_limit", 64),
+                                ("accumulated_recompile_limit", 1024), ("accumulated_cache_size_limit", 1024)):
                 if hasattr(config, name):
-                    setattr(config, name, max(getattr(config, name), 64))
-            self._compiled = torch.compile(self._forward_impl, fullgraph=False)
+                    setattr(config, name, max(getattr(config, name), least))
+            self._compile_steps(fullgraph=True)
         self._staging: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}   # bucket -> (pinned host, device) inputs
         self._n = 0                      # host mirror of cache.length (valid unless a device op ran since)
         self.forwards = 0
@@ -183,7 +223,8 @@ class StaticRunner:
         want = default_compile() if compile is None else compile
         return (max_len <= self.cache.max_len and self.model.device == self.device
                 and self.model.dtype == self._dtype and want == self.compile_requested
-                and (is_patched(self.model) or not self.tree_kernel))
+                and (is_patched(self.model) or not self.tree_kernel)
+                and default_glue(self.device) == self.glue_requested and (not self.glue or _is_fused(self.model)))
 
     def reset(self) -> None:
         """Start empty (the buffers and captured graphs stay)."""
@@ -193,20 +234,25 @@ class StaticRunner:
 
     # ---- device interface -------------------------------------------------------------------------------------
     def _logits_impl(self, ids: torch.Tensor, depths: torch.Tensor, bits: torch.Tensor | None) -> torch.Tensor:
-        """ids (1, T), depths (T,), bits (T, T) bool ancestor-or-self (None: a causal chain) -> logits (T, V) of
-        every tree node.
+        """ids (1, T), depths (T,), bits (T, T) bool ancestor-or-self, or (on the kernel path, ``tree_kernel``)
+        already packed int32 (T, ceil(T/32)); None: a causal chain -> logits (T, V) of every tree node.
 
         Pure device ops, no host sync (graph-capturable): the tree goes to the attention kernel as a packed mask with
         the device length as its prefix length (on a model whose layers drop the descriptor: dense masks over the
         buffer). Writes the tree's keys/values at the device length, which it does not advance."""
         prefix = self.cache.length
         if self.tree_kernel:
-            spec = TreeSpec(prefix_len=prefix, mask=None if bits is None else pack_mask(bits), depths=depths)
+            mask = bits if bits is None or bits.dtype == torch.int32 else pack_mask(bits)
+            spec = TreeSpec(prefix_len=prefix, mask=mask, depths=depths)
             kw = tree_call_kwargs(spec)
         else:
             kw = {"attention_mask": self._dense_masks(depths, bits)}
         kw[self._cache_kw] = self.cache
-        return self.model(input_ids=ids, position_ids=(prefix + depths)[None], use_cache=True, **kw).logits[0]
+        self.cache.slots = prefix + torch.arange(ids.shape[1], device=ids.device)     # once, not once per layer
+        try:
+            return self.model(input_ids=ids, position_ids=(prefix + depths)[None], use_cache=True, **kw).logits[0]
+        finally:
+            self.cache.slots = None
 
     def _dense_masks(self, depths: torch.Tensor, bits: torch.Tensor | None):
         """The (T x max_len) 4-D mask(s) of a tree at the device length, for models the kernel path cannot reach."""
@@ -227,19 +273,44 @@ class StaticRunner:
         """ids (1, T), depths (T,), bits (T, T) bool ancestor-or-self -> argmax (T,) of :meth:`_logits_impl`."""
         return self._logits_impl(ids, depths, bits).argmax(-1)
 
-    def _run_step(self, ids: torch.Tensor, depths: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    def _float_logits(self, ids: torch.Tensor, depths: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+        """:meth:`_logits_impl` as float32 (T, V)."""
+        return self._logits_impl(ids, depths, bits).float()
+
+    def _compile_steps(self, fullgraph: bool) -> None:
+        """Wrap both steps in ``torch.compile(dynamic=False)`` (compiled lazily, per input shape: one graph per bucket).
+        ``fullgraph``: the whole forward as one graph (our attention is one opaque custom op in it, see
+        :mod:`ouroboros_kernels.custom_ops`), so inductor fuses all the glue between the kernels."""
+        self._fullgraph = fullgraph
+        self._compiled = {False: torch.compile(self._forward_impl, dynamic=False, fullgraph=fullgraph),
+                          True: torch.compile(self._float_logits, dynamic=False, fullgraph=fullgraph)}
+
+    def _run_compiled(self, logits: bool, ids: torch.Tensor, depths: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+        """The step (argmax, or float32 logits) compiled when ``compiled``, else eager. A graph break under
+        ``fullgraph`` warns and recompiles without it; any other compile failure warns and runs eager from then on
+        (both steps). A failed compile has run nothing, so retrying the same inputs is exact."""
+        eager = self._float_logits if logits else self._forward_impl
         if not self.compiled:
-            return self._forward_impl(ids, depths, bits)
+            return eager(ids, depths, bits)
         try:
-            return self._compiled(ids, depths, bits)
+            return self._compiled[logits](ids, depths, bits)
         except Exception as err:  # noqa: BLE001 - an inductor/dynamo failure must not cost the generation
+            if self._fullgraph and isinstance(err, torch._dynamo.exc.Unsupported):   # a graph break
+                warnings.warn(f"the tree forward does not compile as one graph ({type(err).__name__}: {err}); "
+                              "compiling it with graph breaks")
+                self._compile_steps(fullgraph=False)
+                return self._run_compiled(logits, ids, depths, bits)
             warnings.warn(f"torch.compile of the tree forward failed ({type(err).__name__}: {err}); running eager")
             self.compiled = False
-            return self._forward_impl(ids, depths, bits)
+            return eager(ids, depths, bits)
+
+    def _run_step(self, ids: torch.Tensor, depths: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+        """The argmax step (T,): compiled or eager, see :meth:`_run_compiled`."""
+        return self._run_compiled(False, ids, depths, bits)
 
     def _run_logits(self, ids: torch.Tensor, depths: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
-        """The logits step: :meth:`_logits_impl` as float32 (T, V); eager (not compiled), graphed like the argmax."""
-        return self._logits_impl(ids, depths, bits).float()
+        """The logits step (T, V) float32: compiled or eager like the argmax, and graphed like it."""
+        return self._run_compiled(True, ids, depths, bits)
 
     def forward_device(self, ids: torch.Tensor, depths: torch.Tensor, bits: torch.Tensor,
                        logits: bool = False) -> torch.Tensor:
@@ -249,9 +320,10 @@ class StaticRunner:
         self.forwards += 1
         t = ids.shape[1]
         step = self._run_logits if logits else self._run_step
-        if not self.use_graphs:
+        if not self.use_graphs or self.inside_capture:
             return step(ids, depths, bits)
-        graph = self._graphs.get((t, logits)) or self._capture((t, logits), step, ids, depths, bits)
+        key = (t, logits, bits.dtype)
+        graph = self._graphs.get(key) or self._capture(key, step, ids, depths, bits)
         if graph is None:
             return step(ids, depths, bits)
         g, s_ids, s_depths, s_bits, s_out = graph
@@ -261,9 +333,9 @@ class StaticRunner:
         g.replay()
         return s_out.clone()
 
-    def _capture(self, key: tuple[int, bool], step, ids, depths, bits):
-        """Capture ``step`` for ``key`` = (tree size, logits?) (once per key); None (and graphs off) if capture
-        fails."""
+    def _capture(self, key: tuple, step, ids, depths, bits):
+        """Capture ``step`` for ``key`` = (tree size, logits?, mask dtype) (once per key); None (and graphs off) if
+        capture fails."""
         try:
             static = (ids.clone(), depths.clone(), bits.clone())
             saved = self.cache.length.clone()
