@@ -92,7 +92,10 @@ for p in (ROOT, ROOT / "python"):
         sys.path.insert(0, str(p))
 
 RESULTS = ROOT / "bench" / "results"
-DEFAULT_TRACES = RESULTS / "traces_humaneval.json"
+# the real pair's traces recorded with the GPU layout (bench/e2e.py --device-cycle); the older CPU-layout ones else
+GPU_LAYOUT_TRACES = [RESULTS / "gpu_layout" / f"traces_{d}.json" for d in ("humaneval", "gsm8k")]
+DEFAULT_TRACES = (",".join(map(str, GPU_LAYOUT_TRACES)) if all(p.exists() for p in GPU_LAYOUT_TRACES)
+                  else str(RESULTS / "traces_humaneval.json"))
 SCHEMA = "ouroboros.e2e_gpu/1"
 VERIFY_BUCKETS = (1, 16, 32, 64, 128)
 DRAFT_BUCKETS = (1, 16, 64)       # draft forward sizes timed
@@ -100,7 +103,6 @@ KERNEL_BUCKETS = (1, 64)          # tree sizes whose kernels per forward are cou
 GLUE_MODES = ("fused", "compile")  # --glue all = none (the runners as they are) + these
 # On a CPU our kernels run as their PyTorch reference twins; the kernel proxy counts each call as the one kernel it
 # stands in for (ouroboros_kernels.reference: tree attention, and the fused glue's RMSNorm, RoPE and SwiGLU).
-REFERENCE_STANDINS = ("tree_attention", "rms_norm_reference", "rope_reference", "swiglu_reference")
 # SPEC §4 anchors (one H200, torch 2.11, transformers 5.17, prompt 512): tok/s, and ms per step of a minimal
 # CUDA-graph decoder at T=1 / T=64; copied into the JSON for comparison, never used in a ratio.
 SPEC_ANCHORS_H200 = {
@@ -525,7 +527,7 @@ def step_costs(target, draft, prompt: list[int], cfg, clock: Clock, iters: int, 
 
 # ----------------------------------------------------------------------------------------------------- kernel probes
 # Kernels per forward: the CUDA profiler on a GPU (graph replays included when it sees them, see
-# ouroboros.probes.cuda_kernels); on a CPU the dispatcher-level proxy ouroboros.probes.OpCounter (REFERENCE_STANDINS).
+# ouroboros.probes.cuda_kernels); on a CPU the dispatcher-level proxy (ouroboros.probes.count_kernels).
 
 
 def kernel_method(device: torch.device) -> str:
@@ -535,29 +537,13 @@ def kernel_method(device: torch.device) -> str:
             "one)")
 
 
-def count_kernels(fn, device: torch.device, eager=None) -> dict:
-    """Kernels one call of ``fn`` launches (``fn`` already ran once): ``{"total", "source", "top"}``."""
-    from ouroboros.probes import OpCounter, cuda_kernels
-
-    if device.type == "cuda":
-        seen = cuda_kernels(fn, eager=eager)
-        return {"total": seen.total, "source": seen.source, "kernels": seen.kernels, "memcpy": seen.memcpy,
-                "memset": seen.memset, "top": seen.names.most_common(6)}
-    import ouroboros_kernels.reference as reference
-
-    with OpCounter() as counter, contextlib.ExitStack() as stack:
-        for name in REFERENCE_STANDINS:
-            if hasattr(reference, name):
-                stack.enter_context(counter.opaque_function(reference, name))
-        fn()
-    return {"total": counter.total, "source": "OpCounter", "top": counter.top(6)}
-
-
 def runner_probe(runner, buckets, vocab: int, clock: Clock, iters: int, kernels_at=KERNEL_BUCKETS,
                  first_call: bool = False, time_left=None) -> dict:
     """ms per ``forward_device`` by tree size (a chain of T tokens at the runner's length) and kernels per forward at
     ``kernels_at``; ``first_call``: also the seconds of each size's first call (compile + capture). With
     ``time_left`` (seconds, a callable), sizes are skipped once it is under 30."""
+    from ouroboros import probes
+
     gen = torch.Generator().manual_seed(2)
     out: dict = {"ms": {}, "kernels": {}}
     if first_call:
@@ -579,7 +565,7 @@ def runner_probe(runner, buckets, vocab: int, clock: Clock, iters: int, kernels_
             out["ms"][str(t)] = ms(clock.per_call(lambda: runner.forward_device(*args), iters))
         if t in kernels_at:
             eager = getattr(runner, "_run_step", None)
-            out["kernels"][str(t)] = count_kernels(lambda: runner.forward_device(*args), runner.device,
+            out["kernels"][str(t)] = probes.count_kernels(lambda: runner.forward_device(*args), runner.device,
                                                    eager=(lambda: eager(*args)) if eager else None)
     return out
 
@@ -811,6 +797,25 @@ def load_traces(path: Path) -> tuple[dict | None, str]:
         return None, f"traces file {path} holds no cycles with tree_size/accepted (replay skipped)"
     return out, f"loaded {path}: " + ", ".join(f"{k} ({sum(len(p) for p in v['prompts'])} cycles)"
                                               for k, v in out.items())
+
+
+def load_trace_files(spec: str | None) -> tuple[dict | None, str]:
+    """:func:`load_traces` of each file in the comma list ``spec``; with several files each label is prefixed by its
+    file's data set (``"gsm8k/ouroboros"``)."""
+    paths = [Path(p) for p in (spec or "").split(",") if p.strip()]
+    if len(paths) <= 1:
+        return load_traces(paths[0] if paths else None)
+    merged, status = {}, []
+    for path in paths:
+        traces, line = load_traces(path)
+        status.append(line)
+        if traces:
+            tag = None
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                tag = json.loads(path.read_text()).get("dataset")
+            tag = tag if isinstance(tag, str) and tag else path.stem
+            merged.update({f"{tag}/{label}": entry for label, entry in traces.items()})
+    return (merged or None), "; ".join(status)
 
 
 # ----------------------------------------------------------------------------------------------------- replay
@@ -1314,7 +1319,8 @@ def parse_args(argv=None):
     ap.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                     help="default bfloat16 (tiny: float32)")
     ap.add_argument("--device", default=None, help="default cuda when available (tiny: cpu unless --device)")
-    ap.add_argument("--traces", default=str(DEFAULT_TRACES), help="acceptance traces to replay")
+    ap.add_argument("--traces", default=DEFAULT_TRACES,
+                    help="acceptance traces to replay (a comma list: labels get the file's data set as prefix)")
     ap.add_argument("--replay-methods", default="", help="comma list of trace labels (default: all in the file)")
     ap.add_argument("--replay-max-cycles", type=int, default=None, help="per method (default 400; tiny 12)")
     ap.add_argument("--replay-layout", choices=["gpu", "trace", "both"], default="both",
@@ -1377,7 +1383,7 @@ def main(argv=None) -> int:
     stem = f"e2e_gpu_{card_slug(card)}" + ("_tiny" if args.tiny else "")
     out_path = Path(args.out) if args.out else RESULTS / f"{stem}.json"
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    traces, trace_status = load_traces(Path(args.traces) if args.traces else None)
+    traces, trace_status = load_trace_files(args.traces)
     print(trace_status, flush=True)
     results = {
         "schema": SCHEMA, "what": "random-weight models with real configs; speed only (see bench/e2e_gpu.py)",

@@ -212,17 +212,12 @@ class LeanDecoder:
     def kernel_profile(self, T: int, prefix_len: int = 64) -> dict:
         """Kernels one forward launches: ``{"total", "source", "top"}`` (CUDA profiler over a graph replay on CUDA,
         eager if the replay's kernels are invisible to it; :class:`ouroboros.probes.OpCounter` elsewhere)."""
-        from ouroboros.probes import OpCounter, cuda_kernels
+        from ouroboros.probes import count_kernels
 
         step = self._step(T, prefix_len)
         step()
-        if self.device.type == "cuda":
-            args = self._inputs(T, prefix_len)
-            seen = cuda_kernels(step, eager=lambda: self.forward(*args))
-            return {"total": seen.total, "source": seen.source, "top": seen.names.most_common(8)}
-        with OpCounter() as counter:
-            step()
-        return {"total": counter.total, "source": "OpCounter (CPU proxy)", "top": counter.top(8)}
+        args = self._inputs(T, prefix_len) if self.device.type == "cuda" else None
+        return count_kernels(step, self.device, eager=(lambda: self.forward(*args)) if args else None)
 
     def kernels_per_forward(self, T: int, prefix_len: int = 64) -> int:
         """The number of kernels one T-token forward launches (see :meth:`kernel_profile`)."""

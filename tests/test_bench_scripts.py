@@ -225,3 +225,17 @@ def test_e2e_sampling_runs_on_the_small_pair(tmp_path):
     e2e.resummarize(temps)                             # recomputed from the per-prompt records alone
     again = json.loads(temps.read_text())["per_temperature"]["0.7"]["summary"]
     assert again["ouroboros_warm"]["tokens_per_s"] == before
+
+
+def test_e2e_gpu_reads_several_trace_files(tmp_path):
+    """A comma list of trace files (HumanEval and GSM8K): every label gets its file's data set as prefix."""
+    m = _load_e2e_gpu()
+    paths = []
+    for name in ("humaneval", "gsm8k"):
+        path = tmp_path / f"traces_{name}.json"
+        path.write_text(json.dumps({**_traces(), "dataset": name}))
+        paths.append(str(path))
+    traces, status = m.load_trace_files(",".join(paths))
+    assert {"humaneval/ouroboros", "gsm8k/ouroboros", "gsm8k/speculative"} <= set(traces)
+    assert traces["gsm8k/ouroboros"] == m.load_traces(Path(paths[1]))[0]["ouroboros"]
+    assert status.count("loaded") == 2

@@ -19,7 +19,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = ["HostReads", "OpCounter", "launch", "FREE_OPS", "FUSED_ON_CUDA", "CudaLaunches", "classify_cuda_events",
-           "cuda_kernels"]
+           "cuda_kernels", "count_kernels", "REFERENCE_STANDINS"]
 
 _aten = torch.ops.aten
 _READ_OPS = {_aten._local_scalar_dense.default, _aten.item.default, _aten.nonzero.default}
@@ -343,3 +343,26 @@ def cuda_kernels(fn: Callable, *args, eager: Callable | None = None, **kwargs) -
         seen = _profile(eager, args, kwargs)
         seen.source = f"profiler (eager: the {graphs} graph launch(es) showed no kernels)"
     return seen
+
+
+# Our kernels' plain-PyTorch twins: one kernel each on a GPU, so the CPU proxy counts each call once.
+REFERENCE_STANDINS = ("tree_attention", "rms_norm_reference", "rope_reference", "swiglu_reference",
+                      "swiglu_fused_reference")
+
+
+def count_kernels(fn, device: torch.device, eager=None) -> dict:
+    """Kernels one call of ``fn`` launches (``fn`` already ran once): ``{"total", "source", "top"}``. On CUDA the
+    profiler's count (:func:`cuda_kernels`; ``eager`` as there); elsewhere :class:`OpCounter` with our kernels'
+    reference twins (:data:`REFERENCE_STANDINS`) counted once per call."""
+    if device.type == "cuda":
+        seen = cuda_kernels(fn, eager=eager)
+        return {"total": seen.total, "source": seen.source, "kernels": seen.kernels, "memcpy": seen.memcpy,
+                "memset": seen.memset, "top": seen.names.most_common(6)}
+    import ouroboros_kernels.reference as reference
+
+    with OpCounter() as counter, contextlib.ExitStack() as stack:
+        for name in REFERENCE_STANDINS:
+            if hasattr(reference, name):
+                stack.enter_context(counter.opaque_function(reference, name))
+        fn()
+    return {"total": counter.total, "source": "OpCounter", "top": counter.top(6)}
