@@ -110,7 +110,9 @@ class DeviceCycle:
         self._graphs: dict[tuple, tuple] = {}                   # (draft forwards, forced?) -> (graph, block)
         self._warm: set[tuple] = set()
         self._forced: torch.Tensor | None = None                # replay: (cycles, 3) recorded cut, trunk, branch
+        self._forced_buf = torch.zeros(0, 3, dtype=long, device=dev)   # its storage (graphs read it: grown only)
         self._forced_at = torch.zeros((), dtype=long, device=dev)
+        self._state: tuple = ()                                # data pointers the captured graphs read
         self._mempool = None
         self._pinned = None
         self.cycles_replayed = 0
@@ -252,7 +254,6 @@ class DeviceCycle:
         size = len(prompt) + max_new_tokens + self.emax + 1
         if self.seq.shape[0] < size:
             self.seq = torch.zeros(max(size, 2 * self.seq.shape[0]), dtype=torch.long, device=self.device)
-            self._graphs.clear()                # they read the old buffer
         self.seq[:len(prompt)] = torch.tensor(list(prompt), dtype=torch.long).to(self.device)
         self.seq_len.fill_(len(prompt))
         self.left.fill_(max_new_tokens)
@@ -261,6 +262,11 @@ class DeviceCycle:
             r.prefill(list(prompt[:-1]))
         self.drafter.restart(prompt)
         self.pool.seed_from(self.seq[:len(prompt)])
+        state = (self.seq.data_ptr(), *(t.data_ptr() for t in self.pool.tensors),
+                 *(t.data_ptr() for r in (self.tgt, self.drf) if r.cache.stacked for t in r.cache.stacked))
+        if state != self._state:                # a buffer the captured graphs read was replaced (grown, cleared)
+            self._graphs.clear()
+            self._state = state
 
     @torch.inference_mode()
     def replay(self, prompt: Sequence[int], trace: Sequence[dict], stats=None) -> int:
@@ -279,7 +285,13 @@ class DeviceCycle:
         total = sum(int(c["accepted"]) for c in trace)
         for r in (self.tgt, self.drf):
             r.reset()
-        self._forced = torch.tensor(rows or [[0, 0, 0]], dtype=torch.long).to(self.device)
+        rows = torch.tensor(rows or [[0, 0, 0]], dtype=torch.long)
+        if self._forced_buf.shape[0] < rows.shape[0]:
+            self._forced_buf = torch.zeros(max(rows.shape[0], 2 * self._forced_buf.shape[0]), 3, dtype=torch.long,
+                                           device=self.device)
+            self._graphs = {k: v for k, v in self._graphs.items() if not k[1]}      # they read the old buffer
+        self._forced_buf[:rows.shape[0]].copy_(rows)
+        self._forced = self._forced_buf
         self._forced_at.zero_()
         try:
             steps = self.generate(prompt, total + 1, stats,
