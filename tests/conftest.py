@@ -14,6 +14,11 @@ if not torch.cuda.is_available():  # Triton kernels run on CPU tensors through t
 import transformers  # noqa: E402
 
 VOCAB = 96
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+INTERP = os.environ.get("TRITON_INTERPRET") == "1"
+# the Triton (and device) kernels run on CUDA, or on CPU tensors under the interpreter
+needs_triton_device = pytest.mark.skipif(not (CUDA or INTERP), reason="triton needs CUDA or TRITON_INTERPRET=1")
 
 # Tiny models are dominated by per-op overhead: one intra-op thread is several times faster than two, and immune to
 # oversubscription when pytest shares the machine.

@@ -8,13 +8,12 @@
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
 import ouroboros
-from conftest import hf_greedy, make_model, noisy_copy
+from conftest import hf_greedy, make_model, needs_triton_device, noisy_copy
 from ouroboros.config import DecodeConfig
 from ouroboros.device_cycle import DeviceCycle, VerifyLayout
 from ouroboros.engine import GenerationStats
@@ -28,8 +27,6 @@ from test_engine import random_prompt, repetitive_prompt, run
 LAYOUTS = [dict(gamma=3, ngram=4, window=2, guess_set=3, topk=2),      # window, guesses, suffixes
            dict(gamma=2, ngram=3, window=0, guess_set=2, topk=0),      # guesses only, no concatenation
            dict(gamma=4, ngram=5, window=1, guess_set=0, topk=3, adaptive=False)]
-device_kernels = pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
-                                    reason="the device kernels run on CUDA, or on CPU tensors under TRITON_INTERPRET=1")
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +91,7 @@ def test_device_cycle_is_reused_and_learns_across_calls(pair):
     assert s2.target_forwards <= s1.target_forwards
 
 
-@device_kernels
+@needs_triton_device
 def test_one_host_read_and_no_eager_op_outside_the_cycle():
     """Per cycle the host reads once (the block) and runs no op outside the cycle function, which on CUDA is one
     captured graph. The kernels run as they would on a GPU: Triton (interpreted on CPU tensors), no reference

@@ -7,13 +7,12 @@ drafter follows the cycle's adaptive gamma.
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
 
 import ouroboros
-from conftest import hf_greedy, make_model
+from conftest import hf_greedy, make_model, needs_triton_device
 from ouroboros.config import DecodeConfig
 from ouroboros.device_draft import DeviceDrafter
 from ouroboros.engine import HostDrafter, LookaheadWindow, make_drafter
@@ -25,8 +24,6 @@ from ouroboros.static import StaticRunner
 from test_engine import random_prompt, repetitive_prompt, run
 
 N, W, G, K = 4, 2, 3, 2
-device_kernels = pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
-                                    reason="the device kernels run on CUDA, or on CPU tensors under TRITON_INTERPRET=1")
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +128,7 @@ def test_device_drafting_follows_adaptive_gamma():
     assert max(c["draft_forwards"] for c in fstats.trace) <= 2 < 3 <= max(forwards)
 
 
-@device_kernels
+@needs_triton_device
 def test_one_host_read_per_device_drafting_phase():
     """A device drafting phase of several forwards (window, guesses, EOS watch, suffix lookup) reads the device once:
     the final block. Counted with HostReads on the device kernels' code (CPU tensors: Triton interpreter)."""

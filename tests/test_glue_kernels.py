@@ -8,13 +8,11 @@ whose half is not a power of two, intermediate sizes that cross the SwiGLU block
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():   # Triton on CPU tensors through the interpreter; must precede `import triton`
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from conftest import CUDA, DEVICE, INTERP, needs_triton_device  # noqa: E402  (sets TRITON_INTERPRET first)
 
 pytest.importorskip("triton")
 
@@ -22,10 +20,7 @@ import ouroboros_kernels as ok  # noqa: E402
 from ouroboros_kernels import glue, reference  # noqa: E402
 from ouroboros_kernels.triton import glue as tg  # noqa: E402
 
-CUDA = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if CUDA else "cpu")
-INTERP = os.environ.get("TRITON_INTERPRET") == "1"
-pytestmark = pytest.mark.skipif(not (CUDA or INTERP), reason="triton needs CUDA or TRITON_INTERPRET=1")
+pytestmark = needs_triton_device
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=2e-3, rtol=2e-3),
        torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}

@@ -7,13 +7,11 @@ on two cores; CUDA runs a denser grid. The window rule itself is checked against
 """
 from __future__ import annotations
 
-import os
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-if not torch.cuda.is_available():   # Triton on CPU tensors through the interpreter; must precede `import triton`
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from conftest import CUDA, DEVICE, INTERP, needs_triton_device  # noqa: E402  (sets TRITON_INTERPRET first)
 
 pytest.importorskip("triton")
 
@@ -21,10 +19,6 @@ import ouroboros_kernels as ok  # noqa: E402
 from ouroboros_kernels import reference, tree  # noqa: E402
 from ouroboros_kernels.triton import tree_attention as tt  # noqa: E402
 
-CUDA = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if CUDA else "cpu")
-INTERP = os.environ.get("TRITON_INTERPRET") == "1"
-needs_triton_device = pytest.mark.skipif(not (CUDA or INTERP), reason="triton needs CUDA or TRITON_INTERPRET=1")
 cuda_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=2e-3, rtol=2e-3),
