@@ -38,16 +38,21 @@ step costs (CUDA events on a GPU, perf_counter on a CPU; the fast path's StaticR
   captured graphs) per cycle of ``generate(method="ouroboros", fast=True, pool_device=...)``, after a warm-up call.
 
 glue (``--glue``: none | fused | compile | all; default all, --tiny: fused), on fresh static runners, last in a pair
-  fused    ``ouroboros.fused_glue.apply_fused_glue`` on target and draft (reverted after; "unavailable" if missing)
-  compile  ``StaticRunner(compile=True)`` with ``automatic_dynamic_shapes`` off (one static graph per tree size), at
-           T in {1,64}; records each size's first-call seconds (compile + capture); skipped when the budget is short
+  (the other stages run the engine's runners as they ship, "default": fused glue on CUDA)
+  none     HF's own glue (``ouroboros.fused_glue.revert_fused_glue``, ``StaticRunner(glue=False)``)
+  fused    ``StaticRunner(glue=True)``: ``ouroboros.fused_glue.apply_fused_glue`` on target and draft
+  compile  ``StaticRunner(compile=True)`` (fused) with ``automatic_dynamic_shapes`` off (one static graph per tree
+           size), at T in {1,64}; records each size's first-call seconds (compile + capture); skipped when the budget
+           is short
 
 live vs replay (``live_vs_replay``): the live run's own ``stats.trace`` replayed (below) on the same models and
   runners with the live run's parameters; tok/s of both over the cycles after the first, and replay/live (issue 17:
   at the same acceptance they should agree within 10%).
 
 replay (per recorded cycle: tree_size, accepted, draft_forwards, draft_len)
-  ouroboros*: ``draft_forwards`` draft steps of the device drafter (the ouroboros draft layout, one host read);
+  ouroboros*: the live path's own code, ``DeviceCycle.replay``: whole cycles on the device (one graph and one read
+  each) with the recorded ``draft_forwards``, a trunk of ``draft_len`` and ``accepted - 1`` tokens kept (trunk first,
+  then the first suffix), each recorded prompt from the prompt, after one untimed pass that captures the graphs;
   speculative: ``draft_forwards`` host tree steps of the pending token(s); then one target verify of a tree of exactly
   ``tree_size`` nodes (root + draft trunk of ``draft_len`` + branches), FORCED acceptance: the target keeps
   ``accepted - 1`` nodes down the trunk (then the first branch) regardless of its argmax (a benchmark-only path:
@@ -100,7 +105,7 @@ SCHEMA = "ouroboros.e2e_gpu/1"
 VERIFY_BUCKETS = (1, 16, 32, 64, 128)
 DRAFT_BUCKETS = (1, 16, 64)       # draft forward sizes timed
 KERNEL_BUCKETS = (1, 64)          # tree sizes whose kernels per forward are counted (T=1 decode, T=64 verify)
-GLUE_MODES = ("fused", "compile")  # --glue all = none (the runners as they are) + these
+GLUE_MODES = ("none", "fused", "compile")  # --glue all: each (the step costs' "default" is the shipped runner)
 # On a CPU our kernels run as their PyTorch reference twins; the kernel proxy counts each call as the one kernel it
 # stands in for (ouroboros_kernels.reference: tree attention, and the fused glue's RMSNorm, RoPE and SwiGLU).
 # SPEC §4 anchors (one H200, torch 2.11, transformers 5.17, prompt 512): tok/s, and ms per step of a minimal
@@ -503,7 +508,8 @@ def step_costs(target, draft, prompt: list[int], cfg, clock: Clock, iters: int, 
     book["verify_bucket_of_that_tree"] = _bucket(book["tree_nodes"])
     out["bookkeeping"] = book
 
-    # kernels per forward and ms per forward: our runners as they are (glue "none") against the lean decoder floor
+    # kernels per forward and ms per forward: the engine's runners as they ship ("default": fused glue on CUDA)
+    # against the lean decoder floor
     ours: dict = {}
     _section(ours, "target", lambda: runner_probe(tgt, (), vocab, clock, iters))
     _section(ours, "draft", lambda: runner_probe(drf, (), vocab, clock, iters))
@@ -512,13 +518,13 @@ def step_costs(target, draft, prompt: list[int], cfg, clock: Clock, iters: int, 
     _section(lean, "draft", lambda: lean_probe(draft, n, DRAFT_BUCKETS, clock, iters))
     out["lean"] = lean
     out["kernels_per_forward"] = {"method": kernel_method(device),
-                                  "target": kernel_table(lean["target"], {"none": ours["target"]}),
-                                  "draft": kernel_table(lean["draft"], {"none": ours["draft"]}),
+                                  "target": kernel_table(lean["target"], {"default": ours["target"]}),
+                                  "draft": kernel_table(lean["draft"], {"default": ours["draft"]}),
                                   "ours_detail": ours,
                                   "note": "ours = StaticRunner.forward_device as it is (input copies, graph replay, "
                                           "output clone); lean = one graph replay (bench/lean_decoder.py)"}
-    out["ms_per_forward"] = {"target": {"lean": lean["target"].get("ms"), "none": verify},
-                             "draft": {"lean": lean["draft"].get("ms"), "none": draft_v}}
+    out["ms_per_forward"] = {"target": {"lean": lean["target"].get("ms"), "default": verify},
+                             "draft": {"lean": lean["draft"].get("ms"), "default": draft_v}}
     # host reads and eager ops per cycle of the live path (last: generate resets the engine's runners)
     ids = torch.tensor([prompt], dtype=torch.long, device=device)
     _section(out, "cycle_probe", lambda: cycle_probe(target, draft, ids, new_tokens, device))
@@ -626,17 +632,30 @@ def cycle_probe(target, draft, ids, new_tokens: int, device: torch.device) -> di
     # ops outside the graphs do not depend on what runs inside them
     kw = dict(max_new_tokens=min(new_tokens, 32), method="ouroboros", fast=True, eos_token_id=[],
               pool_device=device, compile=False)
-    ouroboros.generate(target, draft, ids, **kw)
-    with HostReads() as reads, OpCounter() as ops:
+    from ouroboros.device_cycle import DeviceCycle
+
+    for _ in range(2):          # a cycle shape is run eagerly once, captured at its second use
+        ouroboros.generate(target, draft, ids, **kw)
+    with HostReads() as reads, OpCounter() as ops, ops.opaque_function(DeviceCycle, "_cycle", "cycle"), \
+            ops.opaque_function(DeviceCycle, "_start", "start"):      # start: prefill and pool seeding, once
         _, stats = ouroboros.generate(target, draft, ids, return_stats=True, **kw)
     cycles = max(stats.cycles, 1)
     kinds: dict = {}
     for s in reads.seen:
         kinds[s] = kinds.get(s, 0) + 1
+    inside = ops.counts["cycle"] if device.type != "cuda" else 0
     return {"cycles": stats.cycles, "tokens": stats.tokens, "host_reads": len(reads.seen),
             "host_reads_per_cycle": round(len(reads.seen) / cycles, 3), "host_read_kinds": kinds,
-            "eager_ops_per_cycle": round(ops.total / cycles, 1), "eager_ops_top": ops.top(8),
-            "eager_ops_scope": "outside the CUDA graphs" if device.type == "cuda" else "every op (no graphs on CPU)",
+            "eager_ops_outside_cycle_per_cycle": round((ops.total - ops.counts["cycle"] - ops.counts["start"])
+                                                       / cycles, 1),
+            "eager_ops_per_cycle": round((ops.total - inside - ops.counts["start"]) / cycles, 1),
+            "eager_ops_top": ops.top(8),
+            "eager_ops_scope": ("outside the CUDA graphs (a replayed cycle dispatches none; 'cycle' counts the cycle "
+                                "calls)" if device.type == "cuda" else
+                                "outside the cycle function (no graphs on CPU; the cycle itself is not counted)"),
+            "note": "" if device.type == "cuda" else
+                    "CPU: the device pool runs its reference backend, which reads the host inside the cycle; the "
+                    "structure (<= 1 read per cycle) is checked with the Triton kernels in tests/test_device_cycle.py",
             "device_cycle": getattr(stats, "device_cycle", None), "config": stats.config}
 
 
@@ -651,9 +670,10 @@ def _section(out: dict, key: str, fn) -> None:
 @torch.inference_mode()
 def glue_stage(target, draft, prompt: list[int], modes, clock: Clock, iters: int, vocab: int, new_tokens: int,
                cfg, budget_left) -> dict:
-    """The step costs of each glue mode on fresh static runners: "fused" (``ouroboros.fused_glue``, reverted after)
-    and "compile" (``StaticRunner(compile=True)`` with static shapes per tree size). Runs last in a pair: fusing
-    repacks the weights, which stales graphs captured before it."""
+    """The step costs of each glue mode on fresh static runners: "none" (HF's own glue: the fusion reverted),
+    "fused" (``ouroboros.fused_glue``) and "compile" (``StaticRunner(compile=True)``, fused, one static graph per
+    tree size). Runs last in a pair: fusing repacks the weights, which stales graphs captured before it."""
+    from ouroboros import fused_glue
     from ouroboros.static import StaticRunner
 
     max_len = len(prompt) + new_tokens + cfg.gamma + cfg.ngram + max(VERIFY_BUCKETS)
@@ -661,13 +681,7 @@ def glue_stage(target, draft, prompt: list[int], modes, clock: Clock, iters: int
     for mode in modes:
         rec: dict = {}
         out["modes"][mode] = rec
-        if mode == "fused":
-            try:
-                from ouroboros import fused_glue
-            except ImportError as err:
-                rec["status"] = f"unavailable ({err})"
-                continue
-        elif budget_left() < (10 if target.device.type == "cpu" else 90):
+        if mode == "compile" and budget_left() < (10 if target.device.type == "cpu" else 90):
             rec["status"] = "skipped: time budget (a compile per tree size)"
             continue
         saved = torch._dynamo.config.automatic_dynamic_shapes
@@ -679,9 +693,9 @@ def glue_stage(target, draft, prompt: list[int], modes, clock: Clock, iters: int
                         continue
                     buckets = KERNEL_BUCKETS                # a compile per size: only the sizes counted
                     torch._dynamo.config.automatic_dynamic_shapes = False   # one static graph per tree size
-                else:
-                    fused_glue.apply_fused_glue(model)
-                runner = StaticRunner(model, max_len, compile=mode == "compile")
+                elif mode == "none":
+                    fused_glue.revert_fused_glue(model)
+                runner = StaticRunner(model, max_len, compile=mode == "compile", glue=mode != "none")
                 runner.prefill(prompt[:-1])
                 rec[role] = runner_probe(runner, buckets, vocab, clock, iters, first_call=mode == "compile",
                                          time_left=budget_left if mode == "compile" else None)
@@ -692,11 +706,7 @@ def glue_stage(target, draft, prompt: list[int], modes, clock: Clock, iters: int
             rec.update(error_record(err))
         finally:
             torch._dynamo.config.automatic_dynamic_shapes = saved
-            if mode == "fused":
-                for model in (target, draft):
-                    with contextlib.suppress(Exception):
-                        fused_glue.revert_fused_glue(model)
-            else:
+            if mode == "compile":
                 with contextlib.suppress(Exception):
                     torch._dynamo.reset()
             free_memory()
@@ -1233,7 +1243,7 @@ def step_cost_lines(pair: dict) -> list[str]:
             cells = []
             for t, row in (kpf.get(role) or {}).items():
                 modes = [f"{m} {row[m]}" + (f" ({row[m + '_vs_lean']:.2f}x)" if row.get(m + "_vs_lean") else "")
-                         for m in ("none", *GLUE_MODES) if m in row]
+                         for m in ("default", *GLUE_MODES) if m in row]
                 cells.append(f"T{t}: lean {row.get('lean', '-')}, " + ", ".join(modes))
             lines.append(f"  {role:6s} " + " | ".join(cells))
     if mpf:
@@ -1252,8 +1262,8 @@ def step_cost_lines(pair: dict) -> list[str]:
     cp = sc.get("cycle_probe")
     if isinstance(cp, dict) and "host_reads_per_cycle" in cp:
         lines.append(f"live ouroboros cycle: {cp['host_reads_per_cycle']:.1f} host reads/cycle, "
-                     f"{cp['eager_ops_per_cycle']:.0f} eager ops/cycle ({cp['eager_ops_scope']}), "
-                     f"{cp['cycles']} cycles")
+                     f"{cp['eager_ops_per_cycle']:.0f} eager ops/cycle ({cp['eager_ops_scope'].split(' (')[0]}), "
+                     f"{cp['cycles']} cycles" + (" [CPU: reference pool reads]" if cp.get("note") else ""))
     elif isinstance(cp, dict) and cp.get("error"):
         lines.append(f"live ouroboros cycle probe: {cp['error'][:100]}")
     lv = pair.get("live_vs_replay")
@@ -1499,7 +1509,7 @@ def main(argv=None) -> int:
                 pair["live_vs_replay"] = holder.get("live_vs_replay")
             stage("hf_eager", lambda: col_hf_eager(target, ids, args.new_tokens, clock),
                   need_s=0 if args.tiny else 30)
-            modes = GLUE_MODES if args.glue == "all" else () if args.glue == "none" else (args.glue,)
+            modes = GLUE_MODES if args.glue == "all" else (args.glue,)
             if modes:           # last: fusing repacks the weights (graphs captured before it would go stale)
                 reserve = 0 if args.tiny else 150 * (len(args.pairs) - pi - 1)    # the pairs still to run
                 stage("glue", lambda: glue_stage(target, draft, prompt, modes, clock, args.iters, vocab,

@@ -77,8 +77,9 @@ def test_device_cycle_stops_at_eos_and_at_the_limit(pair):
 
 
 def test_device_cycle_is_reused_and_learns_across_calls(pair):
-    """Same runners, pool and settings: one DeviceCycle serves both calls (its graphs would be reused); the pool
-    carries history, so the second call on the same text needs fewer target forwards."""
+    """Same runners and settings: one DeviceCycle serves every call (its graphs would be reused), with the caller's
+    pool copied in and out: the same pool carries history, so the second call on the same text needs fewer target
+    forwards; a fresh pool starts cold and ends holding what the host-loop path leaves."""
     target, draft = pair
     prompt = repetitive_prompt(94, 7, 4)
     expected = hf_greedy(target, prompt, 40)
@@ -89,6 +90,18 @@ def test_device_cycle_is_reused_and_learns_across_calls(pair):
     assert first == second == expected
     assert target._ouroboros_static_runner._device_cycle is cycle
     assert s2.target_forwards <= s1.target_forwards
+    fresh = GpuPhrasePool(ngram=4, guess_set=3, vocab_size=96, device="cpu", backend="reference")
+    third, s3 = run(target, draft, prompt, 40, "ouroboros", fast=True, pool=fresh, **LAYOUTS[0])
+    assert third == expected and s3.target_forwards == s1.target_forwards     # a fresh pool: as cold as the first
+    assert target._ouroboros_static_runner._device_cycle is cycle              # ... on the same cycle (and graphs)
+    assert fresh.state_dict()["keys"].tolist() == pool_after_first(target, draft, prompt)
+
+
+def pool_after_first(target, draft, prompt):
+    """The keys a fresh pool holds after one 40-token generation on the host-loop path."""
+    pool = GpuPhrasePool(ngram=4, guess_set=3, vocab_size=96, device="cpu", backend="reference")
+    run(target, draft, prompt, 40, "ouroboros", fast=False, pool=pool, **LAYOUTS[0])
+    return pool.state_dict()["keys"].tolist()
 
 
 @needs_triton_device

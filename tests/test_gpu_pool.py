@@ -486,3 +486,20 @@ def test_triton_kernels_compile_for_sm90_without_a_gpu():
     if proc.stdout.startswith("SKIP"):
         pytest.skip(proc.stdout.strip())
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout + proc.stderr
+
+
+def test_copy_and_clear_keep_the_storage():
+    """``copy_`` and ``clear`` work in place (a captured CUDA graph reads these tensors); ``copy_`` refuses another
+    layout."""
+    a = GpuPhrasePool(ngram=4, guess_set=3, vocab_size=50, device="cpu", backend="reference")
+    b = a.empty_like()
+    b.insert_many(torch.tensor([3, 7]), torch.tensor([[1, 2, 3], [4, 5, 6]]))
+    b.lookup(torch.tensor([3]))
+    ptrs = [t.data_ptr() for t in a.tensors]
+    a.copy_(b)
+    assert [t.data_ptr() for t in a.tensors] == ptrs
+    assert a.state_dict()["keys"].tolist() == b.state_dict()["keys"].tolist() and a.stats == b.stats
+    a.clear()
+    assert [t.data_ptr() for t in a.tensors] == ptrs and len(a) == 0 and a.stats.lookups == 0
+    with pytest.raises(ValueError, match="same ngram"):
+        a.copy_(GpuPhrasePool(ngram=5, guess_set=3, vocab_size=50, device="cpu", backend="reference"))

@@ -76,8 +76,10 @@ class VerifyLayout:
 class DeviceCycle:
     """Greedy Ouroboros on ``target`` / ``draft`` static runners with a device ``pool`` (see the module docstring).
 
-    One object serves many generations (:meth:`generate`) on the same runners, pool and settings, so the graphs it
-    captures (one per draft-forward count) are reused. ``use_graphs``: capture whole cycles (default: on CUDA).
+    One object serves many generations (:meth:`generate`) on the same runners and settings, so the graphs it captures
+    (one per draft-forward count) are reused. It cycles on a pool of its own with ``pool``'s layout; a generation
+    copies the caller's pool in and back out (device copies), so any pool of that layout, fresh or warm, is served by
+    the same graphs. ``use_graphs``: capture whole cycles (default: on CUDA).
     """
 
     def __init__(self, target: StaticRunner, draft: StaticRunner, pool: GpuPhrasePool, cfg: DecodeConfig,
@@ -90,9 +92,10 @@ class DeviceCycle:
         if target.device != draft.device or pool.device != target.device:
             raise ValueError(f"target ({target.device}), draft ({draft.device}) and pool ({pool.device}) must share "
                              "one device")
-        self.tgt, self.drf, self.pool, self.cfg, self.eos = target, draft, pool, cfg, frozenset(eos)
+        self.tgt, self.drf, self.cfg, self.eos = target, draft, cfg, frozenset(eos)
+        self.pool = pool.empty_like()                           # the cycle's own: its storage never changes
         self.device = dev = target.device
-        self.drafter = DeviceDrafter(draft, pool, cfg.ngram, cfg.window, cfg.guess_set, [0], topk=cfg.topk, eos=eos)
+        self.drafter = DeviceDrafter(draft, self.pool, cfg.ngram, cfg.window, cfg.guess_set, [0], topk=cfg.topk, eos=eos)
         n1 = cfg.ngram - 1
         self.layout = VerifyLayout(cfg.max_gamma, cfg.topk, n1, dev, target.tree_kernel)
         self.emax = cfg.max_gamma + n1 + 1                      # the most tokens a cycle emits
@@ -118,8 +121,8 @@ class DeviceCycle:
         self.cycles_replayed = 0
 
     def fits(self, target, draft, pool, cfg: DecodeConfig, eos: frozenset[int]) -> bool:
-        """True if this cycle serves a generation with these runners, pool and settings."""
-        return (target is self.tgt and draft is self.drf and pool is self.pool and cfg == self.cfg
+        """True if this cycle serves a generation with these runners, settings and a pool of its layout."""
+        return (target is self.tgt and draft is self.drf and self.pool.same_layout(pool) and cfg == self.cfg
                 and frozenset(eos) == self.eos)
 
     # ---- the cycle: device ops only -------------------------------------------------------------------------------
@@ -293,6 +296,7 @@ class DeviceCycle:
         self._forced_buf[:rows.shape[0]].copy_(rows)
         self._forced = self._forced_buf
         self._forced_at.zero_()
+        self.pool.clear()
         try:
             steps = self.generate(prompt, total + 1, stats,
                                   forwards=[max(1, int(c["draft_forwards"])) for c in trace])
@@ -301,15 +305,27 @@ class DeviceCycle:
             self._forced = None
 
     def generate(self, prompt: Sequence[int], max_new_tokens: int, stats=None,
-                 forwards: Sequence[int] | None = None) -> Iterator[list[int]]:
+                 forwards: Sequence[int] | None = None, pool: GpuPhrasePool | None = None) -> Iterator[list[int]]:
         """Yield the emitted tokens cycle by cycle until EOS or ``max_new_tokens`` (runners reset and empty).
         ``forwards``: the draft forwards of each cycle, and so the number of cycles (replay; default: the drafter's
-        budget for the current gamma, until done)."""
+        budget for the current gamma, until done). ``pool``: the phrases to start from, and where they are left
+        afterwards (its layout must be the cycle's; None: the cycle's own pool as it is)."""
+        if pool is not None and not self.pool.same_layout(pool):
+            raise ValueError("the pool's layout (ngram, guess_set, key cap, vocabulary, device) is not this cycle's")
         need = len(prompt) + max_new_tokens + self.layout.size
         if need > self.tgt.cache.max_len or need + self.drafter.slots + self.emax > self.drf.cache.max_len:
             raise ValueError(f"the static caches ({self.tgt.cache.max_len}, {self.drf.cache.max_len} slots) are too "
                              f"small for {len(prompt)} + {max_new_tokens} tokens")
         t0 = time.perf_counter()
+        if pool is not None:
+            self.pool.copy_(pool)
+        try:
+            yield from self._loop(prompt, max_new_tokens, stats, forwards, t0)
+        finally:
+            if pool is not None:
+                pool.copy_(self.pool)
+
+    def _loop(self, prompt, max_new_tokens, stats, forwards, t0) -> Iterator[list[int]]:
         self._start(prompt, max_new_tokens)
         gamma, produced = self.cfg.gamma, 0
         if stats is not None:

@@ -383,14 +383,14 @@ def make_runner(model, fast: bool, max_len: int, reuse: bool = True, compile: bo
 def _device_cycle(tgt, drf, pool: GpuPhrasePool, cfg: DecodeConfig, eos: frozenset[int], prompt: list[int],
                   max_new_tokens: int, stats: GenerationStats, t0: float) -> Iterator[list[int]]:
     """Greedy ouroboros as :class:`ouroboros.device_cycle.DeviceCycle` cycles (kept on the target's runner, with
-    its captured graphs, for later calls with the same runners, pool and settings)."""
+    its captured graphs, for later calls with the same runners, settings and pool layout)."""
     from .device_cycle import DeviceCycle
     cycle = getattr(tgt, "_device_cycle", None)
     if cycle is None or not cycle.fits(tgt, drf, pool, cfg, eos):
         cycle = tgt._device_cycle = DeviceCycle(tgt, drf, pool, cfg, eos)
     lookups0, hits0 = pool.stats.lookups, pool.stats.hits
     stats.device_cycle = True
-    yield from cycle.generate(prompt, max_new_tokens, stats)
+    yield from cycle.generate(prompt, max_new_tokens, stats, pool=pool)
     stats.pool_size, stats.pool_keys, stats.pool_bytes = len(pool), pool.num_keys(), pool.nbytes()
     stats.pool_lookups, stats.pool_hits = pool.stats.lookups - lookups0, pool.stats.hits - hits0
     stats.time_total = time.perf_counter() - t0

@@ -169,9 +169,31 @@ class GpuPhrasePool:
         self._stats.copy_(torch.tensor([value.lookups, value.hits], dtype=torch.int64))
 
     def clear(self) -> None:
-        """Drop every phrase and key and reset the counters."""
-        self.tensors = ngram_pool_empty(self.vocab_size, self.num_slots, self.guess_set, self.phrase_len, self.device)
+        """Drop every phrase and key and reset the counters (in place: the tensors keep their storage)."""
+        empty = ngram_pool_empty(self.vocab_size, self.num_slots, self.guess_set, self.phrase_len, self.device)
+        for dst, src in zip(self.tensors, empty):
+            dst.copy_(src)
         self._stats.zero_()
+
+    def empty_like(self) -> "GpuPhrasePool":
+        """A new empty pool with this one's settings (so the same tensor shapes)."""
+        return GpuPhrasePool(self.ngram, self.guess_set, self.max_keys, vocab_size=self.vocab_size,
+                             max_bytes=self.max_bytes, device=self.device, backend=self.backend)
+
+    def same_layout(self, other: "GpuPhrasePool") -> bool:
+        """True if ``other``'s tensors have this pool's shapes, device and backend (:meth:`copy_` accepts it)."""
+        return (isinstance(other, GpuPhrasePool) and other.device == self.device and other.backend == self.backend
+                and all(a.shape == b.shape for a, b in zip(self.tensors, other.tensors)))
+
+    def copy_(self, other: "GpuPhrasePool") -> "GpuPhrasePool":
+        """Make this pool's contents and counters ``other``'s, in place (device copies; the tensors keep their
+        storage, so CUDA graphs captured on them stay valid)."""
+        if not self.same_layout(other):
+            raise ValueError("copy_ needs a pool with the same ngram, guess_set, key cap, vocabulary, device and backend")
+        for dst, src in zip(self.tensors, other.tensors):
+            dst.copy_(src)
+        self._stats.copy_(other._stats)
+        return self
 
     # ---- conversion and persistence (sync) -----------------------------------------------------------------------
     def state_dict(self) -> dict:
