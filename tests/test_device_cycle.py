@@ -62,6 +62,17 @@ def test_device_cycle_is_lossless_and_follows_the_engine(pair, kw):
         assert all(torch.equal(have[k], want[k]) for k in ("keys", "counts", "phrases"))
 
 
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2", "gemma3", "phi3", "gpt_neox", "falcon"])
+def test_device_cycle_every_attention_kind(family_models, family):
+    """Kernel path with MHA/GQA, sliding windows and softcaps (mistral, gemma2, gemma3), fused q/k/v (phi3), and
+    the dense-mask path of models whose layers drop the tree descriptor (gpt_neox, falcon): token-exact."""
+    target, draft = family_models(family)
+    pool = GpuPhrasePool(ngram=4, guess_set=3, vocab_size=96, device="cpu", backend="reference")
+    for prompt in (repetitive_prompt(99, 5, 6), random_prompt(100, 7)):
+        got, stats = run(target, draft, prompt, 30, "ouroboros", fast=True, pool=pool, **LAYOUTS[0])
+        assert got == hf_greedy(target, prompt, 30) and stats.device_cycle
+
+
 def test_device_cycle_stops_at_eos_and_at_the_limit(pair):
     target, draft = pair
     prompt = repetitive_prompt(93, 5, 6)
