@@ -128,47 +128,26 @@ class DeviceCycle:
     # ---- the cycle: device ops only -------------------------------------------------------------------------------
     def _cycle(self, forwards: int) -> torch.Tensor:
         """One cycle with ``forwards`` draft forwards; returns the block (BLOCK_FIELDS + emitted tokens)."""
-        cfg, lay, n1 = self.cfg, self.layout, self.cfg.ngram - 1
+        cfg, lay = self.cfg, self.layout
         seq, seq_len, old_len = self.seq, self.seq_len, self.seq_len.clone()
         d = self.drafter.draft_device(seq, seq_len, self.gamma, forwards)        # step 1: the draft (+ suffixes)
-        cut = d.cut
+        row = None
         if self._forced is not None:                                               # replay: the recorded cycle
             row = self._forced.index_select(0, self._forced_at.view(1))[0]
             self._forced_at.add_(1)
-            cut = row[0]
+        cut = d.cut if row is None else row[0]
         # step 2-3: root + trunk slots + suffix chains, one target forward
         root = seq.index_select(0, (seq_len - 1).view(1))
         trunk = torch.where(self._ar_g < cut, F.pad(d.buf, (0, max(0, cfg.max_gamma - d.buf.shape[0])))[:cfg.max_gamma],
                             0)
-        ids = F.pad(torch.cat([root, trunk, d.phrases.flatten()]), (0, lay.size - lay.tokens)).view(1, -1)
-        depths, bits = lay.inputs(cut)
-        am = self.tgt.forward_device(ids, depths, bits)                            # (size,) argmax
-        tok = ids[0]
-        # acceptance: the trunk's leading matches, then (whole trunk accepted) the first longest suffix
-        a = ((trunk == am[:cfg.max_gamma]) & (self._ar_g < cut)).long().cumprod(0).sum()
-        tip = cut.view(1)                                                          # the trunk's last node (root: 0)
-        if cfg.topk:
-            parents = torch.cat([am.index_select(0, tip).expand(cfg.topk, 1), am[lay.suffix_nodes[:, :-1]]], dim=1)
-            match = (d.phrases == parents) & d.valid[:, None] & (a == cut)
-            s = match.long().cumprod(1).sum(1)
-            best = s.argmax().view(1)                     # index_select: indexing with a 0-dim tensor reads it
-            b = s.index_select(0, best)[0]
-            branch = lay.suffix_nodes.index_select(0, best)[0]
-        else:
-            b = torch.zeros_like(a)
-            branch = torch.zeros(n1, dtype=torch.long, device=self.device)
-        if self._forced is not None:
-            a, b = row[1], row[2]
-            branch = lay.suffix_nodes[0] if cfg.topk else branch
+        ids = F.pad(torch.cat([root, trunk, d.phrases.flatten()]), (0, lay.size - lay.tokens))
+        am = self.tgt.forward_device(ids.view(1, -1), *lay.inputs(cut))           # (size,) argmax
+        a, b, path = self._accept(ids, am, trunk, cut, d, row)
         length = a + b
-        path = torch.where(self._ar_e < a, 1 + self._ar_e, branch[(self._ar_e - a).clamp(0, n1 - 1)])
-        path = torch.where(self._ar_e < length, path, 0)                           # (Emax,) accepted nodes first
         last = torch.where(length > 0, path.index_select(0, (length - 1).clamp(min=0).view(1)), 0)
-        bonus = am.index_select(0, last.view(1))
-        emitted = torch.where(self._ar_e < length, tok[path], bonus)               # path tokens, then the bonus
-        verified = length + 1
+        emitted = torch.where(self._ar_e < length, ids[path], am.index_select(0, last.view(1)))   # path, then bonus
         # stop: EOS among the emitted, or no tokens left
-        count = torch.minimum(verified, self.left)
+        count = torch.minimum(length + 1, self.left)
         done = count >= self.left
         if self.eos:
             hits = torch.isin(emitted, self._eos) & (self._ar_e < count)
@@ -176,39 +155,71 @@ class DeviceCycle:
             count = torch.where(hits.any(), hits.long().argmax() + 1, count)
         # target KV: keep the root and the accepted path
         self.tgt.commit_device(torch.cat([torch.zeros(1, dtype=torch.long, device=self.device), path]), 1 + length)
-        # step 4: phrases from verification (the engine's mine_verification, as fixed batches; -1 keys are skipped)
-        j = self._ar_g
-        miss = (j >= a) & (j + n1 <= cut)                   # the target's argmax run after each rejected position
-        self.pool.insert_many(torch.where(miss, trunk, -1), am[(1 + j[:, None] + self._ar_n).clamp(max=lay.size - 1)])
-        if cfg.topk:                                       # each verified suffix becomes the target's own prediction
-            key = torch.where(d.valid, tok.index_select(0, tip), -1)
-            new = torch.cat([am.index_select(0, tip).expand(cfg.topk, 1), am[lay.suffix_nodes[:, :-1]]], dim=1)
-            self.pool.replace_many(key, d.phrases, new)
-        # the output: the text grows by ``count`` tokens
+        self._mine(ids, am, trunk, a, cut, d)                                      # step 4
+        # the output: the text grows by ``count`` tokens, and the pool learns its n-grams
         seq.index_copy_(0, seq_len + self._ar_e, emitted)
         seq_len.add_(count)
         self.left.sub_(count)
-        # the emitted text's own n-grams, as the host engine inserts them (key x[i], phrase x[i+1 : i+N])
+        self._learn_text(old_len, count)
+        # draft rollback: keep what agrees with the new text (and leave its last token uncached)
+        n = min(d.buf.shape[0], self.emax)
+        agree = ((d.buf[:n] == emitted[:n]) & (self._ar_e[:n] < d.dlen) & (self._ar_e[:n] < count)).long()
+        keep = torch.minimum(old_len + torch.minimum(agree.cumprod(0).sum(), count - 1), self.drf.cache.length)
+        if row is not None:               # replay: the draft is taken to have drafted what was kept (junk KV)
+            keep = old_len + count - 1
+        self.drf.cache.length.copy_(keep)
+        if cfg.adaptive:                  # adaptive gamma: +2 after a fully accepted draft, -1 after a rejection
+            self.gamma.copy_(torch.where(a == cut, (self.gamma + 2).clamp(max=cfg.max_gamma),
+                                         (self.gamma - 1).clamp(min=1)))
+        counts = torch.stack([count, done.long(), a, b, cut, d.dlen, d.lived, self.gamma, d.valid.long().sum(),
+                              length + 1])
+        return torch.cat([counts, emitted])
+
+    def _accept(self, ids, am, trunk, cut, d, row):
+        """The trie walk as tensor ops: (trunk tokens accepted, suffix tokens accepted, the accepted nodes first in
+        an (Emax,) vector). The trunk accepts its leading run of tokens equal to the argmax at their parent (trunk
+        node j's parent is node j); a wholly accepted trunk is followed by the first longest matching suffix, whose
+        first node hangs off the tip (node ``cut``). ``row``: a replayed record forcing (cut, trunk, suffix)."""
+        cfg, lay, n1 = self.cfg, self.layout, self.cfg.ngram - 1
+        a = ((trunk == am[:cfg.max_gamma]) & (self._ar_g < cut)).long().cumprod(0).sum()
+        b = torch.zeros_like(a)
+        branch = torch.zeros(n1, dtype=torch.long, device=self.device)
+        if cfg.topk:
+            match = (d.phrases == self._suffix_parents(am, cut)) & d.valid[:, None] & (a == cut)
+            s = match.long().cumprod(1).sum(1)
+            best = s.argmax().view(1)                     # index_select: indexing with a 0-dim tensor reads it
+            b, branch = s.index_select(0, best)[0], lay.suffix_nodes.index_select(0, best)[0]
+        if row is not None:
+            a, b = row[1], row[2]
+            branch = lay.suffix_nodes[0] if cfg.topk else branch
+        path = torch.where(self._ar_e < a, 1 + self._ar_e, branch[(self._ar_e - a).clamp(0, n1 - 1)])
+        return a, b, torch.where(self._ar_e < a + b, path, 0)
+
+    def _suffix_parents(self, am: torch.Tensor, cut: torch.Tensor) -> torch.Tensor:
+        """(K, N-1): the target's argmax before each suffix token (the tip's, then the chain's own)."""
+        tip = am.index_select(0, cut.view(1)).expand(self.cfg.topk, 1)
+        return torch.cat([tip, am[self.layout.suffix_nodes[:, :-1]]], dim=1)
+
+    def _mine(self, ids, am, trunk, a, cut, d) -> None:
+        """Phrases from verification (the engine's ``mine_verification`` as fixed batches; -1 keys are skipped):
+        the target's argmax run after each rejected draft position, and each verified suffix rewritten as the
+        target's own prediction."""
+        n1, j = self.cfg.ngram - 1, self._ar_g
+        miss = (j >= a) & (j + n1 <= cut)
+        self.pool.insert_many(torch.where(miss, trunk, -1),
+                              am[(1 + j[:, None] + self._ar_n).clamp(max=self.layout.size - 1)])
+        if self.cfg.topk:
+            key = torch.where(d.valid, ids.index_select(0, cut.view(1)), -1)
+            self.pool.replace_many(key, d.phrases, self._suffix_parents(am, cut))
+
+    def _learn_text(self, old_len: torch.Tensor, count: torch.Tensor) -> None:
+        """The new text's own n-grams into the pool, as the host engine inserts them (key x[i], phrase
+        x[i+1 : i+N], for every i whose phrase ends in the ``count`` new tokens)."""
+        n1, seq = self.cfg.ngram - 1, self.seq
         i = old_len - n1 + self._ar_e
         ok = (self._ar_e < count) & (i >= 0)
         grams = seq[(i[:, None] + 1 + self._ar_n).clamp(0, seq.shape[0] - 1)]
         self.pool.insert_many(torch.where(ok, seq[i.clamp(min=0)], -1), grams)
-        # draft rollback: keep what agrees with the new text (and leave its last token uncached)
-        n = min(d.buf.shape[0], self.emax)
-        agree = ((d.buf[:n] == emitted[:n]) & (self._ar_e[:n] < d.dlen) & (self._ar_e[:n] < count)).long()
-        common = agree.cumprod(0).sum()
-        keep = torch.minimum(old_len + torch.minimum(common, count - 1), self.drf.cache.length)
-        if self._forced is not None:      # replay: the draft is taken to have drafted what was kept (junk KV)
-            keep = old_len + count - 1
-        self.drf.cache.length.copy_(keep)
-        # adaptive gamma: +2 after a fully accepted draft, -1 after a rejection
-        gamma = self.gamma.clone()
-        if cfg.adaptive:
-            full = a == cut
-            self.gamma.copy_(torch.where(full, (gamma + 2).clamp(max=cfg.max_gamma), (gamma - 1).clamp(min=1)))
-        counts = torch.stack([count, done.long(), a, b, cut, d.dlen, d.lived, self.gamma, d.valid.long().sum(),
-                              verified])
-        return torch.cat([counts, emitted])
 
     # ---- the host loop -----------------------------------------------------------------------------------------
     def _run(self, forwards: int) -> list[int]:
