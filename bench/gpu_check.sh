@@ -3,6 +3,7 @@
 #
 #   OUT=/some/dir bash bench/gpu_check.sh        # run from anywhere; logs go to $OUT (default build/gpu_check_out)
 #   DRY_RUN=1 bash bench/gpu_check.sh            # CPU smoke test of this script: no install, no GPU, tiny steps
+#                                                 (the e2e benchmark with --tiny)
 #
 # Steps (each logged under $OUT, tee'd as it runs so a timeout still leaves partial logs):
 #   1. build.log      environment (GPU, driver, python, torch, nvcc) + `pip install --no-build-isolation -e .` (timed)
@@ -31,12 +32,14 @@ T_START="$(date +%s)"
 DEADLINE_S="${DEADLINE_S:-480}"
 DRY_RUN="${DRY_RUN:-0}"
 if [ "$DRY_RUN" = 1 ]; then   # CPU smoke test of the script's flow: nothing installed, no GPU steps
-  SKIP_CMAKE=1 SKIP_E2E=1 SKIP_INSTALL=1
+  SKIP_CMAKE=1 SKIP_INSTALL=1 E2E_COMPILE=0
+  E2E_EXTRA=(--tiny)             # the e2e benchmark on tiny configs (every stage, about a minute on a CPU)
   PYTEST_ARGS="${PYTEST_ARGS:-tests/test_cuda_build.py -k backend_status}"
   PYTEST_WORKERS="${PYTEST_WORKERS:-0}"
   ATTN_ARGS=(--dry-run)
 else
   ATTN_ARGS=(--quick --no-flex --warmup 5 --rep 30)
+  E2E_EXTRA=()
 fi
 left() { echo $(( DEADLINE_S - ($(date +%s) - T_START) )); }
 cap() { local l; l="$(left)"; [ "$l" -lt 5 ] && l=5; [ "$1" -lt "$l" ] && echo "$1" || echo "$l"; }   # min(limit, left)
@@ -206,7 +209,7 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
     run_step "bench e2e (gpu)" run.log "$E2E_LEFT" \
       "$PY" bench/e2e_gpu.py --pairs "${E2E_PAIRS:-qwen}" --budget-s "$(( E2E_LEFT - 20 ))" \
       --replay-max-cycles "${REPLAY_CYCLES:-150}" $([ "${E2E_COMPILE:-1}" = 1 ] && echo --ours-compile) \
-      --out "$OUT/e2e_gpu.json"
+      "${E2E_EXTRA[@]}" --out "$OUT/e2e_gpu.json"
   else
     record "bench e2e (gpu)" skip "-" "only ${E2E_LEFT}s left of DEADLINE_S"
   fi

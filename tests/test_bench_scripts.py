@@ -239,3 +239,10 @@ def test_e2e_gpu_reads_several_trace_files(tmp_path):
     assert {"humaneval/ouroboros", "gsm8k/ouroboros", "gsm8k/speculative"} <= set(traces)
     assert traces["gsm8k/ouroboros"] == m.load_traces(Path(paths[1]))[0]["ouroboros"]
     assert status.count("loaded") == 2
+
+
+def test_gpu_check_script_parses():
+    """The one-command GPU check is valid bash (its CPU dry run, ``DRY_RUN=1 bash bench/gpu_check.sh``, runs the
+    e2e benchmark's tiny mode, which the tests above cover)."""
+    proc = subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu_check.sh")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
