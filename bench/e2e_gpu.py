@@ -447,10 +447,7 @@ def step_costs(target, draft, prompt: list[int], cfg, clock: Clock, iters: int, 
     lay = drafter._layout(1)
     logical = 1 + (cfg.window + cfg.guess_set) * (cfg.ngram - 1)
     ids = torch.randint(0, vocab, (1, lay.size), generator=gen).to(device)
-    if hasattr(lay, "inputs"):      # a layout with per-pending-count rows: the row of one valid pending token
-        depths, bits = lay.inputs(torch.ones((), dtype=torch.long, device=device))
-    else:
-        depths, bits = lay.depths, lay.bits
+    depths, bits = lay.inputs(torch.zeros((), dtype=torch.long, device=device))    # one valid pending token
     layout_fwd = clock.per_call(lambda: drf.forward_device(ids, depths, bits), iters)
     phase = drafter._begin(prompt, cfg.gamma, 1)        # one pending token (the prompt's last)
 
@@ -899,9 +896,7 @@ class Replayer:
 
     def run(self, label: str, cycles_by_prompt: list[list[dict]], layout_cfg, clock: Clock,
             max_cycles: int) -> dict:
-        from ouroboros.device_draft import DeviceDrafter
-        from ouroboros.engine import StepResult, mine_verification
-        from ouroboros.gpu_pool import GpuPhrasePool
+        """Replay ``label``'s cycles: ouroboros through :meth:`run_device_cycle`, the rest as host tree steps."""
         from ouroboros.pool import PhrasePool
         from ouroboros.static import _bucket
         from ouroboros.tokentree import TokenTree
@@ -922,14 +917,8 @@ class Replayer:
         if kind == "ouroboros":
             return self.run_device_cycle(cycles_by_prompt, cfg, clock, max_cycles)
         self.reset()
-        dpool = hpool = drafter = None
-        if kind == "ouroboros":
-            dpool = GpuPhrasePool(ngram=cfg.ngram, guess_set=cfg.guess_set, vocab_size=self.vocab,
-                                  device=self.device)
-            dpool.seed_from(self.x)
-            hpool = dpool.host
-            drafter = DeviceDrafter(self.drf, dpool, cfg.ngram, cfg.window, cfg.guess_set, self.x, topk=cfg.topk)
-        elif kind == "pool":
+        hpool = None
+        if kind == "pool":
             hpool = PhrasePool(ngram=cfg.ngram, guess_set=cfg.guess_set)
             hpool.seed_from(self.x)
         cycles = [(i, c) for i, p in enumerate(cycles_by_prompt) for c in p][:max_cycles]
@@ -948,11 +937,7 @@ class Replayer:
                 resets += 1
             t0 = time.perf_counter()
             # ---- draft phase
-            if dfw and kind == "ouroboros":
-                pending = self.x[self.drf.n_cached:]
-                layouts.add(drafter._layout(len(pending)).size)
-                drafter.draft(self.x, cfg.gamma, forwards=dfw)     # the recorded number of draft forwards
-            elif dfw and kind != "plain":
+            if dfw and kind != "plain":
                 pending = self.x[self.drf.n_cached:]
                 for _ in range(dfw):          # speculative on the fast path: one host tree step per draft token
                     tree = TokenTree()
@@ -988,16 +973,11 @@ class Replayer:
             old_len = len(self.x)
             self.x.extend(emitted)
             accepted_total += len(emitted)
-            if kind == "ouroboros":
-                result = StepResult(tree, argmax, given, trunk, [b for b in branches if len(b) == n1], path)
-                suffixes = [[tree.tokens[nd] for nd in b] for b in result.branches]
-                with contextlib.suppress(ValueError):
-                    mine_verification(hpool, result, [tree.tokens[nd] for nd in trunk], suffixes)
             if hpool is not None:
                 n = cfg.ngram
                 hpool.insert_many((self.x[i], self.x[i + 1:i + n])
                                   for i in range(max(0, old_len - n + 1), len(self.x) - n + 1))
-            if kind in ("ouroboros", "speculative"):   # draft cache: what agrees with the accepted text
+            if kind == "speculative":   # draft cache: what agrees with the accepted text
                 keep_len = old_len - 1 + 1 + min(len(path), trunk_len) if dfw else self.drf.n_cached
                 keep_len = min(keep_len, len(self.x) - 1)
                 self.drf.cache.length.fill_(keep_len)
@@ -1021,9 +1001,6 @@ class Replayer:
                "split_note": "host clock at the phases' sync points (draft: one read per cycle, verify: argmax "
                              "read); async device work of bookkeeping lands in the next phase",
                "draft_buckets": sorted(layouts), "prompt_resets": resets, "forced_short_tokens": forced_short}
-        if kind == "ouroboros":
-            rec["draft_layout"] = {"params": cfg.as_dict(),
-                                   "tokens_logical": 1 + (cfg.window + cfg.guess_set) * n1}
         self.reset()
         return rec
 

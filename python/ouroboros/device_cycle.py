@@ -30,12 +30,10 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from ouroboros_kernels import pack_mask
-
 from .config import DecodeConfig
-from .device_draft import DeviceDrafter
+from .device_draft import DeviceDrafter, FixedTree
 from .gpu_pool import GpuPhrasePool
-from .static import StaticRunner, _bucket
+from .static import StaticRunner
 
 __all__ = ["DeviceCycle", "VerifyLayout", "BLOCK_FIELDS"]
 
@@ -44,33 +42,13 @@ BLOCK_FIELDS = ("emitted", "done", "trunk_accepted", "branch_accepted", "draft_l
                 "suffixes", "verified")
 
 
-class VerifyLayout:
-    """The verification tree's fixed layout: root, ``gcap`` trunk slots, ``k`` suffix chains of ``n1`` tokens; per
-    trunk length ``cut`` (0..gcap) a row of depths (size,) and ancestor-or-self bits (bool (size, size), or packed
-    int32 for the attention kernel), indexed by ``cut``."""
+class VerifyLayout(FixedTree):
+    """The verification tree's fixed layout: the root and ``gcap`` trunk slots (the stem), then ``k`` suffix chains
+    of ``n1`` tokens; its rows are indexed by the trunk length ``cut`` (0..gcap): ``inputs(cut)``."""
 
     def __init__(self, gcap: int, k: int, n1: int, device: torch.device, packed: bool) -> None:
-        t = 1 + gcap + k * n1
-        self.gcap, self.k, self.n1, self.tokens, self.size = gcap, k, n1, t, _bucket(t)
-        depths = torch.zeros(gcap + 1, self.size, dtype=torch.long)
-        bits = torch.eye(self.size, dtype=torch.bool).repeat(gcap + 1, 1, 1)
-        for cut in range(gcap + 1):
-            d, b = depths[cut], bits[cut]
-            d[1:1 + gcap] = torch.arange(1, 1 + gcap)
-            b[:cut + 1, :cut + 1] = torch.ones(cut + 1, cut + 1, dtype=torch.bool).tril()
-            for c in range(k):
-                lo = 1 + gcap + c * n1
-                d[lo:lo + n1] = cut + 1 + torch.arange(n1)
-                b[lo:lo + n1, :cut + 1] = True
-                b[lo:lo + n1, lo:lo + n1] = torch.ones(n1, n1, dtype=torch.bool).tril()
-        if packed:
-            bits = torch.stack([pack_mask(b) for b in bits])
-        self.depths, self.bits = depths.to(device), bits.to(device)
-        self.suffix_nodes = (1 + gcap + torch.arange(k * n1).view(k, n1)).to(device)      # (K, N-1)
-
-    def inputs(self, cut: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        i = cut.view(1)
-        return self.depths.index_select(0, i)[0], self.bits.index_select(0, i)[0]
+        super().__init__(1 + gcap, k, n1, device, packed)
+        self.suffix_nodes = self.chain_nodes                                             # (K, N-1)
 
 
 class DeviceCycle:

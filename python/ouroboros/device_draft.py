@@ -32,44 +32,55 @@ from .engine import Draft, Drafter, initial_columns
 from .gpu_pool import GpuPhrasePool
 from .static import StaticRunner, _bucket
 
-__all__ = ["DeviceDrafter", "DeviceDraft"]
+__all__ = ["DeviceDrafter", "DeviceDraft", "FixedTree"]
 
 
-class _Layout:
-    """``slots`` pending slots + ``chains`` chains of ``n1`` tokens, padded to a bucket; per valid pending count
-    ``p`` (1..slots) a row of depths (size,) and ancestor-or-self bits (size, size), indexed by ``p - 1``; with
-    ``packed`` the bits are kept packed for the attention kernel (int32 (size, ceil(size/32)), packed once here)."""
+class FixedTree:
+    """A fixed tree layout padded to a bucket: a stem of ``stem`` slots whose first ``v`` (1..stem) are valid, a
+    causal chain, then ``chains`` chains of ``n1`` tokens hanging off the last valid stem node; pad slots see only
+    themselves. Per ``v`` a row of depths (size,) and ancestor-or-self bits (size, size), indexed by ``v - 1``; with
+    ``packed`` the bits are kept packed for the attention kernel (int32 (size, ceil(size/32)), packed once here).
 
-    def __init__(self, slots: int, chains: int, n1: int, device: torch.device, packed: bool = False) -> None:
-        t = slots + chains * n1
-        self.tokens, self.size, self.slots, self.n1 = t, _bucket(t), slots, n1
-        self.nodes = (slots + torch.arange(chains * n1).view(chains, n1)).to(device)      # (C, N-1)
-        depths = torch.zeros(slots, self.size, dtype=torch.long)
-        bits = torch.eye(self.size, dtype=torch.bool).repeat(slots, 1, 1)
-        for p in range(1, slots + 1):
-            d, b = depths[p - 1], bits[p - 1]
-            d[:slots] = torch.arange(slots)
-            d[slots:t] = (p + torch.arange(n1)).repeat(chains)
-            b[:p, :p] = torch.ones(p, p, dtype=torch.bool).tril()
+    A draft forward is one (the pending tokens, then the window and guess chains); so is the device cycle's
+    verification tree (the root and the draft trunk, then the suffix chains)."""
+
+    def __init__(self, stem: int, chains: int, n1: int, device: torch.device, packed: bool = False) -> None:
+        t = stem + chains * n1
+        self.tokens, self.size, self.stem, self.n1 = t, _bucket(t), stem, n1
+        self.chain_nodes = (stem + torch.arange(chains * n1).view(chains, n1)).to(device)    # (C, N-1)
+        depths = torch.zeros(stem, self.size, dtype=torch.long)
+        bits = torch.eye(self.size, dtype=torch.bool).repeat(stem, 1, 1)
+        for v in range(1, stem + 1):
+            d, b = depths[v - 1], bits[v - 1]
+            d[:stem] = torch.arange(stem)
+            d[stem:t] = (v + torch.arange(n1)).repeat(chains)
+            b[:v, :v] = torch.ones(v, v, dtype=torch.bool).tril()
             for c in range(chains):
-                lo = slots + c * n1
-                b[lo:lo + n1, :p] = True
+                lo = stem + c * n1
+                b[lo:lo + n1, :v] = True
                 b[lo:lo + n1, lo:lo + n1] = torch.ones(n1, n1, dtype=torch.bool).tril()
         if packed:
             bits = torch.stack([pack_mask(b) for b in bits])
         self.depths, self.bits = depths.to(device), bits.to(device)
-        self._ar = torch.arange(slots + n1, device=device)
 
-    def inputs(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(depths (size,), bits) for ``p`` valid pending tokens (a device () count)."""
-        i = (p - 1).view(1)
+    def inputs(self, row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(depths (size,), bits) of row ``row`` = valid stem nodes - 1 (a device () count)."""
+        i = row.view(1)
         return self.depths.index_select(0, i)[0], self.bits.index_select(0, i)[0]
+
+
+class _Layout(FixedTree):
+    """A draft forward: ``slots`` pending slots (the stem), then ``chains`` chains of ``n1`` tokens."""
+
+    def __init__(self, slots: int, chains: int, n1: int, device: torch.device, packed: bool = False) -> None:
+        super().__init__(slots, chains, n1, device, packed)
+        self._ar = torch.arange(slots + n1, device=device)
 
     def keep(self, p: torch.Tensor, chain: torch.Tensor) -> torch.Tensor:
         """Node indices to keep, in order: the ``p`` valid pending slots, then chain ``chain``'s nodes ((slots+n1,);
         entries past ``p`` + the accepted count are never committed)."""
         ar = self._ar
-        return torch.where(ar < p, ar, self.slots + chain * self.n1 + (ar - p)).clamp(max=self.size - 1)
+        return torch.where(ar < p, ar, self.stem + chain * self.n1 + (ar - p)).clamp(max=self.size - 1)
 
 
 @dataclass
@@ -86,7 +97,6 @@ class _DevicePhase:
     lived: torch.Tensor         # () forwards that counted
     forwards: int = 0           # forwards run
     x: list[int] | None = None  # host phases: the text
-    prefix: int = 0             # host phases: tokens cached when the phase began
 
 
 class DeviceDraft(NamedTuple):
@@ -169,7 +179,7 @@ class DeviceDrafter(Drafter):
         tail = x[prefix:]
         block = torch.tensor(tail + [0] * (self.slots - len(tail)) + [len(tail)], dtype=torch.long, device=self.device)
         ph = self._phase(gamma, forwards, block[:-1], block[-1])
-        ph.x, ph.prefix = x, prefix
+        ph.x = x
         return ph
 
     def draft_device(self, seq: torch.Tensor, seq_len: torch.Tensor, gamma: torch.Tensor, forwards: int) -> DeviceDraft:
@@ -186,7 +196,7 @@ class DeviceDrafter(Drafter):
     def _forward(self, ph: _DevicePhase) -> bool:
         """One draft forward by the rule, masked once the rule says stop. Device ops only: no host read."""
         lay = self._layout(ph.pending.shape[0])
-        depths, bits = lay.inputs(ph.p)
+        depths, bits = lay.inputs(ph.p - 1)
         chains, ok = self.columns, self._window_ok
         last = ph.pending.index_select(0, ph.p.view(1) - 1)                          # (1,) the root token
         if self.g:
@@ -197,7 +207,7 @@ class DeviceDrafter(Drafter):
         argmax = self.runner.forward_device(ids, depths, bits)
         ph.forwards += 1
         root = argmax.index_select(0, ph.p.view(1) - 1)
-        after = torch.cat([root.expand(chains.shape[0], 1), argmax[lay.nodes]], dim=1)   # argmax after 0..N-1 tokens
+        after = torch.cat([root.expand(chains.shape[0], 1), argmax[lay.chain_nodes]], dim=1)   # argmax after 0..N-1 tokens
         accepted = ((chains == after[:, :-1]) & ok[:, None]).long().cumprod(1).sum(1)    # (C,)
         best = accepted.argmax().view(1)                                                # the first longest chain
         m = accepted.index_select(0, best)                                              # (1,)

@@ -380,6 +380,12 @@ def make_runner(model, fast: bool, max_len: int, reuse: bool = True, compile: bo
     return runner
 
 
+def _pool_stats(stats: GenerationStats, pool, lookups0: int, hits0: int) -> None:
+    """The pool's size after the call, and the lookups and hits since the counts ``lookups0``/``hits0``."""
+    stats.pool_size, stats.pool_keys, stats.pool_bytes = len(pool), pool.num_keys(), pool.nbytes()
+    stats.pool_lookups, stats.pool_hits = pool.stats.lookups - lookups0, pool.stats.hits - hits0
+
+
 def _device_cycle(tgt, drf, pool: GpuPhrasePool, cfg: DecodeConfig, eos: frozenset[int], prompt: list[int],
                   max_new_tokens: int, stats: GenerationStats, t0: float) -> Iterator[list[int]]:
     """Greedy ouroboros as :class:`ouroboros.device_cycle.DeviceCycle` cycles (kept on the target's runner, with
@@ -391,8 +397,7 @@ def _device_cycle(tgt, drf, pool: GpuPhrasePool, cfg: DecodeConfig, eos: frozens
     lookups0, hits0 = pool.stats.lookups, pool.stats.hits
     stats.device_cycle = True
     yield from cycle.generate(prompt, max_new_tokens, stats, pool=pool)
-    stats.pool_size, stats.pool_keys, stats.pool_bytes = len(pool), pool.num_keys(), pool.nbytes()
-    stats.pool_lookups, stats.pool_hits = pool.stats.lookups - lookups0, pool.stats.hits - hits0
+    _pool_stats(stats, pool, lookups0, hits0)
     stats.time_total = time.perf_counter() - t0
 
 
@@ -487,6 +492,5 @@ def decode(target, draft, prompt: Sequence[int], *, method: str, cfg: DecodeConf
         yield new
     stats.kv_gathers = tgt.gathers + (drf.gathers if drf else 0)
     if pool is not None:
-        stats.pool_size, stats.pool_keys, stats.pool_bytes = len(pool), pool.num_keys(), pool.nbytes()
-        stats.pool_lookups, stats.pool_hits = pool.stats.lookups - lookups0, pool.stats.hits - hits0
+        _pool_stats(stats, pool, lookups0, hits0)
     stats.time_total = time.perf_counter() - t0

@@ -24,6 +24,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from ouroboros_kernels import ancestor_mask, pack_mask
 
 from .forward import cache_kwarg, layer_masks, timed_logits
+from .fused_glue import apply_fused_glue, is_fused
 from .patch import TreeSpec, is_patched, patch, tree_call_kwargs
 from .tokentree import TokenTree
 
@@ -128,7 +129,6 @@ def default_glue(device: torch.device) -> bool:
 def fuse_glue(model) -> bool:
     """Fuse ``model``'s RMSNorm/RoPE/SwiGLU and pack its q/k/v and gate/up GEMMs (:mod:`ouroboros.fused_glue`)
     unless already done; False (the model left as it is) for a family the fused glue does not cover."""
-    from .fused_glue import apply_fused_glue, is_fused
     if is_fused(model):
         return True
     try:
@@ -136,11 +136,6 @@ def fuse_glue(model) -> bool:
     except ValueError:
         return False
     return True
-
-
-def _is_fused(model) -> bool:
-    from .fused_glue import is_fused
-    return is_fused(model)
 
 
 def _bucket(t: int) -> int:
@@ -224,7 +219,7 @@ class StaticRunner:
         return (max_len <= self.cache.max_len and self.model.device == self.device
                 and self.model.dtype == self._dtype and want == self.compile_requested
                 and (is_patched(self.model) or not self.tree_kernel)
-                and default_glue(self.device) == self.glue_requested and (not self.glue or _is_fused(self.model)))
+                and default_glue(self.device) == self.glue_requested and (not self.glue or is_fused(self.model)))
 
     def reset(self) -> None:
         """Start empty (the buffers and captured graphs stay)."""
