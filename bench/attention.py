@@ -186,7 +186,10 @@ def main(argv=None) -> int:
     if not args.no_flex and not args.quick:
         try:
             import torch._dynamo as dynamo
-            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+            from torch.nn.attention.flex_attention import (
+                create_block_mask,
+                flex_attention,
+            )
 
             # One compile per shape: lift the recompile limit so no shape silently falls back to eager flex.
             for name in ("recompile_limit", "cache_size_limit"):

@@ -112,9 +112,8 @@ def measure(args) -> dict:
     t0 = time.perf_counter()
     import torch
     import torch._inductor.config
-
     from e2e_gpu import REAL_PAIRS, TINY_PAIRS, build_model
-    from ouroboros.static import StaticRunner
+    from ouroboros.hf.static_runner import StaticRunner
 
     t_import = time.perf_counter() - t0
     device = torch.device(args.device)

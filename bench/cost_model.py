@@ -4,7 +4,7 @@
     python bench/cost_model.py --refit          # also re-fits the acceptance models from bench/results/ and checks
                                                 # them (and the H200 step costs) against the recorded constants
 
-No model runs here: the inputs are the numbers recorded in :mod:`ouroboros.cost_model` (H200 run 1 step costs, the
+No model runs here: the inputs are the numbers recorded in :mod:`ouroboros.tuning.cost_model` (H200 run 1 step costs, the
 item-1 cost targets, acceptance fitted on the real-pair CPU traces and runs), so the result is reproducible offline.
 
 Stages (all in the JSON):
@@ -30,8 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "python"))
 sys.path.insert(0, str(ROOT))
 
-from ouroboros import cost_model as cm  # noqa: E402
-from ouroboros.config import GPU_DEFAULTS, DecodeConfig  # noqa: E402
+from ouroboros.core.config import GPU_DEFAULTS, DecodeConfig  # noqa: E402
+from ouroboros.tuning import cost_model as cm  # noqa: E402
 
 DEFAULT_OUT = ROOT / "bench" / "results" / "cost_model.json"
 REPLAY_TRACE = DecodeConfig(gamma=8, ngram=4, window=0, guess_set=0, topk=1)   # the replayed trace's parameters

@@ -1,4 +1,4 @@
-"""F.linear vs the small-M path of ``ouroboros.cpu_linear`` on this CPU, for the real pair's weight shapes.
+"""F.linear vs the small-M path of ``ouroboros.hf.cpu_linear`` on this CPU, for the real pair's weight shapes.
 
     python bench/cpu_linear.py [--out bench/results/cpu_small_m_linear.json]
 """
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
-from ouroboros.cpu_linear import linear as small_m  # noqa: E402
+from ouroboros.hf.cpu_linear import linear as small_m  # noqa: E402
 
 SHAPES = {"mlp_up (8960x1536)": (8960, 1536), "mlp_down (1536x8960)": (1536, 8960), "lm_head (151936x1536)": (151936, 1536)}
 

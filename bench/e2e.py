@@ -165,7 +165,7 @@ DEVICE_CYCLE = False      # --device-cycle: set once by main()
 def our_run(method: str, target, draft, ids, max_new: int, eos: list[int], params: dict, pool=None,
             sampling: Sampling | None = None):
     import ouroboros
-    from ouroboros.config import DRAFT_METHODS
+    from ouroboros.core.config import DRAFT_METHODS
 
     m = ENGINE_METHOD.get(method, method)
     extra = sampling.generate_kwargs() if sampling is not None else {}
@@ -182,7 +182,7 @@ def our_run(method: str, target, draft, ids, max_new: int, eos: list[int], param
 
 
 def resolved_params(device, params: dict, method: str | None = None) -> dict:
-    from ouroboros.config import resolve_config
+    from ouroboros.core.config import resolve_config
 
     return resolve_config(device, method, **params).as_dict()
 
@@ -354,8 +354,8 @@ def plot_temperatures(runs: dict, title: str, path: Path) -> None:
 # --------------------------------------------------------------------------------------------------- forward costs
 def forward_costs(target, draft, tok, dtype_name: str, context: int, sizes: list[int], reps: int) -> dict:
     """Seconds of one forward of T new tokens (a chain, causal) after a KV cache of ``context`` tokens."""
+    from ouroboros.cli.pairs import encode_prompt, load_prompts
     from transformers import DynamicCache
-    from ouroboros.models import encode_prompt, load_prompts
 
     text = "\n".join(load_prompts("humaneval", 8))
     ids = encode_prompt(tok, text, chat=False)[:, :context]
@@ -499,7 +499,7 @@ def parse_sweep(text: str) -> list[dict]:
 def parse_temperatures(args) -> list[float] | None:
     """The temperatures of this run: None for a greedy run, one for ``--do-sample``, several for ``--temperatures``
     (each validated with ouroboros' SamplingConfig, which holds HF's rules)."""
-    from ouroboros.sampling import SamplingConfig
+    from ouroboros.core.sampling import SamplingConfig
 
     if args.temperatures:
         temps = [float(t) for t in args.temperatures.split(",") if t.strip()]
@@ -547,7 +547,7 @@ def make_pools(labels: list[str], runs: list, device, vocab: int) -> dict:
     """One empty PhrasePool (GpuPhrasePool with ``--device-cycle``) per ouroboros_warm label, carried across all
     prompts (history reuse)."""
     from ouroboros import GpuPhrasePool, PhrasePool
-    from ouroboros.config import resolve_config
+    from ouroboros.core.config import resolve_config
 
     pools = {}
     for label, (m, p) in zip(labels, runs):
@@ -572,8 +572,8 @@ def run_prompts(prompts, labels, runs, models, args, eos, counters, sampling: Sa
                 stop_at: float | None, tag: str) -> tuple[dict, int]:
     """Every (label, run) on every prompt, prompts outer and methods inner (load from other processes hits every
     method alike); returns the per-label records and how many prompts were done (a deadline may stop early)."""
+    from ouroboros.cli.pairs import cache_root
     from tqdm.auto import tqdm
-    from ouroboros.models import cache_root
 
     target, draft, tok = models
     pools = make_pools(labels, runs, target.device, target.config.get_text_config().vocab_size)
@@ -614,14 +614,14 @@ def load_models(args):
     dtype = getattr(torch, args.dtype)
     t0 = time.perf_counter()
     if args.pair == "small":
-        from ouroboros.quantize import quantize_draft, resolve_draft_quant
-        from ouroboros.smallpair import small_pair
+        from ouroboros.cli.smallpair import small_pair
+        from ouroboros.hf.quantize import quantize_draft, resolve_draft_quant
 
         target, draft = (m.to(dtype) for m in small_pair())
         quantize_draft(draft, resolve_draft_quant(args.draft_quant, "cpu", dtype))
         tok = SimpleNamespace(eos_token_id=None, pad_token_id=0)
     else:
-        from ouroboros.models import load_pair
+        from ouroboros.cli.pairs import load_pair
 
         target, draft, tok = load_pair(args.pair, dtype=dtype, draft_quant=args.draft_quant)
     return target, draft, tok, time.perf_counter() - t0
@@ -630,11 +630,11 @@ def load_models(args):
 def load_prompt_ids(args, tok) -> tuple[list[torch.Tensor], str, str]:
     """(prompts as (1, L) ids, data set name, prompt format) for ``--dataset`` (synthetic for the small pair)."""
     if args.pair == "small":
-        from ouroboros.smallpair import small_prompt
+        from ouroboros.cli.smallpair import small_prompt
 
         prompts = [torch.tensor([small_prompt(64, seed=1 + args.offset + i)]) for i in range(args.n_prompts)]
-        return prompts, "synthetic", "synthetic token ids with repetition (ouroboros.smallpair.small_prompt)"
-    from ouroboros.models import DATASETS, encode_prompt, load_prompts
+        return prompts, "synthetic", "synthetic token ids with repetition (ouroboros.cli.smallpair.small_prompt)"
+    from ouroboros.cli.pairs import DATASETS, encode_prompt, load_prompts
 
     chat = DATASETS[args.dataset].style == "chat" if args.chat == "auto" else args.chat == "yes"
     texts = load_prompts(args.dataset, args.n_prompts, offset=args.offset)
@@ -646,8 +646,8 @@ def load_prompt_ids(args, tok) -> tuple[list[torch.Tensor], str, str]:
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pair", default="qwen2.5-coder-1.5b/0.5b",
-                    help="a registered pair (ouroboros.models.PAIRS), or 'small': the random pair built in code "
-                         "(ouroboros.smallpair) with synthetic prompts, for smoke runs")
+                    help="a registered pair (ouroboros.cli.pairs.PAIRS), or 'small': the random pair built in code "
+                         "(ouroboros.cli.smallpair) with synthetic prompts, for smoke runs")
     ap.add_argument("--dataset", default="humaneval", choices=["humaneval", "gsm8k", "mtbench"])
     ap.add_argument("--n-prompts", type=int, default=10)
     ap.add_argument("--offset", type=int, default=0, help="skip this many prompts of the data set")
@@ -657,7 +657,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help=f"default: {','.join(GREEDY_METHODS)}; when sampling: {','.join(SAMPLE_METHODS)}")
     ap.add_argument("--params", default=None,
                     help="parameters for the ouroboros methods, e.g. window=3,ngram=5 (the baselines keep the device "
-                         "defaults of ouroboros.config)")
+                         "defaults of ouroboros.core.config)")
     ap.add_argument("--chat", choices=["auto", "yes", "no"], default="auto",
                     help="apply the chat template (auto: HumanEval raw, GSM8K/MT-Bench chat)")
     ap.add_argument("--threads", type=int, default=None)
@@ -708,7 +708,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     temperatures = parse_temperatures(args)
-    from ouroboros.quantize import draft_quantization
+    from ouroboros.hf.quantize import draft_quantization
 
     target, draft, tok, load_s = load_models(args)
     with torch.inference_mode():       # page the mmapped weights in, so the first timed method does not pay for it
@@ -755,7 +755,12 @@ def main(argv=None) -> int:
     models = (target, draft, tok)
     settings = [Sampling(t, args.top_p, args.top_k, args.seed) for t in temperatures] if temperatures else [None]
 
-    from ouroboros.config import CPU_DEFAULTS, CPU_LOOKAHEAD_DEFAULTS, CPU_PROMPT_LOOKUP_DEFAULTS, GPU_DEFAULTS
+    from ouroboros.core.config import (
+        CPU_DEFAULTS,
+        CPU_LOOKAHEAD_DEFAULTS,
+        CPU_PROMPT_LOOKUP_DEFAULTS,
+        GPU_DEFAULTS,
+    )
     meta = {
         "machine": machine, "pair": args.pair, "dtype": args.dtype, "dataset": dataset,
         "n_prompts": len(prompts), "offset": args.offset, "max_new_tokens": args.max_new_tokens,

@@ -29,18 +29,18 @@ step costs (CUDA events on a GPU, perf_counter on a CPU; the fast path's StaticR
   window, pool insert, KV commit) of the ouroboros draft layout 1 + (W+G)*(N-1) tokens for ``GPU_DEFAULTS``;
   bookkeeping: KV gather, keep+rollback (host), GPU-pool lookup/insert, host-adapter pool updates, tree building.
   kernels per forward at T in {1,64}, target and draft (``kernels_per_forward``): the torch profiler on a GPU
-  (``ouroboros.probes.cuda_kernels``: graph replays included where the profiler sees them, else the eager forward);
-  on a CPU the proxy ``ouroboros.probes.OpCounter`` (aten ops that launch a GPU kernel; our kernels' reference
+  (``ouroboros.tuning.probes.cuda_kernels``: graph replays included where the profiler sees them, else the eager forward);
+  on a CPU the proxy ``ouroboros.tuning.probes.OpCounter`` (aten ops that launch a GPU kernel; our kernels' reference
   twins count as one kernel each). Columns: ``lean`` = the floor, a gpt-fast-style CUDA-graph decoder with the same
   weights (bench/lean_decoder.py), ``none`` = our runners as they are, and the ``--glue`` modes with their ratio to
   lean; ``ms_per_forward`` by tree size for the same columns.
-  ``cycle_probe``: host reads (``ouroboros.probes.HostReads``) and eager ops (OpCounter: on a GPU the ops outside the
+  ``cycle_probe``: host reads (``ouroboros.tuning.probes.HostReads``) and eager ops (OpCounter: on a GPU the ops outside the
   captured graphs) per cycle of ``generate(method="ouroboros", fast=True, pool_device=...)``, after a warm-up call.
 
 glue (``--glue``: none | fused | compile | all; default all, --tiny: fused), on fresh static runners, last in a pair
   (the other stages run the engine's runners as they ship, "default": fused glue on CUDA)
-  none     HF's own glue (``ouroboros.fused_glue.revert_fused_glue``, ``StaticRunner(glue=False)``)
-  fused    ``StaticRunner(glue=True)``: ``ouroboros.fused_glue.apply_fused_glue`` on target and draft
+  none     HF's own glue (``ouroboros.hf.fused_glue.revert_fused_glue``, ``StaticRunner(glue=False)``)
+  fused    ``StaticRunner(glue=True)``: ``ouroboros.hf.fused_glue.apply_fused_glue`` on target and draft
   compile  ``StaticRunner(compile=True)`` (fused) with ``automatic_dynamic_shapes`` off (one static graph per tree
            size), at T in {1,64}; records each size's first-call seconds (compile + capture); skipped when the budget
            is short
@@ -348,7 +348,7 @@ def cleanup_compile(model) -> None:
 def engine_runners(target, draft, max_len: int, cfg):
     """The engine's own static runners for a call needing ``max_len`` slots (reused, like its graphs and compiled
     code, by every stage and by ``ouroboros.generate``), emptied."""
-    from ouroboros.engine import make_runner
+    from ouroboros.hf.runners import make_runner
 
     return (make_runner(target, True, max_len),
             make_runner(draft, True, max_len + 2 * cfg.max_gamma * cfg.ngram))
@@ -400,7 +400,7 @@ def chain_inputs(t: int, vocab: int, device, gen: torch.Generator):
 
 
 def chain_tree(t: int, vocab: int, start: int = 3):
-    from ouroboros.tokentree import TokenTree
+    from ouroboros.core.tokentree import TokenTree
 
     tree = TokenTree()
     tree.add_path(-1, [(start + i) % vocab for i in range(t)])
@@ -409,10 +409,11 @@ def chain_tree(t: int, vocab: int, start: int = 3):
 
 @torch.inference_mode()
 def step_costs(target, draft, prompt: list[int], cfg, clock: Clock, iters: int, vocab: int, new_tokens: int) -> dict:
-    from ouroboros.device_draft import DeviceDrafter
-    from ouroboros.gpu_pool import GpuPhrasePool
-    from ouroboros.static import _bucket
-    from ouroboros.tokentree import TokenTree
+    from ouroboros.core.buckets import bucket as _bucket
+    from ouroboros.core.tokentree import TokenTree
+    from ouroboros.drafting.device_drafter import DeviceDrafter
+    from ouroboros.drafting.gpu_pool import GpuPhrasePool
+
     from ouroboros_kernels import ancestor_mask
 
     device = target.device
@@ -530,7 +531,7 @@ def step_costs(target, draft, prompt: list[int], cfg, clock: Clock, iters: int, 
 
 # ----------------------------------------------------------------------------------------------------- kernel probes
 # Kernels per forward: the CUDA profiler on a GPU (graph replays included when it sees them, see
-# ouroboros.probes.cuda_kernels); on a CPU the dispatcher-level proxy (ouroboros.probes.count_kernels).
+# ouroboros.tuning.probes.cuda_kernels); on a CPU the dispatcher-level proxy (ouroboros.tuning.probes.count_kernels).
 
 
 def kernel_method(device: torch.device) -> str:
@@ -545,7 +546,7 @@ def runner_probe(runner, buckets, vocab: int, clock: Clock, iters: int, kernels_
     """ms per ``forward_device`` by tree size (a chain of T tokens at the runner's length) and kernels per forward at
     ``kernels_at``; ``first_call``: also the seconds of each size's first call (compile + capture). With
     ``time_left`` (seconds, a callable), sizes are skipped once it is under 30."""
-    from ouroboros import probes
+    from ouroboros.tuning import probes
 
     gen = torch.Generator().manual_seed(2)
     out: dict = {"ms": {}, "kernels": {}}
@@ -623,13 +624,13 @@ def cycle_probe(target, draft, ids, new_tokens: int, device: torch.device) -> di
     warmed up first so that no graph capture is counted). Eager ops: on a GPU the ops outside the captured
     graphs (a replay dispatches no aten op); on a CPU (no graphs) every op of the cycle."""
     import ouroboros
-    from ouroboros.probes import HostReads, OpCounter
+    from ouroboros.tuning.probes import HostReads, OpCounter
 
     # compile=False: both probes are dispatch modes, under which torch.compile refuses to run; the host reads and the
     # ops outside the graphs do not depend on what runs inside them
     kw = dict(max_new_tokens=min(new_tokens, 32), method="ouroboros", fast=True, eos_token_id=[],
               pool_device=device, compile=False)
-    from ouroboros.device_cycle import DeviceCycle
+    from ouroboros.decoding.device_cycle import DeviceCycle
 
     for _ in range(2):          # a cycle shape is run eagerly once, captured at its second use
         ouroboros.generate(target, draft, ids, **kw)
@@ -668,10 +669,10 @@ def _section(out: dict, key: str, fn) -> None:
 def glue_stage(target, draft, prompt: list[int], modes, clock: Clock, iters: int, vocab: int, new_tokens: int,
                cfg, budget_left) -> dict:
     """The step costs of each glue mode on fresh static runners: "none" (HF's own glue: the fusion reverted),
-    "fused" (``ouroboros.fused_glue``) and "compile" (``StaticRunner(compile=True)``, fused, one static graph per
+    "fused" (``ouroboros.hf.fused_glue``) and "compile" (``StaticRunner(compile=True)``, fused, one static graph per
     tree size). Runs last in a pair: fusing repacks the weights, which stales graphs captured before it."""
-    from ouroboros import fused_glue
-    from ouroboros.static import StaticRunner
+    from ouroboros.hf import fused_glue
+    from ouroboros.hf.static_runner import StaticRunner
 
     max_len = len(prompt) + new_tokens + cfg.gamma + cfg.ngram + max(VERIFY_BUCKETS)
     out: dict = {"method": kernel_method(target.device), "modes": {}}
@@ -713,7 +714,7 @@ def glue_stage(target, draft, prompt: list[int], modes, clock: Clock, iters: int
 def live_vs_replay(target, draft, prompt: list[int], vocab: int, live: dict, clock: Clock, new_tokens: int) -> dict:
     """The live ouroboros run's own trace replayed (Replayer, forced acceptance) on the same models: tok/s of both
     over the cycles after the first (the live rate: tokens after the first cycle / time after it), and their ratio."""
-    from ouroboros.config import DecodeConfig, GPU_DEFAULTS
+    from ouroboros.core.config import GPU_DEFAULTS, DecodeConfig
 
     trace = _clean_cycles(live.get("trace") or [])
     if len(trace) < 2:
@@ -856,9 +857,9 @@ class Replayer:
         """Ouroboros: the live path's own code (``DeviceCycle.replay``: whole cycles on the device, one graph and one
         read per cycle) with the recorded forwards and acceptance forced, each recorded prompt from the prompt; one
         untimed pass first (graphs captured), then the timed one."""
-        from ouroboros.device_cycle import DeviceCycle
-        from ouroboros.engine import GenerationStats
-        from ouroboros.gpu_pool import GpuPhrasePool
+        from ouroboros.decoding.device_cycle import DeviceCycle
+        from ouroboros.decoding.stats import GenerationStats
+        from ouroboros.drafting.gpu_pool import GpuPhrasePool
 
         left, prompts = max_cycles, []
         for p in cycles_by_prompt:
@@ -897,9 +898,9 @@ class Replayer:
     def run(self, label: str, cycles_by_prompt: list[list[dict]], layout_cfg, clock: Clock,
             max_cycles: int) -> dict:
         """Replay ``label``'s cycles: ouroboros through :meth:`run_device_cycle`, the rest as host tree steps."""
-        from ouroboros.pool import PhrasePool
-        from ouroboros.static import _bucket
-        from ouroboros.tokentree import TokenTree
+        from ouroboros.core.buckets import bucket as _bucket
+        from ouroboros.core.tokentree import TokenTree
+        from ouroboros.drafting.pool import PhrasePool
 
         cfg = layout_cfg
         n1 = cfg.ngram - 1
@@ -1007,7 +1008,7 @@ class Replayer:
 
 @torch.inference_mode()
 def replay_stage(target, draft, prompt, vocab, traces, args, clock) -> dict:
-    from ouroboros.config import GPU_DEFAULTS, DecodeConfig
+    from ouroboros.core.config import GPU_DEFAULTS, DecodeConfig
 
     out: dict = {"label": "REPLAYED acceptance (forced), not a real generation", "methods": {}}
     labels = [m for m in traces if not args.replay_methods or m in args.replay_methods]
@@ -1325,7 +1326,7 @@ def parse_args(argv=None):
                                                "live_vs_replay, glue")
     ap.add_argument("--glue", choices=["none", "fused", "compile", "all"], default=None,
                     help="step costs of the glue modes besides our runners as they are ('none'): 'fused' "
-                         "(ouroboros.fused_glue), 'compile' (StaticRunner(compile=True), static shapes), 'all' = "
+                         "(ouroboros.hf.fused_glue), 'compile' (StaticRunner(compile=True), static shapes), 'all' = "
                          "both (default: all; --tiny: fused, as a CPU inductor compile takes ~45 s per shape)")
     ap.add_argument("--iters", type=int, default=None, help="timed iterations per step cost (default 20; tiny 3)")
     ap.add_argument("--budget-s", type=float, default=450.0,
@@ -1366,7 +1367,7 @@ def main(argv=None) -> int:
     clock = Clock(device)
     if device.type == "cpu" and args.tiny:
         torch.set_num_threads(1)        # tiny models are per-op overhead bound: one thread is fastest
-    from ouroboros.config import GPU_DEFAULTS
+    from ouroboros.core.config import GPU_DEFAULTS
 
     card = card_name() if device.type == "cuda" else "cpu"
     stem = f"e2e_gpu_{card_slug(card)}" + ("_tiny" if args.tiny else "")

@@ -10,7 +10,7 @@ shape outside the step. On CUDA each (T, prefix_len) step is captured as one CUD
     dec.step_ms(T=64, prefix_len=511, iters=20)             # CUDA events on a GPU, perf_counter on a CPU
     dec.kernels_per_forward(T=1)                            # CUDA profiler on a GPU, probes.OpCounter on a CPU
 
-Kernels per layer (what :class:`ouroboros.probes.OpCounter` counts): rms_norm, qkv GEMM (bias folded in), RoPE 3, KV
+Kernels per layer (what :class:`ouroboros.tuning.probes.OpCounter` counts): rms_norm, qkv GEMM (bias folded in), RoPE 3, KV
 writes 2, attention 1, o-proj + residual 1, rms_norm, gate_up GEMM, silu, mul, down + residual 1 = 14; T > 1 with
 GQA adds the two copies that regroup queries and outputs (16; with one query head per KV head they are views). Per
 forward: embedding, cos and sin lookups, final norm, lm_head, argmax (6). Attention over the live length only makes
@@ -211,8 +211,8 @@ class LeanDecoder:
     @torch.inference_mode()
     def kernel_profile(self, T: int, prefix_len: int = 64) -> dict:
         """Kernels one forward launches: ``{"total", "source", "top"}`` (CUDA profiler over a graph replay on CUDA,
-        eager if the replay's kernels are invisible to it; :class:`ouroboros.probes.OpCounter` elsewhere)."""
-        from ouroboros.probes import count_kernels
+        eager if the replay's kernels are invisible to it; :class:`ouroboros.tuning.probes.OpCounter` elsewhere)."""
+        from ouroboros.tuning.probes import count_kernels
 
         step = self._step(T, prefix_len)
         step()

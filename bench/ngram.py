@@ -3,10 +3,10 @@
 One drafting step = insert a batch of B n-grams (the window's new columns: B = W = 20; B = 1 and 160 bracket it) and
 look up the guesses of one key (k = G). Providers:
 
-- ``cpu-dict``: :class:`ouroboros.pool.PhrasePool`, including the copies it forces when the model runs on a GPU: the
+- ``cpu-dict``: :class:`ouroboros.drafting.pool.PhrasePool`, including the copies it forces when the model runs on a GPU: the
   step's key + n-grams come to the host (``.tolist()``, a sync) and the guesses go back (``torch.tensor(...,
   device=...)``). On a CPU-only machine those copies are host-to-host and the table is labelled CPU.
-- ``reference`` / ``triton`` / ``cuda``: :class:`ouroboros.gpu_pool.GpuPhrasePool` with that backend, eager; on CUDA
+- ``reference`` / ``triton`` / ``cuda``: :class:`ouroboros.drafting.gpu_pool.GpuPhrasePool` with that backend, eager; on CUDA
   also ``<backend>+graph``: the same step captured in a CUDA graph (fixed inputs) and replayed.
 
 Settings: G=20, N=7, vocab 32000 and 152064, pools pre-filled from a Zipf-distributed token stream.
@@ -33,8 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "python"))
 sys.path.insert(0, str(ROOT))
 
-from ouroboros.gpu_pool import GpuPhrasePool  # noqa: E402
-from ouroboros.pool import PhrasePool  # noqa: E402
+from ouroboros.drafting.gpu_pool import GpuPhrasePool  # noqa: E402
+from ouroboros.drafting.pool import PhrasePool  # noqa: E402
+
 from ouroboros_kernels import ngram as ngram_ops  # noqa: E402
 from ouroboros_kernels.backend import backend_status  # noqa: E402
 

@@ -6,14 +6,15 @@ from typing import Callable, Iterator, Sequence
 import torch
 from transformers import LogitsProcessorList
 
-from .architectures import TESTED_MODEL_TYPES
-from .architectures import check_model as _check_model
-from .config import DRAFT_METHODS, METHODS, resolve_config
-from .engine import GenerationStats, decode
-from .gpu_pool import GpuPhrasePool
-from .guard import acquire
-from .pool import PhrasePool
-from .sampling import make_sampler
+from ouroboros.core.config import DRAFT_METHODS, METHODS, resolve_config
+from ouroboros.core.guard import acquire
+from ouroboros.core.sampling import make_sampler
+from ouroboros.decoding.loop import decode
+from ouroboros.decoding.stats import GenerationStats
+from ouroboros.drafting.gpu_pool import GpuPhrasePool
+from ouroboros.drafting.pool import PhrasePool
+from ouroboros.hf.support import TESTED_MODEL_TYPES
+from ouroboros.hf.support import check_model as _check_model
 
 __all__ = ["generate", "stream", "TESTED_MODEL_TYPES"]
 
@@ -112,7 +113,7 @@ def stream(target, draft=None, input_ids=None, *, max_new_tokens: int, method: s
                            generator, keep_scores=scores_out is not None)
     stats = stats if stats is not None else GenerationStats()
     stats.method, stats.config = method, cfg.as_dict()
-    # one call per model/pool at a time (ouroboros.guard)
+    # one call per model/pool at a time (ouroboros.core.guard)
     with acquire(target, draft if method in DRAFT_METHODS else None, pool), torch.inference_mode():
         yield from decode(target, draft, prompt, method=method, cfg=cfg, max_new_tokens=max_new_tokens,
                           eos=_eos_set(target, eos_token_id), pool=pool, stats=stats,
@@ -140,7 +141,7 @@ def generate(target, draft=None, input_ids=None, *, max_new_tokens: int, method:
     input_ids : (1, L) or (L,) token ids, L >= 1.
     method : "greedy" | "speculative" | "lookahead" | "prompt_lookup" | "ouroboros".
     pool : a :class:`PhrasePool` to use and keep warm across calls (history reuse); a fresh one if None.
-    gamma, ngram, window, guess_set, topk : SPEC §2 parameters; None picks the device default (``ouroboros.config``).
+    gamma, ngram, window, guess_set, topk : SPEC §2 parameters; None picks the device default (``ouroboros.core.config``).
     adaptive : draft length follows acceptance, starting at ``gamma`` (default True; False keeps it fixed).
     eos_token_id : stop after this token (or any of these); default: the target's ``generation_config``.
     on_tokens : called with each cycle's new tokens (streaming).
@@ -149,7 +150,7 @@ def generate(target, draft=None, input_ids=None, *, max_new_tokens: int, method:
         ``OUROBOROS_COMPILE`` environment variable, off unless it is 1). The first call per tree size compiles.
     pool_device : keep a fresh pool on this device (a :class:`GpuPhrasePool`; default for "ouroboros" on a CUDA
         model without ``pool``); "ouroboros" then drafts on the device, and with ``fast`` and greedy decoding runs
-        whole cycles there (:class:`ouroboros.device_cycle.DeviceCycle`: one CUDA graph and one small read per
+        whole cycles there (:class:`ouroboros.decoding.device_cycle.DeviceCycle`: one CUDA graph and one small read per
         cycle). Passing a ``GpuPhrasePool`` as ``pool`` does the same (and its cycles' graphs are reused by later
         calls with the same pool).
     do_sample, temperature, top_k, top_p, min_p, repetition_penalty : HF's names and meaning. None takes HF's

@@ -20,12 +20,17 @@ import sys
 from typing import Any
 
 import torch
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteriaList
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteriaList,
+)
 from transformers.generation.utils import GenerateDecoderOnlyOutput, GenerationMixin
 
-from .api import stream
-from .engine import GenerationStats
-from .pool import PhrasePool
+from ouroboros.api import stream
+from ouroboros.decoding.stats import GenerationStats
+from ouroboros.drafting.pool import PhrasePool
 
 __all__ = ["custom_generate"]
 
