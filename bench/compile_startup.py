@@ -1,8 +1,9 @@
 """First-call compile time of the fast path's compiled tree forward, cold and from inductor's on-disk caches.
 
-    python bench/compile_startup.py --tiny                 # tiny Qwen2 config, float32, CPU is fine
-    python bench/compile_startup.py                        # Qwen2.5-Coder-1.5B config, random weights, bf16, CUDA
-    python bench/compile_startup.py --buckets 1,16,64 --cache-dir /path/to/cache --out result.json
+    python -m bench.compile_startup --tiny                 # tiny Qwen2 config, float32, CPU is fine
+    python -m bench.compile_startup                        # Qwen2.5-Coder-1.5B config, random weights, bf16, CUDA
+    python -m bench.compile_startup --buckets 1,16,64 --cache-dir /path/to/cache --out result.json
+    python -m bench.report bench/results/compile_startup_cpu_tiny.json     # the table of a result
 
 What it measures: two fresh Python processes, one after the other, each building the model and a ``StaticRunner``
 with ``compile=True`` (``torch.compile(dynamic=False, fullgraph=True)`` per tree size; on CUDA the CUDA graph of each
@@ -27,7 +28,8 @@ compiled code there. Across machines, ``torch.compiler.save_cache_artifacts()`` 
 same caches as bytes.
 
 Writes JSON (machine, versions, settings, both processes, summary) to ``--out`` (default
-``bench/results/compile_startup_<device>.json``, ``..._tiny.json`` with ``--tiny``) and prints a short table.
+``bench/results/compile_startup_<device>.json``, ``..._tiny.json`` with ``--tiny``) and prints a short table
+(``bench.report.compile_startup``).
 """
 from __future__ import annotations
 
@@ -45,12 +47,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-ROOT = Path(__file__).resolve().parents[1]
-for _p in (ROOT, ROOT / "python", ROOT / "bench"):
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
+from bench.common import RESULTS, ROOT, slug, write_json  # noqa: E402
+from bench.report.compile_startup import table  # noqa: E402
 
-RESULTS = ROOT / "bench" / "results"
 SCHEMA = "ouroboros.compile_startup/1"
 PROMPT_LEN = 32
 WARM_CALLS = 3
@@ -112,8 +111,9 @@ def measure(args) -> dict:
     t0 = time.perf_counter()
     import torch
     import torch._inductor.config
-    from e2e_gpu import REAL_PAIRS, TINY_PAIRS, build_model
     from ouroboros.hf.static_runner import StaticRunner
+
+    from bench.e2e_gpu_models import REAL_PAIRS, TINY_PAIRS, build_model
 
     t_import = time.perf_counter() - t0
     device = torch.device(args.device)
@@ -173,7 +173,7 @@ def run_process(args, cache_dir: str, label: str) -> dict:
     (with the process's wall seconds), or an error record."""
     with tempfile.NamedTemporaryFile("r", suffix=".json", delete=False) as f:
         out = f.name
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker-out", out, "--device", args.device,
+    cmd = [sys.executable, "-m", "bench.compile_startup", "--worker-out", out, "--device", args.device,
            "--dtype", args.dtype, "--buckets", ",".join(map(str, args.buckets)), "--max-len", str(args.max_len),
            "--threads", str(args.threads)]
     cmd += (["--tiny"] if args.tiny else []) + ([] if args.graphs else ["--no-graphs"])
@@ -181,7 +181,7 @@ def run_process(args, cache_dir: str, label: str) -> dict:
     env.pop("TRITON_INTERPRET", None)        # CPU tensors run the reference attention; the interpreter is a test tool
     start = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout_s)
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout_s, cwd=ROOT)
         error, stderr = (None if proc.returncode == 0 else f"exit status {proc.returncode}"), proc.stderr
     except subprocess.TimeoutExpired as err:
         tail = err.stderr or b""                 # bytes even with text=True
@@ -233,27 +233,6 @@ def machine() -> dict:
     return info
 
 
-def table(result: dict) -> list[str]:
-    lines = [f"{'process':<8} {'bucket':>6} {'first s':>9} {'cpu s':>7} {'warm ms':>9} {'compile s':>10} "
-             f"{'fx hit/miss':>12} {'aot hit/miss':>13}"]
-    for run in result["runs"]:
-        if "error" in run:
-            lines.append(f"{run['label']:<8} ERROR {run['error']}")
-            continue
-        for b in run["buckets"]:
-            c = b["counters"]
-            cpu = "-" if b["first_call_cpu_s"] is None else f"{b['first_call_cpu_s']:.2f}"
-            lines.append(f"{run['label']:<8} {b['bucket']:>6} {b['first_call_s']:>9.2f} {cpu:>7} "
-                         f"{b['warm_call_s'] * 1e3:>9.2f} "
-                         f"{b['compile_s']:>10.2f} {c['fxgraph_cache_hit']:>5}/{c['fxgraph_cache_miss']:<6} "
-                         f"{c['autograd_cache_hit']:>6}/{c['autograd_cache_miss']:<6}")
-    s = result["summary"]
-    if "error" not in s:
-        lines.append(f"compile total: first process {s['first_process_compile_s']:.2f} s, second process "
-                     f"{s['second_process_compile_s']:.2f} s ({s['speedup']}x); cache hit: {s['cache_hit']}")
-    return lines
-
-
 # ----------------------------------------------------------------------------------------------------- main
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -292,9 +271,8 @@ def main(argv=None) -> int:
         return 0
     info = machine()                             # before the runs: its load average is the one they ran under
     device_name = info.get("gpu", "cpu") if args.device.startswith("cuda") else "cpu"
-    slug = "".join(c if c.isalnum() else "_" for c in device_name.lower()).strip("_")
-    out_path = Path(args.out) if args.out else RESULTS / f"compile_startup_{slug}{'_tiny' if args.tiny else ''}.json"
-    out_path.parent.mkdir(parents=True, exist_ok=True)
+    name = slug(device_name)
+    out_path = Path(args.out) if args.out else RESULTS / f"compile_startup_{name}{'_tiny' if args.tiny else ''}.json"
     cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="ouroboros_inductor_")
     try:
         runs = [run_process(args, cache_dir, "first"), run_process(args, cache_dir, "second")]
@@ -309,7 +287,7 @@ def main(argv=None) -> int:
                            "compile": "torch.compile(dynamic=False, fullgraph=True) per bucket (StaticRunner)"},
               "runs": runs, "summary": summarize(*runs)}
     result["table"] = table(result)
-    out_path.write_text(json.dumps(result, indent=1))
+    write_json(out_path, result)
     print("\n".join(result["table"]))
     print(f"wrote {out_path}")
     return 0 if "error" not in result["summary"] else 1

@@ -1,11 +1,17 @@
-"""The GPU layout from the cost model (issue 17 item 4): inputs, validation against the H200 replay, the choice.
+"""The GPU layout from the cost model (issue 17 item 4), and the refit of the model's recorded inputs.
 
-    python bench/cost_model.py                  # prints the tables, writes bench/results/cost_model.json
-    python bench/cost_model.py --refit          # also re-fits the acceptance models from bench/results/ and checks
-                                                # them (and the H200 step costs) against the recorded constants
+Inputs, validation against the H200 replay, the choice; the refit reads bench/results and can rewrite the package
+data file the inputs ship in.
 
-No model runs here: the inputs are the numbers recorded in :mod:`ouroboros.tuning.cost_model` (H200 run 1 step costs, the
-item-1 cost targets, acceptance fitted on the real-pair CPU traces and runs), so the result is reproducible offline.
+    python -m bench.cost_model                  # prints the tables, writes bench/results/cost_model.json
+    python -m bench.cost_model --refit          # also re-fits the recorded inputs from bench/results/ and checks
+                                                # them against the package data file (ouroboros/tuning/data)
+    python -m bench.cost_model --write-data     # re-fits them and rewrites that data file (labels and goals kept)
+
+No model runs here: the inputs are the numbers recorded in the package data of :mod:`ouroboros.tuning` (H200 run 1
+step costs, the item-1 cost targets, acceptance fitted on the real-pair CPU traces and runs), so the result is
+reproducible offline. The files they were fitted from are named here (:data:`H200_RUN1`, :data:`SCENARIO_FILES`),
+never in the package.
 
 Stages (all in the JSON):
 - inputs: the step-cost tables and the acceptance models, and a check of the acceptance model against the traces it
@@ -20,28 +26,99 @@ Stages (all in the JSON):
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
-import sys
 from dataclasses import replace
 from pathlib import Path
 
+import ouroboros.tuning as cm
+from ouroboros.core.config import GPU_DEFAULTS, DecodeConfig
+from ouroboros.tuning.recorded import DATA_FILE, read_data
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "python"))
-sys.path.insert(0, str(ROOT))
-
-from ouroboros.core.config import GPU_DEFAULTS, DecodeConfig  # noqa: E402
-from ouroboros.tuning import cost_model as cm  # noqa: E402
-
 DEFAULT_OUT = ROOT / "bench" / "results" / "cost_model.json"
+DATA_PATH = ROOT / "python" / "ouroboros" / "tuning" / DATA_FILE     # the package data file, in this checkout
 REPLAY_TRACE = DecodeConfig(gamma=8, ngram=4, window=0, guess_set=0, topk=1)   # the replayed trace's parameters
+
+# The step-cost input: NVIDIA H200, torch 2.11, random bf16 weights with the real pair's configs, prompt 512
+# (per cycle: tree build 0.3268 + host pool insert 0.1484 + suffix replacement 0.2581 ms).
+H200_RUN1 = "bench/results/gpu_h200_run1/e2e_gpu.json"
+# The acceptance inputs: real Qwen2.5-Coder-1.5B/0.5B pair on a CPU (float32 target, greedy, 128 new tokens; each
+# file records its machine and parameters): traces for alpha (and suffixes), W = 0 runs for the yield.
+SCENARIO_FILES = {
+    "humaneval": ("bench/results/traces/humaneval_cpu_layout.json",
+                  ("bench/results/e2e_humaneval_float32_10x128_int8draft.json",
+                   "bench/results/e2e_humaneval_float32_10x128_int8draft_g3.json",
+                   "bench/results/e2e_humaneval_float32_10x128_int8draft_topk0.json",
+                   "bench/results/e2e_humaneval_float32_10x128_smallm.json",
+                   "bench/results/cpu_sweep_guess_set_int8draft.json")),
+    "gsm8k": ("bench/results/traces/gsm8k_cpu_layout.json",
+              ("bench/results/e2e_gsm8k_float32_10x128_int8draft.json",
+               "bench/results/e2e_gsm8k_float32_10x128_int8draft_topk0.json",
+               "bench/results/e2e_gsm8k_float32_10x128_smallm.json")),
+}
+
+
+def input_files() -> list[Path]:
+    """Every file the recorded inputs are fitted from (absolute)."""
+    return [ROOT / H200_RUN1, *(ROOT / f for traces, runs in SCENARIO_FILES.values() for f in (traces, *runs))]
+
+
+def fitted_data(base: dict | None = None) -> dict:
+    """The data file's content refitted from :func:`input_files`: both step-cost tables (host and device verify),
+    ``chain_decay`` (:func:`~ouroboros.tuning.fit_chain_decay` over both GSM8K trace methods' cycles, N = 4, to 4
+    decimals) and every acceptance model (:func:`~ouroboros.tuning.fit_acceptance` with that chain decay). Labels,
+    the item-1 goals and the order of ``base`` (default: the shipped data) are kept, so the shipped data is a fixed
+    point when the fits reproduce it. FileNotFoundError when an input file is missing."""
+    data = copy.deepcopy(base if base is not None else read_data())
+    for name, interface in (("h200_unfused", "host"), ("h200_device", "device")):
+        fitted = cm.load_step_costs(ROOT / H200_RUN1, interface=interface)
+        data["step_costs"][name] = replace(fitted, label=data["step_costs"][name]["label"]).as_dict()
+    gsm = ROOT / SCENARIO_FILES["gsm8k"][0]
+    cycles = [c for m in ("ouroboros", "ouroboros_warm") for c in cm.load_trace_cycles(gsm, m)[0]]
+    data["chain_decay"] = chain_decay = round(cm.fit_chain_decay(cycles, 4), 4)
+    for dataset, methods in data["acceptance"].items():
+        traces, runs = SCENARIO_FILES[dataset]
+        for method, entry in methods.items():
+            model = cm.fit_acceptance(ROOT / traces, method, [ROOT / r for r in runs], chain_decay=chain_decay,
+                                      label=entry["label"])
+            methods[method] = {k: v for k, v in model.as_dict().items() if k != "chain_decay"}
+    return data
+
+
+def refit(fitted: dict | None = None) -> dict:
+    """Each recorded input against its refit (``fitted``, default :func:`fitted_data`): ``{name: equal}``, plus
+    ``"<name> (fitted)"`` with the refitted value wherever they differ."""
+    shipped = read_data()
+    fitted = fitted if fitted is not None else fitted_data(shipped)
+    pairs = {"H200_UNFUSED": ("step_costs", "h200_unfused"), "H200_DEVICE": ("step_costs", "h200_device"),
+             "CHAIN_DECAY": ("chain_decay",),
+             **{f"{d}:{m}": ("acceptance", d, m) for d, methods in shipped["acceptance"].items() for m in methods}}
+    out: dict = {}
+    for name, keys in pairs.items():
+        old, new = shipped, fitted
+        for k in keys:
+            old, new = old[k], new[k]
+        out[name] = old == new
+        if old != new:
+            out[name + " (fitted)"] = new
+    return out
+
+
+def write_data(path: Path = DATA_PATH) -> list[str]:
+    """Rewrite the package data file at ``path`` with :func:`fitted_data`; the names of the inputs that changed."""
+    fitted = fitted_data()
+    changed = [name for name, same in refit(fitted).items() if same is False]
+    path.write_text(json.dumps(fitted, indent=1) + "\n")
+    return changed
 
 
 def trace_check() -> list[dict]:
     """The acceptance models at their traces' own layout vs the traces (128 new tokens per prompt, CPU)."""
     rows = []
     for (dataset, method), model in cm.ACCEPTANCE.items():
-        traces = ROOT / cm.SCENARIO_FILES[dataset][0]
+        traces = ROOT / SCENARIO_FILES[dataset][0]
         if not traces.exists():
             rows.append({"model": model.label, "skipped": f"{traces} not found"})
             continue
@@ -116,6 +193,8 @@ def validation(e2e_gpu: Path) -> dict:
 
 
 def old_vs_chosen(costs: cm.StepCosts, chosen: DecodeConfig) -> dict:
+    """The old GPU layout against ``chosen`` under ``costs``: mean tokens/ms over the acceptance models, the ratio,
+    and each model's predictions."""
     models = tuple(cm.ACCEPTANCE.values())
     old = [cm.predict(cm.OLD_GPU_LAYOUT, costs, m) for m in models]
     new = [cm.predict(chosen, costs, m) for m in models]
@@ -151,26 +230,8 @@ def sensitivity(top: int) -> dict:
     return out
 
 
-def refit() -> dict:
-    """Re-fit every recorded input from the files and compare (the module's constants must be reproducible)."""
-    out: dict = {}
-    run1 = ROOT / cm.H200_RUN1
-    if run1.exists():
-        out["H200_UNFUSED"] = cm.load_step_costs(run1) == replace(cm.H200_UNFUSED, label=cm.load_step_costs(run1).label)
-    gsm = ROOT / cm.SCENARIO_FILES["gsm8k"][0]
-    cycles = [c for m in ("ouroboros", "ouroboros_warm") for c in cm.load_trace_cycles(gsm, m)[0]]
-    out["CHAIN_DECAY"] = round(cm.fit_chain_decay(cycles, 4), 4) == cm.CHAIN_DECAY
-    for (dataset, method), model in cm.ACCEPTANCE.items():
-        traces, runs = cm.SCENARIO_FILES[dataset]
-        fitted = cm.fit_acceptance(ROOT / traces, method, [ROOT / r for r in runs], chain_decay=cm.CHAIN_DECAY,
-                                   label=model.label)
-        out[model.label] = fitted == model
-        if fitted != model:
-            out[model.label + " (fitted)"] = fitted.as_dict()
-    return out
-
-
 def fmt(c: cm.Candidate) -> str:
+    """One table row: tok/s, the layout, its draft and verify buckets, each model's tok/s."""
     cfg, p = c.config, c.predictions[0]
     return (f"{c.tokens_per_ms * 1e3:7.1f}  gamma={cfg.gamma:<2} N={cfg.ngram} W={cfg.window} G={cfg.guess_set} "
             f"K={cfg.topk}  draft {p.draft_tokens:>3} -> {p.draft_bucket:<3} verify {p.verify_nodes:>3} -> "
@@ -178,26 +239,36 @@ def fmt(c: cm.Candidate) -> str:
 
 
 def main(argv=None) -> dict:
+    """Run the stages, print the tables, write ``--out`` and return its dict (``--write-data``: refit, rewrite the
+    package data file, and return what changed)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(DEFAULT_OUT))
     ap.add_argument("--top", type=int, default=10)
     ap.add_argument("--refit", action="store_true", help="re-fit the recorded inputs from bench/results/")
+    ap.add_argument("--write-data", action="store_true",
+                    help="re-fit the recorded inputs and rewrite the package data file "
+                         f"python/ouroboros/tuning/{DATA_FILE}, then stop")
     args = ap.parse_args(argv)
+    if args.write_data:
+        changed = write_data()
+        print(f"wrote {DATA_PATH} ({'changed: ' + ', '.join(changed) if changed else 'no input changed'})")
+        return {"wrote": str(DATA_PATH), "changed": changed}
 
     chosen, rate, table = cm.choose_gpu_defaults()
     unfused_cfg, unfused_rate, unfused_table = cm.choose_gpu_defaults(cm.H200_UNFUSED)
     result = {
-        "what": "GPU layout from the cost model (python/ouroboros/cost_model.py; issue 17 item 4). Tokens/ms are "
+        "what": "GPU layout from the cost model (python/ouroboros/tuning/; issue 17 item 4). Tokens/ms are "
                 "model predictions (decode, 256 new tokens, mean over the acceptance models), not measurements.",
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
         "inputs": {"step_costs": {c.label: c.as_dict() for c in (cm.ITEM1_TARGETS, cm.H200_UNFUSED, cm.H200_DEVICE)},
                    "acceptance": {m.label: m.as_dict() for m in cm.ACCEPTANCE.values()},
-                   "acceptance_files": cm.SCENARIO_FILES, "chain_decay": cm.CHAIN_DECAY,
+                   "step_costs_file": H200_RUN1, "acceptance_files": SCENARIO_FILES,
+                   "chain_decay": cm.CHAIN_DECAY,
                    "space": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(cm.GPU_SPACE).items()},
                    "new_tokens": 256, "tolerance": 0.01,
                    "extrapolated": cm.__doc__.split("**What is measured and what is extrapolated**")[1].strip()},
         "acceptance_check_vs_traces": trace_check(),
-        "validation_vs_h200_replay": validation(ROOT / cm.H200_RUN1),
+        "validation_vs_h200_replay": validation(ROOT / H200_RUN1),
         "choice_item1_targets": {"chosen": chosen.as_dict(), "tokens_per_ms": round(rate, 5),
                                  "draft_tokens": cm.draft_layout_tokens(chosen),
                                  "verify_nodes": cm.verify_tree_nodes(chosen),

@@ -11,9 +11,11 @@
 #                     self-tests: tree attention, n-gram pool) and compute-sanitizer memcheck/racecheck (--quick),
 #                     in the background while the tests run
 #   2. run.log        pytest (CUDA tests, the GPU lossless suite; bf16 match rates -> gpu_lossless.jsonl), then
-#                     bench/attention.py --quick (the issue-16 attention table: attention.json/.png), the kernel-only
-#                     timings (C++), and bench/e2e_gpu.py (e2e_gpu.json/.png) with what is left of DEADLINE_S
-#   3. summary.txt    the table printed last
+#                     `python -m bench.attention --quick` (the issue-16 attention table: attention.json/.png), the
+#                     kernel-only timings (C++), and `python -m bench.e2e_gpu` (e2e_gpu.json) with what is left of
+#                     DEADLINE_S
+#   3. summary.txt    the table printed last; the e2e part (and e2e_gpu.png) through the report step,
+#                     `python -m bench.report $OUT/e2e_gpu.json`, which also re-reports the JSON on any other machine
 # 8 files come back from $OUT at most: build.log run.log summary.txt gpu_lossless.jsonl attention.{json,png}
 # e2e_gpu.{json,png}. Per-step limits are STEP_TIMEOUT_<NAME> seconds (env); DEADLINE_S (default 480: the attention
 # table and the CUDA tests fit in 8 minutes on a fresh machine) bounds the whole script (the e2e benchmark gets what is
@@ -34,7 +36,7 @@ DRY_RUN="${DRY_RUN:-0}"
 if [ "$DRY_RUN" = 1 ]; then   # CPU smoke test of the script's flow: nothing installed, no GPU steps
   SKIP_CMAKE=1 SKIP_INSTALL=1 E2E_COMPILE=0
   E2E_EXTRA=(--tiny)             # the e2e benchmark on tiny configs (every stage, about a minute on a CPU)
-  PYTEST_ARGS="${PYTEST_ARGS:-tests/test_cuda_build.py -k backend_status}"
+  PYTEST_ARGS="${PYTEST_ARGS:-tests/kernels/test_cuda_build.py -k backend_status}"
   PYTEST_WORKERS="${PYTEST_WORKERS:-0}"
   ATTN_ARGS=(--dry-run)
 else
@@ -166,9 +168,10 @@ fi
 # ---- 3. tests --------------------------------------------------------------------------------------------------------
 # The GPU-relevant files by default (the CPU-only lossless suite runs in CI); PYTEST_ARGS=tests runs everything.
 # The inductor tests (-m compile) are left to CI's CPU run: the e2e benchmark times the compiled path on the GPU.
-PYTEST_ARGS="${PYTEST_ARGS:-tests/test_gpu_lossless.py tests/test_tree_attention.py tests/test_cuda_build.py \
-tests/test_cuda_ngram.py tests/test_gpu_pool.py tests/test_fast_path.py tests/test_patch.py tests/test_device_cycle.py \
-tests/test_glue_kernels.py tests/test_fused_glue.py tests/test_probes.py tests/test_compile.py}"
+PYTEST_ARGS="${PYTEST_ARGS:-tests/decoding/test_gpu_lossless.py tests/kernels/test_tree_attention.py \
+tests/kernels/test_cuda_build.py tests/kernels/test_cuda_ngram.py tests/drafting/test_gpu_pool.py tests/hf/test_fast_path.py \
+tests/hf/test_patch.py tests/decoding/test_device_cycle.py tests/kernels/test_glue_kernels.py tests/hf/test_fused_glue.py \
+tests/tuning/test_probes.py tests/hf/test_compile.py}"
 PYTEST_MARK="${PYTEST_MARK:-not compile}"
 PYTEST_OPTS=()
 "$PY" -c 'import xdist' 2>/dev/null && PYTEST_OPTS=(-n "${PYTEST_WORKERS:-8}")
@@ -193,7 +196,7 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
     record "kernel benches" skip "-" "SKIP_KBENCH=1"
   else
     run_step "bench attention" run.log "$(cap "${STEP_TIMEOUT_BENCH:-150}")" \
-      "$PY" bench/attention.py "${ATTN_ARGS[@]}" --out "$OUT/attention.json"
+      "$PY" -m bench.attention "${ATTN_ARGS[@]}" --out "$OUT/attention.json"
     if [ "$HAVE_CMAKE" = 1 ] && [ -x build/gpu_check/ouroboros_selftest ]; then
       # Kernel-only timings of the SPEC §4 attention shapes and the n-gram pool (CUDA events, no torch).
       run_step "kernel bench (C++)" run.log "$(cap "${STEP_TIMEOUT_KBENCH:-40}")" \
@@ -207,9 +210,9 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
     record "bench e2e (gpu)" skip "-" "SKIP_E2E=1"
   elif [ "$E2E_LEFT" -gt 60 ]; then
     run_step "bench e2e (gpu)" run.log "$E2E_LEFT" \
-      "$PY" bench/e2e_gpu.py --pairs "${E2E_PAIRS:-qwen}" --budget-s "$(( E2E_LEFT - 20 ))" \
+      "$PY" -m bench.e2e_gpu --pairs "${E2E_PAIRS:-qwen}" --budget-s "$(( E2E_LEFT - 20 ))" \
       --replay-max-cycles "${REPLAY_CYCLES:-150}" $([ "${E2E_COMPILE:-1}" = 1 ] && echo --ours-compile) \
-      "${E2E_EXTRA[@]}" --out "$OUT/e2e_gpu.json"
+      "${E2E_EXTRA[@]}" --no-plot --out "$OUT/e2e_gpu.json"      # the report step below draws the PNG
   else
     record "bench e2e (gpu)" skip "-" "only ${E2E_LEFT}s left of DEADLINE_S"
   fi
@@ -230,11 +233,9 @@ fi
     echo
     grep -E '^(bench \(|Hq=)' "$OUT/run.log"
   fi
-  [ -f "$OUT/e2e_gpu.json" ] && "$PY" - "$OUT/e2e_gpu.json" <<'PYEOF'
-import json, sys
-d = json.load(open(sys.argv[1]))
-for line in d.get("table", []):
-    print(line)
-PYEOF
+  if [ -f "$OUT/e2e_gpu.json" ]; then   # the e2e table (and e2e_gpu.png beside the JSON) from the JSON alone
+    echo
+    "$PY" -m bench.report "$OUT/e2e_gpu.json" 2>&1 || echo "report of $OUT/e2e_gpu.json failed"
+  fi
 } | tee "$OUT/summary.txt"
 exit "$FAILED"

@@ -230,10 +230,7 @@ def expected_kernels(layers: int, t: int) -> int:
     return KERNELS_PER_FORWARD + layers * KERNELS_PER_LAYER[1 if t == 1 else "tree"]
 
 
-if __name__ == "__main__":      # a quick look: python bench/lean_decoder.py
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+if __name__ == "__main__":      # a quick look: python -m bench.lean_decoder
     cfg = dict(model_type="qwen2", vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, intermediate_size=128, rms_norm_eps=1e-6, rope_theta=1e6,
                tie_word_embeddings=True)

@@ -3,41 +3,36 @@
 One drafting step = insert a batch of B n-grams (the window's new columns: B = W = 20; B = 1 and 160 bracket it) and
 look up the guesses of one key (k = G). Providers:
 
-- ``cpu-dict``: :class:`ouroboros.drafting.pool.PhrasePool`, including the copies it forces when the model runs on a GPU: the
-  step's key + n-grams come to the host (``.tolist()``, a sync) and the guesses go back (``torch.tensor(...,
+- ``cpu-dict``: :class:`ouroboros.drafting.pool.PhrasePool`, including the copies it forces when the model runs on a
+  GPU: the step's key + n-grams come to the host (``.tolist()``, a sync) and the guesses go back (``torch.tensor(...,
   device=...)``). On a CPU-only machine those copies are host-to-host and the table is labelled CPU.
-- ``reference`` / ``triton`` / ``cuda``: :class:`ouroboros.drafting.gpu_pool.GpuPhrasePool` with that backend, eager; on CUDA
-  also ``<backend>+graph``: the same step captured in a CUDA graph (fixed inputs) and replayed.
+- ``reference`` / ``triton`` / ``cuda``: :class:`ouroboros.drafting.gpu_pool.GpuPhrasePool` with that backend, eager;
+  on CUDA also ``<backend>+graph``: the same step captured in a CUDA graph (fixed inputs) and replayed.
 
 Settings: G=20, N=7, vocab 32000 and 152064, pools pre-filled from a Zipf-distributed token stream.
 
-    python bench/ngram.py                      # GPU: full table, JSON in bench/results/ngram_<card>.json
-    TRITON_INTERPRET=1 python bench/ngram.py --quick   # CPU: a short run (Triton through the interpreter)
+    python -m bench.ngram                      # GPU: full table, JSON in bench/results/ngram_<card>.json
+    TRITON_INTERPRET=1 python -m bench.ngram --quick   # CPU: a short run (Triton through the interpreter)
+    python -m bench.report bench/results/ngram_cpu.json  # the table of a result
 """
 from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
-import re
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
+from ouroboros.drafting.gpu_pool import GpuPhrasePool
+from ouroboros.drafting.pool import PhrasePool
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "python"))
-sys.path.insert(0, str(ROOT))
-
-from ouroboros.drafting.gpu_pool import GpuPhrasePool  # noqa: E402
-from ouroboros.drafting.pool import PhrasePool  # noqa: E402
-
-from ouroboros_kernels import ngram as ngram_ops  # noqa: E402
-from ouroboros_kernels.backend import backend_status  # noqa: E402
+from bench.common import RESULTS, slug, write_json
+from bench.report.ngram import lines as table_lines
+from bench.report.ngram import row_line
+from ouroboros_kernels import ngram as ngram_ops
+from ouroboros_kernels.backend import backend_status
 
 
 def card_name(device: torch.device) -> str:
@@ -134,7 +129,7 @@ def bench_gpu_graph(pool: GpuPhrasePool, steps: list, device: torch.device, g: i
     return out
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="few iterations (CPU smoke run)")
     ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")
@@ -147,22 +142,26 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--providers", nargs="+", default=None,
                     help="subset of cpu-dict reference triton cuda (default: all usable)")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/ngram_<card>.json)")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+def providers_for(args, device: torch.device, status: dict) -> list[str]:
+    """The usable providers (Triton only on a GPU or under the interpreter, CUDA when its ops are built)."""
     on_gpu = device.type == "cuda"
-    g, n = args.guess_set, args.ngram
-    iters = args.iters or (5 if args.quick else 200)
-    status = backend_status()
     providers = ["cpu-dict", "reference"]
-    triton_ok = status["triton"] == "available" and (on_gpu or os.environ.get("TRITON_INTERPRET") == "1")
-    if triton_ok:
+    if status["triton"] == "available" and (on_gpu or os.environ.get("TRITON_INTERPRET") == "1"):
         providers.append("triton")
-    if on_gpu and ngram_ops._cuda_ngram() is not None:
+    if on_gpu and ngram_ops.cuda_ngram_ops() is not None:
         providers.append("cuda")
     if args.providers:
         providers = [p for p in providers if p in args.providers]
-    card = card_name(device)
+    return providers
+
+
+def measure(args, device: torch.device, providers: list[str], iters: int) -> list[dict]:
+    """A row per vocabulary, batch and provider (``+graph`` variants on CUDA), printed as measured."""
+    on_gpu = device.type == "cuda"
+    g, n = args.guess_set, args.ngram
     gen = torch.Generator().manual_seed(0)
     rows = []
     for vocab in args.vocab:
@@ -189,25 +188,18 @@ def main(argv: list[str] | None = None) -> dict:
                 for name, times in variants:
                     rows.append(dict(vocab=vocab, batch=batch, provider=name, us_median=statistics.median(times),
                                      us_min=min(times), iters=len(times)))
-                    print(f"  vocab={vocab:>6} batch={batch:>3} {name:<16} {statistics.median(times):>12.1f} us",
-                          flush=True)
-    # table: median us per step, and speedup over cpu-dict
-    print(f"\nphrase lookup + insert per draft step, G={g}, N={n}, on {card} "
-          f"({'GPU' if on_gpu else 'CPU'}; median us, x = speedup over cpu-dict)")
-    names = list(dict.fromkeys(r["provider"] for r in rows))
-    print(f"{'vocab':>7} {'batch':>5} " + " ".join(f"{p:>22}" for p in names))
-    for vocab in args.vocab:
-        for batch in args.batches:
-            sel = {r["provider"]: r["us_median"] for r in rows if r["vocab"] == vocab and r["batch"] == batch}
-            base = sel.get("cpu-dict")
-            cells = []
-            for p in names:
-                if p not in sel:
-                    cells.append(f"{'-':>22}")
-                else:
-                    ratio = f" ({base / sel[p]:.2f}x)" if base else ""
-                    cells.append(f"{sel[p]:>13.1f}{ratio:>9}")
-            print(f"{vocab:>7} {batch:>5} " + " ".join(cells))
+                    print(row_line(rows[-1]), flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    on_gpu = device.type == "cuda"
+    iters = args.iters or (5 if args.quick else 200)
+    status = backend_status()
+    card = card_name(device)
+    rows = measure(args, device, providers_for(args, device, status), iters)
     try:
         import triton
         triton_version = triton.__version__
@@ -218,14 +210,14 @@ def main(argv: list[str] | None = None) -> dict:
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         versions=dict(torch=torch.__version__, triton=triton_version, python=platform.python_version(),
                       cuda=torch.version.cuda),
-        settings=dict(guess_set=g, ngram=n, vocab=args.vocab, batches=args.batches, prefill_tokens=args.prefill,
-                      iters=iters, quick=args.quick, triton_interpret=os.environ.get("TRITON_INTERPRET") == "1"),
+        settings=dict(guess_set=args.guess_set, ngram=args.ngram, vocab=args.vocab, batches=args.batches,
+                      prefill_tokens=args.prefill, iters=iters, quick=args.quick,
+                      triton_interpret=os.environ.get("TRITON_INTERPRET") == "1"),
         backend_status=status, results=rows,
     )
-    out = Path(args.out) if args.out else ROOT / "bench" / "results" / (
-        "ngram_" + re.sub(r"[^A-Za-z0-9]+", "_", card if on_gpu else "cpu").strip("_").lower() + ".json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    print("\n" + "\n".join(table_lines(result)))       # median us per step, and speedup over cpu-dict
+    out = args.out or RESULTS / f"ngram_{slug(card if on_gpu else 'cpu')}.json"
+    write_json(out, result, indent=2)
     print(f"wrote {out}")
     return result
 

@@ -16,10 +16,10 @@ def _impl(name: str):
     if name == "reference":
         return reference.tree_attention
     if name == "triton":
-        from .triton.tree_attention import tree_attention as fn
+        from .triton.tree_attention import tree_attention as fn  # optional: triton
         return fn
     if name == "cuda":
-        from .cuda_ops import tree_attention as fn
+        from .cuda_ops import tree_attention as fn  # optional: the CUDA extension (csrc/)
         return fn
     raise ValueError(f"unknown backend {name!r}")
 
@@ -33,7 +33,7 @@ def _resolve(device_type: str, dtype: torch.dtype, head_dim: int, backend: str |
         return "reference"
     name = select_backend(torch.device(device_type), backend)
     if name == "cuda" and not (backend or env_backend):
-        from .cuda_ops import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
+        from .cuda_ops import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS  # optional: the CUDA extension (csrc/)
         if dtype not in SUPPORTED_DTYPES or head_dim not in SUPPORTED_HEAD_DIMS:
             name = select_backend(torch.device(device_type), supported=("triton", "reference"))
     return name

@@ -39,7 +39,7 @@ def _backend_status(interpret: bool) -> dict[str, str]:
     """For each backend, ``"available"`` or the reason it is not."""
     status = {"reference": "available"}
     try:
-        import triton  # noqa: F401
+        import triton  # noqa: F401  optional: triton (probed, not required)
         if torch.cuda.is_available() or interpret:
             status["triton"] = "available"
         else:

@@ -80,7 +80,7 @@ def _pick(x: torch.Tensor, backend: str | None, *tensors: torch.Tensor | None) -
 
 
 def _triton():
-    from .triton import glue
+    from .triton import glue  # optional: triton
     return glue
 
 

@@ -77,7 +77,8 @@ import torch
 from . import reference
 from .backend import select_backend
 
-__all__ = ["NgramPool", "ngram_pool_empty", "ngram_lookup", "ngram_insert", "check_ngram_pool"]
+__all__ = ["NgramPool", "ngram_pool_empty", "ngram_lookup", "ngram_insert", "check_ngram_pool", "cuda_ngram_ops",
+           "ngram_backend"]
 
 
 class NgramPool(NamedTuple):
@@ -152,7 +153,7 @@ def _check_tokens(name: str, t: torch.Tensor, shape: tuple, device: torch.device
 
 
 @functools.lru_cache(maxsize=None)
-def _cuda_ngram():
+def cuda_ngram_ops():
     """The CUDA module when it implements the n-gram ops, else None (looked up once per process)."""
     try:
         mod = importlib.import_module("ouroboros_kernels.cuda_ops")
@@ -163,14 +164,16 @@ def _cuda_ngram():
     return None
 
 
-def _backend(device: torch.device, backend: str | None) -> str:
+def ngram_backend(device: torch.device, backend: str | None = None) -> str:
+    """The backend the n-gram ops run on for ``device`` (``backend``, else the best available or
+    ``OUROBOROS_BACKEND``)."""
     # select_backend probes imports (milliseconds when an import fails): cache per device type and environment
     return _select(device.type, backend, os.environ.get("OUROBOROS_BACKEND"), os.environ.get("TRITON_INTERPRET"))
 
 
 @functools.lru_cache(maxsize=64)
 def _select(device_type: str, backend: str | None, env_backend: str | None, env_interpret: str | None) -> str:
-    supported = ("cuda", "triton", "reference") if _cuda_ngram() is not None else ("triton", "reference")
+    supported = ("cuda", "triton", "reference") if cuda_ngram_ops() is not None else ("triton", "reference")
     return select_backend(torch.device(device_type), backend, supported=supported)
 
 
@@ -207,13 +210,13 @@ def ngram_lookup(pool: NgramPool, keys: torch.Tensor, k: int, stats: torch.Tenso
         raise ValueError(f"k must be >= 0, got {k}")
     if stats is not None and (stats.dtype != torch.int64 or tuple(stats.shape) != (2,) or stats.device != dev):
         raise ValueError(f"stats must be an int64 (2,) tensor on {dev}")
-    name = _backend(dev, backend)
+    name = ngram_backend(dev, backend)
     if name == "reference":
         return reference.ngram_lookup(pool, keys, k, stats)
     if name == "triton":
-        from .triton.ngram import ngram_lookup as fn
+        from .triton.ngram import ngram_lookup as fn  # optional: triton
         return fn(pool, keys, k, stats)
-    return _cuda_ngram().ngram_lookup(pool, keys, k, stats)
+    return cuda_ngram_ops().ngram_lookup(pool, keys, k, stats)
 
 
 def ngram_insert(pool: NgramPool, keys: torch.Tensor, phrases: torch.Tensor, old: torch.Tensor | None = None,
@@ -245,11 +248,11 @@ def ngram_insert(pool: NgramPool, keys: torch.Tensor, phrases: torch.Tensor, old
         _check_tokens("old", old, (b, p), dev)
     if b == 0:
         return
-    name = _backend(dev, backend)
+    name = ngram_backend(dev, backend)
     if name == "reference":
         reference.ngram_insert(pool, keys, phrases, old)
     elif name == "triton":
-        from .triton.ngram import ngram_insert as fn
+        from .triton.ngram import ngram_insert as fn  # optional: triton
         fn(pool, keys, phrases, old)
     else:
-        _cuda_ngram().ngram_insert(pool, keys, phrases, old)
+        cuda_ngram_ops().ngram_insert(pool, keys, phrases, old)

@@ -11,6 +11,7 @@ import torch  # noqa: E402
 
 if not torch.cuda.is_available():  # Triton kernels run on CPU tensors through the interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
+import ouroboros  # noqa: E402
 import transformers  # noqa: E402
 
 VOCAB = 96
@@ -64,7 +65,7 @@ class Family:
     core: bool = False
 
 
-# Every tested architecture (ouroboros.architectures.TESTED_MODEL_TYPES lists exactly their model types): each passes
+# Every tested architecture (ouroboros.TESTED_MODEL_TYPES lists exactly their model types): each passes
 # every method on the default path and the static-cache fast path, and patched to our kernels where patch allows.
 FAMILIES = {
     "llama": Family("LlamaConfig", "LlamaForCausalLM", core=True),
@@ -195,3 +196,42 @@ def chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor, min_expected: float =
         return 1.0
     stat = float(((obs - exp) ** 2 / exp).sum())
     return float(torch.special.gammaincc(torch.tensor((len(exp) - 1) / 2.0), torch.tensor(stat / 2.0)))
+
+
+# ---- prompts and one generation, shared by the engine tests of every subpackage ------------------------------
+def random_prompt(seed: int, length: int) -> list[int]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (length,), generator=gen).tolist()
+
+
+def repetitive_prompt(seed: int, period: int, repeats: int) -> list[int]:
+    return random_prompt(seed, period) * repeats
+
+
+def run(target, draft, prompt, n, method, eos=None, **kw):
+    ids, stats = ouroboros.generate(target, draft, torch.tensor([prompt]), max_new_tokens=n, method=method,
+                                    eos_token_id=eos, return_stats=True, **kw)
+    assert ids.shape[0] == 1 and ids[0, :len(prompt)].tolist() == prompt
+    return ids[0, len(prompt):].tolist(), stats
+
+
+# ---- a tiny pair with peaked distributions, for the sampling tests -------------------------------------------
+def tiny_llama(seed: int, lm_head_scale: float, vocab: int = 16):
+    """A one-layer Llama with a ``vocab``-token vocabulary whose lm_head is scaled up: peaked next-token distributions."""
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                   max_position_embeddings=256, bos_token_id=1, eos_token_id=None, pad_token_id=0)
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        model.lm_head.weight.mul_(lm_head_scale)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+@pytest.fixture(scope="module")
+def small_pair():
+    target = tiny_llama(0, 28.0)
+    return target, noisy_copy(target, 0.6, seed=3)

@@ -128,7 +128,7 @@ def _tile(q, k_ptrs, v_ptrs, m_ptrs, MASK, start, stride_ks, stride_vs, stride_m
 
 
 @triton.jit(do_not_specialize=["prefix_val", "num_splits", "window"])
-def _tree_attn_split_kernel(
+def tree_attn_split_kernel(
     Q, K, V, MASK, PREFIX, O, MID_O, MID_L,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
@@ -252,7 +252,7 @@ def _tree_attn_split_kernel(
 
 
 @triton.jit
-def _tree_attn_combine_kernel(
+def tree_attn_combine_kernel(
     MID_O, MID_L, O,
     stride_ob, stride_oh, stride_ot, stride_od,
     n_rows, HQ, T, D, num_splits,
@@ -389,7 +389,7 @@ def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len
     qk_scale = scale if softcap is not None else scale * _LOG2E
     ieee = q.dtype == torch.float32
     grid = (p["m_blocks"], b * hkv, p["num_splits"])
-    _tree_attn_split_kernel[grid](
+    tree_attn_split_kernel[grid](
         q, k, v, mask, prefix_arg, out, mid_o, mid_l,
         *q.stride(), *k.stride(), *v.stride(),
         stride_mt, stride_pb, *out.stride(),
@@ -407,7 +407,7 @@ def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len
         block_s = max(2, triton.next_power_of_2(p["num_splits"]))
         # The interpreter pays per program: merge 64 rows per program there, 4 on the GPU.
         block_r = min(64 if q.device.type == "cpu" else 4, max(2, triton.next_power_of_2(n_rows)))
-        _tree_attn_combine_kernel[(triton.cdiv(n_rows, block_r),)](
+        tree_attn_combine_kernel[(triton.cdiv(n_rows, block_r),)](
             mid_o, mid_l, out, *out.stride(), n_rows, hq, t, d, p["num_splits"],
             BLOCK_R=block_r, BLOCK_S=block_s, BLOCK_D=p["block_d"],
             num_warps=4 if p["block_d"] >= 128 else 2,

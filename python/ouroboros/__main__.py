@@ -1,5 +1,5 @@
 import sys
 
-from ouroboros.cli.main import main
+from ouroboros.cli.entry import main
 
 sys.exit(main())

@@ -13,10 +13,9 @@ from ouroboros.decoding.loop import decode
 from ouroboros.decoding.stats import GenerationStats
 from ouroboros.drafting.gpu_pool import GpuPhrasePool
 from ouroboros.drafting.pool import PhrasePool
-from ouroboros.hf.support import TESTED_MODEL_TYPES
 from ouroboros.hf.support import check_model as _check_model
 
-__all__ = ["generate", "stream", "TESTED_MODEL_TYPES"]
+__all__ = ["generate", "stream"]
 
 
 def _vocab_size(model) -> int:

@@ -25,6 +25,7 @@ from transformers import (
     LogitsProcessor,
     LogitsProcessorList,
     StoppingCriteriaList,
+    StopStringCriteria,
 )
 from transformers.generation.utils import GenerateDecoderOnlyOutput, GenerationMixin
 
@@ -214,14 +215,7 @@ def custom_generate(model, input_ids: torch.LongTensor, logits_processor: Logits
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"ouroboros.custom_generate supports batch size 1, got input_ids of shape "
                          f"{tuple(input_ids.shape)}")
-    if stop_strings is not None:
-        if tokenizer is None:
-            raise ValueError("stop_strings need a tokenizer, and transformers does not pass tokenizer= on to a "
-                             "custom_generate callable: pass stopping_criteria=StoppingCriteriaList("
-                             "[StopStringCriteria(tokenizer, stop_strings)]) instead")
-        from transformers import StopStringCriteria
-        stopping_criteria = StoppingCriteriaList([*stopping_criteria,
-                                                  StopStringCriteria(tokenizer, stop_strings)])
+    stopping_criteria = _with_stop_strings(stopping_criteria, stop_strings, tokenizer)
 
     n_pad = _left_pads(input_ids, model_kwargs.get("attention_mask"))
     prompt = input_ids[0, n_pad:]
@@ -230,19 +224,12 @@ def custom_generate(model, input_ids: torch.LongTensor, logits_processor: Logits
     scores_out: list | None = [] if (want_scores or want_logits) else None
     sampling = _sampling_kwargs(generation_config, logits_processor, input_ids[:, :n_pad], scores_out,
                                 draft_sampling)
-    eos = getattr(generation_config, "_eos_token_tensor", None)
-    if eos is None and generation_config.eos_token_id is not None:     # called without generate's preparation
-        eos = torch.tensor(generation_config.eos_token_id)
-    # generate resolves max_length (max_new_tokens + prompt, pads included); HF's loop emits at least one token
-    max_length = generation_config.max_length
-    if max_length is None:                                          # called without generate's preparation
-        max_length = input_ids.shape[1] + (generation_config.max_new_tokens or 20)
-    budget = max(1, max_length - input_ids.shape[1])
+    eos, budget = _limits(generation_config, input_ids.shape[1])
 
     out = _Output(input_ids, stopping_criteria, scores_out, want_scores)
     cycles = stream(model, draft, prompt, max_new_tokens=budget, method=method, pool=pool, gamma=gamma, ngram=ngram,
                     window=window, guess_set=guess_set, topk=topk,
-                    eos_token_id=[] if eos is None else eos.reshape(-1).tolist(), fast=fast, adaptive=adaptive,
+                    eos_token_id=eos, fast=fast, adaptive=adaptive,
                     stats=stats, **sampling)
     try:
         for new in cycles:
@@ -260,3 +247,27 @@ def custom_generate(model, input_ids: torch.LongTensor, logits_processor: Logits
     return GenerateDecoderOnlyOutput(sequences=out.sequence, scores=tuple(out.scores) if want_scores else None,
                                      logits=tuple(out.logits) if want_logits else None, attentions=None,
                                      hidden_states=None, cache=None)
+
+
+def _with_stop_strings(criteria: StoppingCriteriaList, stop_strings: str | list[str] | None,
+                       tokenizer) -> StoppingCriteriaList:
+    """``criteria`` plus a :class:`StopStringCriteria` for ``stop_strings`` (which need ``tokenizer``)."""
+    if stop_strings is None:
+        return criteria
+    if tokenizer is None:
+        raise ValueError("stop_strings need a tokenizer, and transformers does not pass tokenizer= on to a "
+                         "custom_generate callable: pass stopping_criteria=StoppingCriteriaList("
+                         "[StopStringCriteria(tokenizer, stop_strings)]) instead")
+    return StoppingCriteriaList([*criteria, StopStringCriteria(tokenizer, stop_strings)])
+
+
+def _limits(generation_config: GenerationConfig, input_len: int) -> tuple[list[int], int]:
+    """The EOS ids and the new-token budget ``generate`` resolved (or their defaults when called without its
+    preparation): max_length counts the prompt, pads included, and HF's loop emits at least one token."""
+    eos = getattr(generation_config, "_eos_token_tensor", None)
+    if eos is None and generation_config.eos_token_id is not None:
+        eos = torch.tensor(generation_config.eos_token_id)
+    max_length = generation_config.max_length
+    if max_length is None:
+        max_length = input_len + (generation_config.max_new_tokens or 20)
+    return ([] if eos is None else eos.reshape(-1).tolist()), max(1, max_length - input_len)

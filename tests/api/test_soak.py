@@ -1,7 +1,7 @@
 """Soak (issue 20, item 3): 10,000 generate calls on one tiny model pair with varied prompts and ONE shared pool.
 
 The pool's bytes stay under its budget on every call (a tiny budget, so keys are evicted all along), the process RSS
-levels off, and the output stays the target's own greedy text. Opt-in: ``pytest -m soak -s tests/test_soak.py``
+levels off, and the output stays the target's own greedy text. Opt-in: ``pytest -m soak -s tests/api/test_soak.py``
 (a few minutes on 2 cores); it prints the RSS / pool-bytes curve.
 """
 from __future__ import annotations

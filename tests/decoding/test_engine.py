@@ -3,36 +3,21 @@ from __future__ import annotations
 
 import ouroboros
 import pytest
-import torch
 from conftest import (
     CORE_FAMILIES,
     MORE_FAMILIES,
-    VOCAB,
     Family,
     hf_greedy,
     loop_greedy,
     make_model,
     noisy_copy,
+    random_prompt,
+    repetitive_prompt,
+    run,
 )
-from ouroboros.api import TESTED_MODEL_TYPES
+from ouroboros.hf.support import TESTED_MODEL_TYPES
 
 METHODS = ouroboros.METHODS
-
-
-def random_prompt(seed: int, length: int) -> list[int]:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randint(3, VOCAB, (length,), generator=gen).tolist()
-
-
-def repetitive_prompt(seed: int, period: int, repeats: int) -> list[int]:
-    return random_prompt(seed, period) * repeats
-
-
-def run(target, draft, prompt, n, method, eos=None, **kw):
-    ids, stats = ouroboros.generate(target, draft, torch.tensor([prompt]), max_new_tokens=n, method=method,
-                                    eos_token_id=eos, return_stats=True, **kw)
-    assert ids.shape[0] == 1 and ids[0, :len(prompt)].tolist() == prompt
-    return ids[0, len(prompt):].tolist(), stats
 
 
 # ---- every method x every family (the core families with and without GQA, on more prompts) ----------------------
@@ -210,7 +195,7 @@ def test_untested_architecture_runs_with_one_warning():
 
 
 # ---- the engine on models patched to our attention kernels --------------------------------------------------------
-UNPATCHABLE = ("stablelm", "falcon")      # patch refuses them (tests/test_inputs.py); the fast path uses dense masks
+UNPATCHABLE = ("stablelm", "falcon")      # patch refuses them (tests/api/test_inputs.py); the fast path uses dense masks
 # (family, backend, methods, prompts): the Triton interpreter is slow, and the other families run fewer prompts.
 PATCH_CASES = ([(f, "reference", METHODS, 3) for f in ("llama", "gemma2", "mistral")]
                + [(f, "reference", METHODS, 2) for f in ["gemma"] + MORE_FAMILIES if f not in UNPATCHABLE]

@@ -11,8 +11,7 @@ import os
 import ouroboros
 import pytest
 import torch
-from conftest import FAMILIES, make_model, noisy_copy
-from test_engine import random_prompt, repetitive_prompt
+from conftest import FAMILIES, make_model, noisy_copy, random_prompt, repetitive_prompt
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

@@ -12,7 +12,7 @@ import ouroboros
 import pytest
 import torch
 import transformers
-from conftest import chi2_pvalue, hf_greedy, noisy_copy
+from conftest import chi2_pvalue, hf_greedy
 from ouroboros.core.config import resolve_config
 from ouroboros.core.sampling import (
     SamplingConfig,
@@ -277,27 +277,6 @@ V = 16
 # Text the target itself sampled (seed 1, temperature 0.6): repetitive, so the pool's phrases are ones the target
 # often accepts, and its next-token distribution is split (0.45 / 0.45 / ...), so a lossy rule shows at once.
 PROMPT = [3, 14, 1, 10, 0, 1, 14, 13, 2, 11, 1, 14, 13, 2, 11]
-
-
-def tiny_llama(seed: int, lm_head_scale: float):
-    """A one-layer Llama with a 16-token vocabulary whose lm_head is scaled up: peaked next-token distributions."""
-    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                                   num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-                                   max_position_embeddings=256, bos_token_id=1, eos_token_id=None, pad_token_id=0)
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    model.set_attn_implementation("sdpa")
-    with torch.no_grad():
-        model.lm_head.weight.mul_(lm_head_scale)
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model
-
-
-@pytest.fixture(scope="module")
-def small_pair():
-    target = tiny_llama(0, 28.0)
-    return target, noisy_copy(target, 0.6, seed=3)
 
 
 @torch.inference_mode()

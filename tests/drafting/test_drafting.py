@@ -1,4 +1,4 @@
-"""One drafting rule (``ouroboros.engine.Drafter``), run on the host or on the device (here: on CPU tensors).
+"""One drafting rule (``ouroboros.drafting.base.Drafter``), run on the host or on the device (here: on CPU tensors).
 
 The host drafter (trie on a dynamic-cache runner, CPU pool) and the device drafter (fixed layout on a static runner,
 device pool, one host read per phase) must draft the same tokens with the same window and pool updates; the device
@@ -11,7 +11,14 @@ import math
 import ouroboros
 import pytest
 import torch
-from conftest import hf_greedy, make_model, needs_triton_device
+from conftest import (
+    hf_greedy,
+    make_model,
+    needs_triton_device,
+    random_prompt,
+    repetitive_prompt,
+    run,
+)
 from ouroboros.core.config import DecodeConfig
 from ouroboros.drafting.device_drafter import DeviceDrafter
 from ouroboros.drafting.gpu_pool import GpuPhrasePool
@@ -22,7 +29,6 @@ from ouroboros.drafting.window import LookaheadWindow
 from ouroboros.hf.runner import ModelRunner
 from ouroboros.hf.static_runner import StaticRunner
 from ouroboros.tuning.probes import HostReads
-from test_engine import random_prompt, repetitive_prompt, run
 
 N, W, G, K = 4, 2, 3, 2
 

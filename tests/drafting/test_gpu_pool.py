@@ -11,8 +11,9 @@ if not torch.cuda.is_available():
 import random  # noqa: E402
 
 import pytest  # noqa: E402
-from ouroboros.drafting.gpu_pool import GpuPhrasePool, HostPoolAdapter  # noqa: E402
+from ouroboros.drafting.gpu_pool import GpuPhrasePool
 from ouroboros.drafting.pool import PhrasePool, PoolStats  # noqa: E402
+from ouroboros.drafting.pool_adapter import HostPoolAdapter  # noqa: E402
 
 from ouroboros_kernels import ngram as ngram_ops  # noqa: E402
 from ouroboros_kernels.backend import triton_interpret  # noqa: E402
@@ -347,11 +348,11 @@ def test_backend_dispatch():
     assert ph[0, 0].tolist() == [1, 2] and valid[0].tolist() == [True, False]
     with pytest.raises(ValueError):
         ngram_ops.ngram_lookup(pool, keys, 2, backend="nonsense")
-    if ngram_ops._cuda_ngram() is None:
+    if ngram_ops.cuda_ngram_ops() is None:
         with pytest.raises(ValueError):
             ngram_ops.ngram_lookup(pool, keys, 2, backend="cuda")
     if HAVE_TRITON and triton_interpret():
-        assert ngram_ops._backend(CPU, None) == "triton"
+        assert ngram_ops.ngram_backend(CPU) == "triton"
 
 
 # ---- CUDA only: no host sync, graph capture ---------------------------------------------------------------------
@@ -359,7 +360,7 @@ def _cuda_backends() -> list[str]:
     out = ["reference"]
     if HAVE_TRITON and not triton_interpret():
         out.append("triton")
-    if ngram_ops._cuda_ngram() is not None:
+    if ngram_ops.cuda_ngram_ops() is not None:
         out.append("cuda")
     return out
 

@@ -14,9 +14,9 @@ from ouroboros.drafting.pool import (
     POOL_FORMAT,
     PhrasePool,
     PoolStats,
-    _lru_dict_peak_bytes,
     budget_caps,
     key_bytes,
+    lru_dict_peak_bytes,
 )
 
 
@@ -291,7 +291,7 @@ def test_key_table_slot_bound_holds_under_churn():
     """The 200 B a key's slot in the table of keys may cost (pool module docstring), checked on this CPython."""
     base = sys.getsizeof(OrderedDict({0: None}))
     for keys in (*range(1, 120), 170, 171, 700, 1400, 2800):
-        assert _lru_dict_peak_bytes(keys) <= base + 200 * keys, keys
+        assert lru_dict_peak_bytes(keys) <= base + 200 * keys, keys
 
 
 def test_load_cuts_a_larger_state_to_the_caps(tmp_path):

@@ -13,10 +13,16 @@ import warnings
 import ouroboros
 import pytest
 import torch
-from conftest import VOCAB, hf_greedy, make_model, noisy_copy
+from conftest import (
+    VOCAB,
+    hf_greedy,
+    make_model,
+    noisy_copy,
+    random_prompt,
+    repetitive_prompt,
+)
 from ouroboros.core.tokentree import TokenTree
 from ouroboros.hf.static_runner import StaticRunner
-from test_engine import random_prompt, repetitive_prompt
 
 import ouroboros_kernels as ok
 from ouroboros_kernels import custom_ops, reference

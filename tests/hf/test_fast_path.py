@@ -6,11 +6,10 @@ import os
 import ouroboros
 import pytest
 import torch
-from conftest import FAMILIES, hf_greedy
+from conftest import FAMILIES, hf_greedy, random_prompt, repetitive_prompt, run
 from ouroboros.core.tokentree import TokenTree
 from ouroboros.hf.static_runner import StaticRunner
 from ouroboros.tuning.probes import HostReads
-from test_engine import random_prompt, repetitive_prompt, run
 
 from ouroboros_kernels import ancestor_mask
 

@@ -20,11 +20,11 @@ if not torch.cuda.is_available():   # Triton on CPU tensors through the interpre
 
 import ouroboros  # noqa: E402
 import transformers  # noqa: E402
-from conftest import hf_greedy, make_model, noisy_copy  # noqa: E402
-from ouroboros.hf import fused_glue  # noqa: E402
+from conftest import hf_greedy, make_model, noisy_copy, random_prompt, repetitive_prompt  # noqa: E402  # noqa: E402
 from ouroboros.hf.attention import TreeSpec, tree_call_kwargs  # noqa: E402
+from ouroboros.hf.fused_forwards import fused_forward  # noqa: E402
 from ouroboros.hf.fused_glue import apply_fused_glue, is_fused, revert_fused_glue  # noqa: E402
-from test_engine import random_prompt, repetitive_prompt  # noqa: E402
+from ouroboros.hf.packed_linear import adjacent as packed_adjacent  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from ouroboros_kernels import glue, tree  # noqa: E402
@@ -65,10 +65,10 @@ def test_prefill_logits_match(family):
     apply_fused_glue(model)
     assert is_fused(model)
     layer = model.model.layers[0]
-    assert layer.forward.__func__ is fused_glue._forward("layer")
-    assert layer.self_attn.forward.__func__ is fused_glue._forward("attention")
-    assert layer.mlp.forward.__func__ is fused_glue._forward("mlp")
-    assert model.model.norm.forward.__func__ is fused_glue._forward("norm")
+    assert layer.forward.__func__ is fused_forward("layer")
+    assert layer.self_attn.forward.__func__ is fused_forward("attention")
+    assert layer.mlp.forward.__func__ is fused_forward("mlp")
+    assert model.model.norm.forward.__func__ is fused_forward("norm")
     torch.testing.assert_close(logits(model, ids), want, atol=1e-5, rtol=1e-5)
     revert_fused_glue(model)
     assert not is_fused(model) and "forward" not in layer.__dict__
@@ -151,7 +151,7 @@ def test_tree_call_with_triton_kernels_in_either_order():
 
 # ------------------------------------------------------------------------------------------------------------ weights
 def adjacent(ts) -> bool:
-    return fused_glue._adjacent(list(ts))
+    return packed_adjacent(list(ts))
 
 
 def test_weights_stay_views_and_follow_conversions():

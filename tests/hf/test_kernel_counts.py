@@ -1,17 +1,13 @@
 """Kernels per forward of the fast path vs the lean decoder floor (issue 17 item 1), counted on CPU.
 
-On a GPU the profiler counts kernels (bench/e2e_gpu.py); here :func:`ouroboros.tuning.probes.count_kernels` counts the aten
+On a GPU the profiler counts kernels (bench.e2e_gpu); here :func:`ouroboros.tuning.probes.count_kernels` counts the aten
 ops that would each launch one (our kernels' reference twins once per call), on models with the real pair's layer
 and head counts but a tiny width. The target: a fused fast-path forward launches at most 1.3x the kernels of a
-hand-written decoder (bench/lean_decoder.py: static KV, fused q/k/v and gate/up, one attention call per layer), and
+hand-written decoder (bench.lean_decoder: static KV, fused q/k/v and gate/up, one attention call per layer), and
 the unfused HF glue 2.4-2.6x. Measured here (T=1 / T=64): target fused 363 / 391 kernels vs lean 398 / 454 vs
 unfused 1040 / 1068; draft fused 315 / 339 vs lean 342 / 390 vs unfused 896 / 920.
 """
 from __future__ import annotations
-
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,20 +15,11 @@ from ouroboros.hf.static_runner import StaticRunner
 from ouroboros.tuning.probes import count_kernels
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-ROOT = Path(__file__).resolve().parents[2]
+from bench.lean_decoder import LeanDecoder
+
 # the real pair's depth and heads (Qwen2.5-Coder-1.5B / -0.5B), head_dim 8
 PAIR = {"target": dict(num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2, hidden_size=96),
         "draft": dict(num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, hidden_size=112)}
-
-
-def _lean():
-    name = "bench_lean_decoder"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / "lean_decoder.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 def _model(shape: dict):
@@ -55,7 +42,7 @@ def _runner_kernels(runner: StaticRunner, t: int) -> int:
 @pytest.mark.parametrize("role", ["target", "draft"])
 def test_fused_fast_path_is_within_1_3x_of_the_lean_decoder(role):
     model = _model(PAIR[role])
-    lean = _lean().LeanDecoder.from_hf(model, max_len=512)
+    lean = LeanDecoder.from_hf(model, max_len=512)
     fused = StaticRunner(model, 512, use_graphs=False, glue=True)
     assert fused.glue
     for t in (1, 64):
@@ -69,7 +56,7 @@ def test_unfused_glue_is_what_the_fusion_removes():
     """The same forward without the fused glue launches far more kernels (HF's RMSNorm, rotate_half RoPE, SiLU*up,
     separate q/k/v and gate/up GEMMs): the count the fusion is for."""
     model = _model(PAIR["draft"])
-    lean = _lean().LeanDecoder.from_hf(model, max_len=512)
+    lean = LeanDecoder.from_hf(model, max_len=512)
     plain = StaticRunner(model, 512, use_graphs=False, glue=False)
     ours = _runner_kernels(plain, 1)
     assert ours >= 2 * lean.kernels_per_forward(1, prefix_len=64)

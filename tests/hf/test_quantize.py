@@ -6,13 +6,19 @@ import copy
 import ouroboros
 import pytest
 import torch
-from conftest import VOCAB, hf_greedy, make_model, noisy_copy
+from conftest import (
+    VOCAB,
+    hf_greedy,
+    make_model,
+    noisy_copy,
+    random_prompt,
+    repetitive_prompt,
+)
 from ouroboros.hf.quantize import (
     draft_quantization,
     quantize_draft,
     resolve_draft_quant,
 )
-from test_engine import random_prompt, repetitive_prompt
 
 pytestmark = pytest.mark.skipif("fbgemm" not in torch.backends.quantized.supported_engines
                                 and "x86" not in torch.backends.quantized.supported_engines,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import transformers
 from conftest import FAMILIES
-from ouroboros.api import TESTED_MODEL_TYPES
+from ouroboros.hf.support import TESTED_MODEL_TYPES
 
 
 def test_every_tested_model_type_has_a_family_in_the_matrix():

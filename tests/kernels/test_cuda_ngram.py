@@ -5,7 +5,7 @@ All but the first test need a CUDA device and the built extension ``ouroboros_ke
 logic on the CPU against its host model (``--host``: CI machines with nvcc and no GPU).
 The layout comparison is exact (key_to_slot, slot_key, counts, the LRU links, num_keys) except for the rows of
 ``phrases`` at or beyond ``counts`` (garbage by contract: backends may leave different values). The CPU-pool
-equivalence (``PhrasePool``) of the "cuda" backend is also covered by tests/test_gpu_pool.py.
+equivalence (``PhrasePool``) of the "cuda" backend is also covered by tests/drafting/test_gpu_pool.py.
 The raw ops' own argument checks (csrc/bindings.cpp) are tested in process and strictly: a bad argument must raise
 RuntimeError, never crash (issue 20).
 """
@@ -25,7 +25,7 @@ from ouroboros_kernels import reference
 from ouroboros_kernels.ngram import NgramPool, ngram_pool_empty
 
 ROOT = Path(__file__).resolve().parents[2]
-HAVE_CUDA_OPS = torch.cuda.is_available() and ngram_ops._cuda_ngram() is not None
+HAVE_CUDA_OPS = torch.cuda.is_available() and ngram_ops.cuda_ngram_ops() is not None
 needs_cuda_ops = pytest.mark.skipif(not HAVE_CUDA_OPS, reason="needs a CUDA device and the extension "
                                     "ouroboros_kernels._cuda built with the n-gram ops "
                                     "(pip install --no-build-isolation -e .)")
@@ -139,7 +139,7 @@ def test_random_sequences_match_reference(case):
 
 @needs_cuda_ops
 def test_public_ops_dispatch_to_cuda():
-    assert ngram_ops._select("cuda", None, None, None) == "cuda"
+    assert ngram_ops.ngram_backend(torch.device("cuda")) == "cuda"
     pool = ngram_pool_empty(50, 8, 4, 3, device=DEV)
     want = ngram_pool_empty(50, 8, 4, 3, device=DEV)
     keys = torch.tensor([3, 3, -1, 7, 49, 50], device=DEV)

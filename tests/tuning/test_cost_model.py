@@ -1,15 +1,20 @@
-"""The cost model behind GPU_DEFAULTS (``ouroboros.tuning.cost_model``): fits recover known parameters, the choice finds a
-hand-computed optimum, and the shipped GPU_DEFAULTS are the model's choice on the recorded inputs."""
+"""The cost model behind GPU_DEFAULTS (``ouroboros.tuning``): fits recover known parameters, the choice finds a
+hand-computed optimum, the shipped GPU_DEFAULTS are the model's choice on the recorded inputs, and those inputs are
+package data that the refit (``python -m bench.cost_model``) reproduces."""
 from __future__ import annotations
 
+import ast
 import json
 import random
-from dataclasses import replace
+from importlib import resources
 from pathlib import Path
 
+import ouroboros.tuning as cm
 import pytest
+from bench import cost_model as refit_script
 from ouroboros.core.config import GPU_DEFAULTS, DecodeConfig
-from ouroboros.tuning import cost_model as cm
+from ouroboros.tuning.recorded import DATA_FILE, acceptance_from, read_data, step_costs_from
+from ouroboros.tuning.step_costs import bucket
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -82,7 +87,7 @@ def test_ties_go_to_the_smaller_buckets():
     cfg, rate, table = cm.choose_layout(costs, accept, space, tolerance=0.01)
     best = table[0]
     assert cm.draft_layout_tokens(best.config) <= 64 and cm.draft_layout_tokens(cfg) <= 64
-    assert cm.bucket(cm.draft_layout_tokens(cfg)) < best.predictions[0].draft_bucket
+    assert bucket(cm.draft_layout_tokens(cfg)) < best.predictions[0].draft_bucket
     assert rate >= 0.99 * best.tokens_per_ms
     assert cm.choose_layout(costs, accept, space, tolerance=0.0)[0] == best.config
 
@@ -103,7 +108,8 @@ def test_step_costs_interpolate_in_buckets_and_refuse_the_unmeasured():
     with pytest.raises(ValueError, match="outside the measured"):
         costs.target_ms(65)
     with pytest.raises(ValueError, match="largest bucket"):
-        cm.bucket(513)
+        bucket(513)
+    assert bucket(0) == 1 and bucket(17) == 32 and bucket(512) == 512
     scaled = cm.H200_DEVICE.rescaled((2.6, 3.1), (1.6, 2.0), per_forward_ms=0.0, per_cycle_ms=0.3, label="t")
     assert scaled.target_ms(1) == 2.6 and scaled.target_ms(64) == 3.1
     assert scaled.draft_ms(1) == 1.6 and scaled.draft_ms(64) == 2.0
@@ -156,19 +162,47 @@ def test_shipped_gpu_defaults_are_the_models_choice():
         assert data["chosen"] == GPU_DEFAULTS.as_dict() and data["shipped_equals_chosen"]
 
 
-def test_recorded_inputs_are_reproduced_by_the_fits():
-    if not all((ROOT / p).exists() for p in (cm.H200_RUN1, *[f for t, runs in cm.SCENARIO_FILES.values()
-                                                            for f in (t, *runs)])):
-        pytest.skip("the recorded runs are not in this checkout")
-    measured = cm.load_step_costs(ROOT / cm.H200_RUN1)
-    assert replace(measured, label="") == replace(cm.H200_UNFUSED, label="")
-    device = cm.load_step_costs(ROOT / cm.H200_RUN1, interface="device")
-    assert replace(device, label="") == replace(cm.H200_DEVICE, label="")
-    gsm = ROOT / cm.SCENARIO_FILES["gsm8k"][0]
-    cycles = [c for m in ("ouroboros", "ouroboros_warm") for c in cm.load_trace_cycles(gsm, m)[0]]
-    assert round(cm.fit_chain_decay(cycles, 4), 4) == cm.CHAIN_DECAY
-    for (dataset, method), model in cm.ACCEPTANCE.items():
-        traces, runs = cm.SCENARIO_FILES[dataset]
-        fitted = cm.fit_acceptance(ROOT / traces, method, [ROOT / r for r in runs], chain_decay=cm.CHAIN_DECAY,
-                                   label=model.label)
-        assert fitted == model
+def test_the_recorded_inputs_are_package_data():
+    """The recorded inputs load from the package's data file (a resource of ``ouroboros.tuning``, so an installed
+    wheel has it too): the step costs and models as written, every model with the one chain decay, in the data's
+    order, the item-1 targets derived from the device costs; each type reads back what it writes."""
+    assert resources.files("ouroboros.tuning").joinpath(DATA_FILE).is_file()
+    data = read_data()
+    costs = step_costs_from(data)
+    assert (costs["h200_unfused"], costs["h200_device"], costs["item1_targets"]) == \
+        (cm.H200_UNFUSED, cm.H200_DEVICE, cm.ITEM1_TARGETS)
+    assert cm.H200_DEVICE.draft == cm.H200_UNFUSED.draft and cm.H200_DEVICE.target != cm.H200_UNFUSED.target
+    assert acceptance_from(data) == cm.ACCEPTANCE and cm.CHAIN_DECAY == data["chain_decay"]
+    assert list(cm.ACCEPTANCE) == [(d, m) for d in ("humaneval", "gsm8k") for m in ("ouroboros", "ouroboros_warm")]
+    assert {m.chain_decay for m in cm.ACCEPTANCE.values()} == {cm.CHAIN_DECAY}
+    for c in (cm.H200_UNFUSED, cm.ITEM1_TARGETS):
+        assert cm.StepCosts.from_dict(json.loads(json.dumps(c.as_dict()))) == c
+    for m in cm.ACCEPTANCE.values():
+        assert cm.AcceptanceModel.from_dict(json.loads(json.dumps(m.as_dict()))) == m
+    read_data()["chain_decay"] = 0.0                  # a fresh dict each time: the loaded inputs cannot be altered
+    assert read_data()["chain_decay"] == cm.CHAIN_DECAY
+
+
+def test_the_package_names_no_path_into_bench():
+    """Fitted constants are package data: no code string of ``ouroboros.tuning`` (docstrings aside) names bench/."""
+    found = []
+    for path in sorted(Path(cm.__file__).parent.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        docs = {id(n.body[0].value) for n in ast.walk(tree)
+                if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef)) and n.body
+                and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+        found += [f"{path.name}:{n.lineno}" for n in ast.walk(tree) if isinstance(n, ast.Constant)
+                  and isinstance(n.value, str) and "bench/" in n.value and id(n) not in docs]
+    assert found == []
+
+
+def test_the_refit_reproduces_the_shipped_data():
+    """``python -m bench.cost_model --write-data`` would write the shipped data file unchanged: every step cost, the
+    chain decay and every acceptance model refit from the recorded runs to the numbers shipped."""
+    missing = [str(p.relative_to(ROOT)) for p in refit_script.input_files() if not p.exists()]
+    if missing:
+        pytest.skip(f"the recorded runs are not in this checkout: {missing}")
+    fitted = refit_script.fitted_data()
+    assert refit_script.refit(fitted) == dict.fromkeys(
+        ["H200_UNFUSED", "H200_DEVICE", "CHAIN_DECAY", *(m.label for m in cm.ACCEPTANCE.values())], True)
+    assert fitted == read_data()

@@ -1,10 +1,7 @@
-"""The measurement probes (``ouroboros.tuning.probes``) and the lean decoder floor (``bench/lean_decoder.py``), on CPU."""
+"""The measurement probes (``ouroboros.tuning.probes``) and the lean decoder floor (``bench.lean_decoder``), on CPU."""
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,23 +12,16 @@ from ouroboros.tuning.probes import (
     FREE_OPS,
     HostReads,
     OpCounter,
-    _reads_back,
     classify_cuda_events,
     cuda_kernels,
     launch,
+    reads_back,
 )
 
-ROOT = Path(__file__).resolve().parents[2]
+from bench import lean_decoder
+
 triton_ok = pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
                                reason="Triton runs on CUDA, or on CPU tensors under TRITON_INTERPRET=1")
-
-
-def _lean():
-    spec = importlib.util.spec_from_file_location("bench_lean_decoder", ROOT / "bench" / "lean_decoder.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module            # dataclasses look their module up while the class is created
-    spec.loader.exec_module(module)
-    return module
 
 
 def _llama(layers: int, dtype=torch.float32, model_type: str = "llama"):
@@ -65,11 +55,11 @@ def test_host_reads_copy_rule_and_pure_device_ops():
     aten = torch.ops.aten
     dev = torch.empty(3, device="meta")
     host = torch.empty(3)
-    assert _reads_back(aten._to_copy.default, (dev,), {"device": torch.device("cpu")})
-    assert not _reads_back(aten._to_copy.default, (dev,), {"dtype": torch.float16})
-    assert not _reads_back(aten._to_copy.default, (host,), {"device": "meta"})        # an upload
-    assert _reads_back(aten.copy_.default, (host, dev), {})
-    assert not _reads_back(aten.copy_.default, (dev, host), {})
+    assert reads_back(aten._to_copy.default, (dev,), {"device": torch.device("cpu")})
+    assert not reads_back(aten._to_copy.default, (dev,), {"dtype": torch.float16})
+    assert not reads_back(aten._to_copy.default, (host,), {"device": "meta"})        # an upload
+    assert reads_back(aten.copy_.default, (host, dev), {})
+    assert not reads_back(aten.copy_.default, (dev, host), {})
     x, idx = torch.randn(4, 8), torch.tensor([2, 0])
     with HostReads() as reads:
         y = (x @ x.T).softmax(-1).argmax(-1)
@@ -155,10 +145,10 @@ def test_op_counter_counts_a_triton_launch_once():
     prefix = torch.tensor(7, device=device)
     with OpCounter() as counter:
         tree_attention(q, k, v, prefix, mask)
-    assert dict(counter.counts) == {"triton:_tree_attn_split_kernel": 1}
+    assert dict(counter.counts) == {"triton:tree_attn_split_kernel": 1}
     with OpCounter(triton=False) as counter:             # without the hook: the launch itself is invisible
         tree_attention(q, k, v, prefix, mask)
-    assert "triton:_tree_attn_split_kernel" not in counter.counts
+    assert "triton:tree_attn_split_kernel" not in counter.counts
     from triton.runtime.jit import JITFunction
     assert JITFunction.run.__name__ == "run" and "probes" not in JITFunction.run.__module__   # hook removed
 
@@ -194,7 +184,7 @@ def test_cuda_kernels_counts_a_graph_replay():
 @pytest.mark.parametrize("model_type", ["llama", "qwen2"])
 def test_lean_decoder_matches_hf(model_type):
     """The floor computes the model's own function: HF's logits for a prefill, then a tree after it."""
-    lean = _lean()
+    lean = lean_decoder
     model = _llama(2, model_type=model_type)
     dec = lean.LeanDecoder.from_hf(model, max_len=64)
     ids = torch.randint(3, 96, (1, 12), generator=torch.Generator().manual_seed(0))
@@ -218,7 +208,7 @@ def test_lean_decoder_matches_hf(model_type):
 
 def test_lean_decoder_kernel_counts_per_layer():
     """On CPU (OpCounter): 14 kernels per layer at T=1, 16 for a tree, 6 per forward (see the module docstring)."""
-    lean = _lean()
+    lean = lean_decoder
     for t in (1, 16):
         counts = {}
         for layers in (1, 2):
@@ -239,7 +229,7 @@ def test_lean_decoder_kernel_counts_per_layer():
 def test_hf_llama_kernels_per_layer_against_the_floor(capsys):
     """A plain HF tiny Llama decode step (T=1, dynamic cache, sdpa), counted per layer as layers(2) - layers(1):
     fp32 36 kernels (bf16 40: four casts in the RMSNorms) against the lean decoder's 14 (see the report)."""
-    lean = _lean()
+    lean = lean_decoder
     per_layer = {}
     for dtype in (torch.float32, torch.bfloat16):
         totals = {}

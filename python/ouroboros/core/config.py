@@ -51,7 +51,7 @@ class DecodeConfig:
         return asdict(self)
 
 
-# Chosen by the cost model (ouroboros.tuning.cost_model.choose_gpu_defaults(); bench/cost_model.py -> cost_model.json): the
+# Chosen by the cost model (ouroboros.tuning.choose_gpu_defaults(); python -m bench.cost_model -> cost_model.json): the
 # device cycle's step costs at the item-1 targets (target verify 2.6 ms at T=1 / 3.1 at T=64, draft step 1.6 / 2.0,
 # 0.3 ms bookkeeping per cycle; the H200 run-1 shape over T), acceptance fitted on the real-pair CPU traces and runs
 # (HumanEval and GSM8K, fresh and warm pool: trunk acceptance 0.87-0.92 for the first 2 tokens, 0.91-0.95 after;

@@ -1,6 +1,6 @@
-"""The drafting rule (:class:`ouroboros.engine.Drafter`, SPEC §2 step 1) with everything on the device (SPEC §3).
+"""The drafting rule (:class:`ouroboros.drafting.base.Drafter`, SPEC §2 step 1) with everything on the device (SPEC §3).
 
-The draft model runs on a :class:`~ouroboros.static.StaticRunner`, the pool is a :class:`GpuPhrasePool`, and each
+The draft model runs on a :class:`~ouroboros.hf.static_runner.StaticRunner`, the pool is a :class:`GpuPhrasePool`, and each
 draft forward has a fixed layout: S pending slots (the first forward of a phase: S = N + 1, enough for any tail a
 verification leaves uncached; later forwards: S = 1, the bonus), of which the first ``p`` (a device count) are
 valid, then the W window columns and G guess slots, each a chain of N-1 tokens off the last valid pending token. Pad
@@ -116,7 +116,7 @@ class DeviceDrafter(Drafter):
     """Drafts on ``runner`` with ``pool``; owns the window (a device tensor) for one generation.
 
     ``ngram``, ``window``, ``guess_set``, ``topk``: N, W, G, K of SPEC §2 (W + G >= 1); ``context`` seeds the window
-    (as :class:`~ouroboros.engine.LookaheadWindow` does); ``eos``: the tokens that end drafting.
+    (as :class:`~ouroboros.drafting.window.LookaheadWindow` does); ``eos``: the tokens that end drafting.
     """
 
     def __init__(self, runner: StaticRunner, pool: GpuPhrasePool, ngram: int, window: int, guess_set: int,

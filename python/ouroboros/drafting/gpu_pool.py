@@ -36,7 +36,7 @@ copy to and from the host — the slow compatibility path.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
 
@@ -48,6 +48,7 @@ from ouroboros.drafting.pool import (
     budget_caps,
     fit_state,
 )
+from ouroboros.drafting.pool_adapter import HostPoolAdapter
 from ouroboros_kernels.ngram import (
     NgramPool,
     ngram_insert,
@@ -55,7 +56,7 @@ from ouroboros_kernels.ngram import (
     ngram_pool_empty,
 )
 
-__all__ = ["GpuPhrasePool", "HostPoolAdapter"]
+__all__ = ["GpuPhrasePool"]
 
 
 def _default_device(device: torch.device | str | None) -> torch.device:
@@ -323,109 +324,3 @@ class GpuPhrasePool:
         return (f"GpuPhrasePool(ngram={self.ngram}, guess_set={self.guess_set}, max_keys={self.max_keys}, "
                 f"max_bytes={self.max_bytes}, vocab_size={self.vocab_size}, device={self.device}, "
                 f"backend={self.backend})")
-
-
-class HostPoolAdapter:
-    """:class:`PhrasePool`'s calls on a :class:`GpuPhrasePool` (the slow, syncing compatibility path).
-
-    Same results and counters as the CPU pool for keys in ``[0, vocab_size)``; inserting a key outside raises
-    ``ValueError`` (the device pool cannot store it), looking one up finds nothing.
-    """
-
-    def __init__(self, gpu: GpuPhrasePool) -> None:
-        self.gpu = gpu
-
-    ngram = property(lambda self: self.gpu.ngram)
-    guess_set = property(lambda self: self.gpu.guess_set)
-    max_keys = property(lambda self: self.gpu.max_keys)
-    max_bytes = property(lambda self: self.gpu.max_bytes)
-    phrase_len = property(lambda self: self.gpu.phrase_len)
-
-    def nbytes(self) -> int:
-        return self.gpu.nbytes()
-
-    @property
-    def stats(self) -> PoolStats:
-        return self.gpu.stats
-
-    @stats.setter
-    def stats(self, value: PoolStats) -> None:
-        self.gpu.stats = value
-
-    def __len__(self) -> int:
-        return len(self.gpu)
-
-    def num_keys(self) -> int:
-        return self.gpu.num_keys()
-
-    def __contains__(self, key: int) -> bool:
-        key = int(key)
-        return 0 <= key < self.gpu.vocab_size and int(self.gpu.tensors.key_to_slot[key].item()) >= 0
-
-    def _key(self, key: int) -> int:
-        key = int(key)
-        if not 0 <= key < self.gpu.vocab_size:
-            raise ValueError(f"key {key} outside the device pool's vocabulary [0, {self.gpu.vocab_size})")
-        return key
-
-    def _phrase(self, phrase: Sequence[int]) -> list[int]:
-        phrase = [int(t) for t in phrase]
-        if len(phrase) != self.gpu.phrase_len:
-            raise ValueError(f"phrase must have ngram-1 = {self.gpu.phrase_len} tokens, got {len(phrase)}")
-        return phrase
-
-    def insert(self, key: int, phrase: Sequence[int]) -> None:
-        self.gpu.insert_many([self._key(key)], [self._phrase(phrase)])
-
-    def insert_many(self, items: Iterable[tuple[int, Sequence[int]]]) -> None:
-        items = [(self._key(k), self._phrase(p)) for k, p in items]
-        if items:
-            self.gpu.insert_many([k for k, _ in items], [p for _, p in items])
-
-    def replace(self, key: int, old: Sequence[int], new: Sequence[int]) -> None:
-        self.gpu.replace_many([self._key(key)], [self._phrase(old)], [self._phrase(new)])
-
-    def replace_many(self, items: Iterable[tuple[int, Sequence[int], Sequence[int]]]) -> None:
-        items = [(self._key(k), self._phrase(o), self._phrase(n)) for k, o, n in items]
-        if items:
-            self.gpu.replace_many(*([it[i] for it in items] for i in range(3)))
-
-    def lookup(self, key: int, k: int | None = None) -> list[tuple[int, ...]]:
-        key = int(key)
-        if key < 0:  # the tensor path treats negative keys as padding; the CPU pool counts them as lookups
-            self.gpu._stats[0] += 1
-            return []
-        phrases, valid = self.gpu.lookup(torch.tensor([key]), self.gpu.guess_set)
-        rows = torch.cat([valid[0, :, None].long(), phrases[0]], dim=1).tolist()  # one device -> host copy
-        out = [tuple(r[1:]) for r in rows if r[0]]
-        return out if k is None else out[:k]
-
-    def phrases(self, key: int) -> list[tuple[int, ...]]:
-        """All phrases of ``key``, oldest first (no counters touched)."""
-        key = int(key)
-        if not 0 <= key < self.gpu.vocab_size:
-            return []
-        t = self.gpu.tensors
-        slot = int(t.key_to_slot[key].item())
-        if slot < 0:
-            return []
-        return [tuple(r) for r in t.phrases[slot, :int(t.counts[slot].item())].tolist()]
-
-    def keys(self) -> list[int]:
-        return self.gpu.state_dict()["keys"].tolist()
-
-    def seed_from(self, tokens: Sequence[int]) -> None:
-        tokens = [int(t) for t in tokens]
-        n = self.gpu.phrase_len
-        for t in tokens[:max(0, len(tokens) - n)]:
-            self._key(t)
-        self.gpu.seed_from(tokens)
-
-    def clear(self) -> None:
-        self.gpu.clear()
-
-    def state_dict(self) -> dict:
-        return self.gpu.state_dict()
-
-    def save(self, path: str | Path) -> None:
-        self.gpu.save(path)

@@ -22,7 +22,7 @@ at hand; these are its values there):
 
 So a full key costs 640 + 32 + 200 + 3 x 160 = 1352 B at the CPU defaults (N = 4, G = 3): 64 MiB hold 49,636 keys;
 and 2384 + 32 + 200 + 20 x 288 = 8376 B at the GPU defaults (N = 7, G = 20): 8,011 keys. :meth:`PhrasePool.nbytes`
-walks the real ``getsizeof`` of the tables (a few % above what ``tracemalloc`` sees: tests/test_pool.py).
+walks the real ``getsizeof`` of the tables (a few % above what ``tracemalloc`` sees: tests/drafting/test_pool.py).
 The device pool (:mod:`ouroboros.drafting.gpu_pool`) takes the same caps from the same rule, so both keep the same contents.
 """
 from __future__ import annotations
@@ -61,7 +61,7 @@ def phrase_bytes(phrase_len: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _lru_dict_peak_bytes(capacity: int) -> int:
+def lru_dict_peak_bytes(capacity: int) -> int:
     """Peak ``sys.getsizeof`` of an OrderedDict kept at most ``capacity`` entries by LRU churn (a key's phrase list;
     the table of keys).
 
@@ -80,7 +80,7 @@ def _lru_dict_peak_bytes(capacity: int) -> int:
 
 def key_bytes(ngram: int, guess_set: int) -> int:
     """Most bytes one key with ``guess_set`` phrases of ``ngram - 1`` tokens can cost (module docstring)."""
-    return (_lru_dict_peak_bytes(guess_set) + _INT_BYTES + _KEY_SLOT_BYTES
+    return (lru_dict_peak_bytes(guess_set) + _INT_BYTES + _KEY_SLOT_BYTES
             + guess_set * phrase_bytes(ngram - 1))
 
 

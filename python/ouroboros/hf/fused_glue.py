@@ -30,15 +30,20 @@ Requires transformers >= 5.0 (decoder layers and attention take ``cache=``, not 
 from __future__ import annotations
 
 import inspect
-import sys
 import types
 from dataclasses import dataclass, field
 from typing import Callable
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ouroboros.hf.fused_forwards import (
+    BACKEND_ATTR,
+    FAMILY_ATTR,
+    PACK_ATTR,
+    GlueFamily,
+    fused_forward,
+)
+from ouroboros.hf.packed_linear import PackedLinears
 from ouroboros_kernels import glue
 
 __all__ = ["apply_fused_glue", "revert_fused_glue", "is_fused", "FUSED_GLUE_PATCHES", "GlueFamily",
@@ -46,128 +51,14 @@ __all__ = ["apply_fused_glue", "revert_fused_glue", "is_fused", "FUSED_GLUE_PATC
            "apply_fused_glue_to_qwen3"]
 
 _STATE_ATTR = "_ouroboros_fused_glue"
-_BACKEND_ATTR = "_ouroboros_glue_backend"
-_FAMILY_ATTR = "_ouroboros_glue_family"
-_PACK_ATTR = "_ouroboros_glue_packed"
 _BACKENDS = ("auto", "triton", "reference")
 _SILU = ("silu", "swish")
-
-
-@dataclass(frozen=True)
-class GlueFamily:
-    """How one family lays out the Llama decoder layer (class names ``{prefix}DecoderLayer``, ``{prefix}Attention``,
-    ``{prefix}MLP``, ``{prefix}RMSNorm``).
-
-    qk_norm : RMSNorm of q and k over the head dim before RoPE (Qwen3's ``q_norm``/``k_norm``).
-    window : the ``sliding_window`` keyword its attention passes to the attention function, read off the attention
-        module (None: the family passes none).
-    """
-
-    prefix: str
-    qk_norm: bool = False
-    window: Callable[[nn.Module], int | None] | None = None
 
 
 LLAMA = GlueFamily("Llama")
 MISTRAL = GlueFamily("Mistral", window=lambda attn: getattr(attn.config, "sliding_window", None))
 QWEN2 = GlueFamily("Qwen2", window=lambda attn: attn.sliding_window)
 QWEN3 = GlueFamily("Qwen3", qk_norm=True, window=lambda attn: attn.sliding_window)
-
-
-# ---------------------------------------------------------------------------------------------------- packed weights
-def _adjacent(ts: list[torch.Tensor]) -> bool:
-    """True when ``ts`` are contiguous, of one dtype and device, and lie back to back inside the first one's storage
-    (so one strided view of the first covers them all)."""
-    first = ts[0]
-    es = first.element_size()
-    ptr = first.data_ptr()
-    for t in ts:
-        if t.data_ptr() != ptr or t.dtype != first.dtype or not t.is_contiguous():
-            return False
-        ptr += t.numel() * es
-    storage = first.untyped_storage()
-    return ptr <= storage.data_ptr() + storage.nbytes()
-
-
-def _pack(parts: tuple[nn.Linear, ...], name: str) -> None:
-    """Make the ``name`` parameters ("weight" or "bias") of ``parts`` adjacent views of one new buffer (values and
-    Parameter objects unchanged)."""
-    params = [getattr(p, name) for p in parts]
-    if params[0].is_cuda and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError("fused glue: the packed q/k/v or gate/up weights were moved or converted since the last "
-                           "forward; run one forward outside CUDA-graph capture to pack them again")
-    with torch.inference_mode(False), torch.no_grad():   # a normal tensor, so later in-place loads still work
-        buf = torch.cat([p.detach() for p in params], 0)
-        start = 0
-        for p in params:
-            p.data = buf[start:start + p.shape[0]]
-            start += p.shape[0]
-
-
-def _unpack(parts: tuple[nn.Linear, ...], name: str) -> None:
-    """Give each ``name`` parameter of ``parts`` its own contiguous storage again (values unchanged)."""
-    with torch.inference_mode(False), torch.no_grad():
-        for p in parts:
-            t = getattr(p, name)
-            if t is not None:
-                t.data = t.detach().clone()
-
-
-class PackedLinears:
-    """A group of linear layers (q/k/v, or gate/up) whose weights, and biases, are adjacent views of one buffer each,
-    with the concatenated views one GEMM uses.
-
-    :meth:`weight_and_bias` costs a pointer comparison per part when nothing moved; a conversion that split the
-    parameters (new data pointers) makes it pack them again. The cached views keep the buffer they view alive until
-    then, so the pointers they were checked against cannot be reused by another allocation.
-    """
-
-    __slots__ = ("parts", "_ptrs", "_views")
-
-    def __init__(self, parts: tuple[nn.Linear, ...]) -> None:
-        self.parts = parts
-        self._ptrs: tuple[int, ...] | None = None
-        self._views: tuple[torch.Tensor, torch.Tensor | None] | None = None
-
-    def _params(self, name: str) -> list[torch.Tensor | None]:
-        return [p._parameters[name] for p in self.parts]
-
-    def _data_ptrs(self) -> tuple[int, ...]:
-        return tuple(t.data_ptr() for name in ("weight", "bias") for t in self._params(name) if t is not None)
-
-    def pack(self) -> None:
-        """Make the parts' weights (and biases) adjacent views of one buffer each, unless they already are."""
-        for name in ("weight", "bias"):
-            if self.parts[0]._parameters[name] is not None and not _adjacent(self._params(name)):
-                _pack(self.parts, name)
-        views = []
-        with torch.inference_mode(False), torch.no_grad():   # plain views, usable in and out of inference mode
-            for name in ("weight", "bias"):
-                ts = self._params(name)
-                first = ts[0]
-                views.append(None if first is None else first.detach().as_strided(
-                    (sum(t.shape[0] for t in ts), *first.shape[1:]), first.stride()))
-        self._views = (views[0], views[1])
-        self._ptrs = self._data_ptrs()
-
-    def unpack(self) -> None:
-        """Give every part's parameters their own contiguous storage again (values unchanged)."""
-        self._ptrs = self._views = None
-        for name in ("weight", "bias"):
-            _unpack(self.parts, name)
-
-    def weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The concatenated (along dim 0) weight and bias (None without biases): views of the shared buffers, or, while
-        autograd records a part that requires grad, ``torch.cat`` copies through which gradients reach every part."""
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                           for name in ("weight", "bias") for t in self._params(name)):
-            w, b = self._params("weight"), self._params("bias")
-            return torch.cat(w, 0), (None if b[0] is None else torch.cat(b, 0))
-        if self._views is not None and torch.compiler.is_compiling():
-            return self._views          # traced: a data-pointer check would break the graph (packed when compiled)
-        if self._data_ptrs() != self._ptrs:
-            self.pack()
-        return self._views
 
 
 @dataclass
@@ -179,94 +70,6 @@ class _FusedState:
     backend: str
     modules: list[nn.Module] = field(default_factory=list)
     packs: list[PackedLinears] = field(default_factory=list)
-
-
-def _backend(module: nn.Module) -> str | None:
-    name = getattr(module, _BACKEND_ATTR, "auto")
-    return None if name == "auto" else name
-
-
-# ------------------------------------------------------------------------------------------------- patched forwards
-def _rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-    """LlamaRMSNorm.forward as one kernel."""
-    return glue.rms_norm(hidden_states, self.weight, self.variance_epsilon, backend=_backend(self))
-
-
-def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
-    """LlamaMLP.forward: ``down(silu(gate(x)) * up(x))`` with gate/up as one GEMM and the SwiGLU as one kernel."""
-    gate_up = F.linear(x, *getattr(self, _PACK_ATTR).weight_and_bias())
-    return self.down_proj(glue.swiglu_fused(gate_up, backend=_backend(self)))
-
-
-def _attention_forward(self, hidden_states: torch.Tensor,
-                       position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-                       attention_mask: torch.Tensor | None = None, cache=None, **kwargs):
-    """LlamaAttention.forward (Mistral/Qwen2/Qwen3 variants) with q/k/v as one GEMM and RoPE as one kernel; from the
-    cache update on, transformers' code unchanged."""
-    family: GlueFamily = getattr(self, _FAMILY_ATTR)
-    backend = _backend(self)
-    input_shape = hidden_states.shape[:-1]
-    hidden_shape = (*input_shape, -1, self.head_dim)
-    qkv = F.linear(hidden_states, *getattr(self, _PACK_ATTR).weight_and_bias())
-    q, k, v = qkv.split([self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features], dim=-1)
-    q, k = q.view(hidden_shape), k.view(hidden_shape)
-    if family.qk_norm:
-        q, k = self.q_norm(q), self.k_norm(k)
-    cos, sin = position_embeddings
-    query_states, key_states = glue.rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin, backend=backend)
-    value_states = v.view(hidden_shape).transpose(1, 2)
-
-    if cache is not None:
-        key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
-
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-    eager = sys.modules[type(self).__module__].eager_attention_forward
-    attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager)
-    extra = {} if family.window is None else {"sliding_window": family.window(self)}
-    attn_output, attn_weights = attention_interface(
-        self, query_states, key_states, value_states, attention_mask,
-        dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling, **extra, **kwargs)
-    attn_output = attn_output.reshape(*input_shape, -1).contiguous()
-    return self.o_proj(attn_output), attn_weights
-
-
-def _decoder_layer_forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                           position_ids: torch.LongTensor | None = None, cache=None, use_cache: bool | None = False,
-                           position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-                           **kwargs) -> torch.Tensor:
-    """LlamaDecoderLayer.forward with the residual add fused into the post-attention RMSNorm (one kernel for both);
-    same arguments and result. A post-attention norm carrying hooks is called as a module instead (hooks run)."""
-    residual = hidden_states
-    hidden_states = self.input_layernorm(hidden_states)
-    hidden_states, _ = self.self_attn(hidden_states=hidden_states, attention_mask=attention_mask,
-                                      position_ids=position_ids, cache=cache, use_cache=use_cache,
-                                      position_embeddings=position_embeddings, **kwargs)
-    post = self.post_attention_layernorm
-    if post._forward_hooks or post._forward_pre_hooks:
-        residual = residual + hidden_states
-        hidden_states = post(residual)
-    else:
-        hidden_states, residual = glue.rms_norm(hidden_states, post.weight, post.variance_epsilon, residual,
-                                                backend=_backend(self))
-    hidden_states = self.mlp(hidden_states)
-    return residual + hidden_states
-
-
-def _with_cache_rename(fn):
-    """Wrap ``fn`` like transformers wraps the forwards it replaces: ``past_key_values=`` is renamed ``cache=``."""
-    from transformers.utils.deprecation import deprecate_kwarg
-    return deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")(fn)
-
-
-_FORWARDS: dict[str, Callable] = {}
-
-
-def _forward(kind: str) -> Callable:
-    if not _FORWARDS:
-        _FORWARDS.update(norm=_rms_norm_forward, mlp=_mlp_forward,
-                         attention=_with_cache_rename(_attention_forward),
-                         layer=_with_cache_rename(_decoder_layer_forward))
-    return _FORWARDS[kind]
 
 
 # ------------------------------------------------------------------------------------------------------ structure
@@ -322,8 +125,8 @@ def _layers(model: nn.Module, family: GlueFamily) -> list[nn.Module]:
 
 
 def _set_forward(module: nn.Module, kind: str, backend: str, state: _FusedState) -> None:
-    module.forward = types.MethodType(_forward(kind), module)
-    setattr(module, _BACKEND_ATTR, backend)
+    module.forward = types.MethodType(fused_forward(kind), module)
+    setattr(module, BACKEND_ATTR, backend)
     state.modules.append(module)
 
 
@@ -337,7 +140,7 @@ def _patch_family(model: nn.Module, family: GlueFamily, backend: str = "auto") -
     if state is not None:                              # already fused: only the backend changes
         state.backend = backend
         for m in state.modules:
-            setattr(m, _BACKEND_ATTR, backend)
+            setattr(m, BACKEND_ATTR, backend)
         return model
     layers = _layers(model, family)
     norms = [m for m in model.modules() if type(m).__name__ == f"{family.prefix}RMSNorm"]
@@ -351,12 +154,12 @@ def _patch_family(model: nn.Module, family: GlueFamily, backend: str = "auto") -
         for module, parts in ((attn, (attn.q_proj, attn.k_proj, attn.v_proj)), (mlp, (mlp.gate_proj, mlp.up_proj))):
             group = PackedLinears(parts)
             group.pack()
-            setattr(module, _PACK_ATTR, group)
+            setattr(module, PACK_ATTR, group)
             state.packs.append(group)
     for layer in layers:
         _set_forward(layer, "layer", backend, state)
         _set_forward(layer.self_attn, "attention", backend, state)
-        setattr(layer.self_attn, _FAMILY_ATTR, family)
+        setattr(layer.self_attn, FAMILY_ATTR, family)
         _set_forward(layer.mlp, "mlp", backend, state)
     for norm in norms:
         _set_forward(norm, "norm", backend, state)
@@ -431,7 +234,7 @@ def revert_fused_glue(model: nn.Module) -> nn.Module:
         return model
     for module in state.modules:
         module.__dict__.pop("forward", None)
-        for attr in (_BACKEND_ATTR, _FAMILY_ATTR, _PACK_ATTR):
+        for attr in (BACKEND_ATTR, FAMILY_ATTR, PACK_ATTR):
             if hasattr(module, attr):
                 delattr(module, attr)
     for group in state.packs:

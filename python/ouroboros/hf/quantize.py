@@ -10,6 +10,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
 __all__ = ["DRAFT_QUANT", "quantize_draft", "draft_quantization", "resolve_draft_quant"]
 
@@ -54,8 +55,6 @@ def quantize_draft(model, scheme: str = "int8"):
     if engine is None:
         raise ValueError(f"this torch build has no x86 int8 GEMM engine (have {engines}); use draft quantization "
                          f"'none'")
-    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
     torch.backends.quantized.engine = engine
     with warnings.catch_warnings():        # torch.ao's dynamic quantization is deprecated in favour of torchao
         warnings.simplefilter("ignore")

@@ -1,12 +1,12 @@
 """The fast step path: a static KV cache whose length lives on the device, and CUDA-graph-captured tree forwards.
 
 ``StaticRunner`` has two faces:
-- the host interface of :class:`ouroboros.forward.ModelRunner` (``n_cached``, ``prefill``, ``forward_tree``,
+- the host interface of :class:`ouroboros.hf.runner.ModelRunner` (``n_cached``, ``prefill``, ``forward_tree``,
   ``keep``, ``rollback``), so the whole engine runs on it unchanged;
 - a device interface (``forward_device``, ``commit_device``) whose inputs and outputs are device tensors of fixed
   shape: no host sync, so a drafting phase can run without the host and a forward can be replayed from a CUDA graph.
 
-Attention runs through our kernel (the runner patches the model, see :mod:`ouroboros.patch`): every forward passes
+Attention runs through our kernel (the runner patches the model, see :mod:`ouroboros.hf.attention`): every forward passes
 the tree descriptor with the device length as ``prefix_len`` (no T x max_len mask, no host sync), and the kernel reads
 only the live part ``[0, length + T)`` of the buffers. Rollback is a length update; accepted branch entries are
 gathered into contiguous slots by one index copy per layer; rejected slots are simply overwritten later.

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import warnings
 
-import torch
-
 from ouroboros.hf.attention import is_patched
 from ouroboros.hf.refusals import has_attention_interface, layer_reason, patch_refusal
 

@@ -15,11 +15,15 @@ from collections import Counter
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
+from torch.autograd import DeviceType
 from torch.overrides import TorchFunctionMode
+from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["HostReads", "OpCounter", "launch", "FREE_OPS", "FUSED_ON_CUDA", "CudaLaunches", "classify_cuda_events",
-           "cuda_kernels", "count_kernels", "REFERENCE_STANDINS"]
+from ouroboros_kernels import reference
+
+__all__ = ["HostReads", "reads_back", "OpCounter", "launch", "FREE_OPS", "FUSED_ON_CUDA", "CudaLaunches",
+           "classify_cuda_events", "cuda_kernels", "count_kernels", "REFERENCE_STANDINS"]
 
 _aten = torch.ops.aten
 _READ_OPS = {_aten._local_scalar_dense.default, _aten.item.default, _aten.nonzero.default}
@@ -38,6 +42,7 @@ class HostReads(contextlib.ExitStack):
         self._inside = 0
 
     def __enter__(self) -> "HostReads":
+        """Start recording (a torch function mode for tolist/numpy, a dispatch mode for aten reads)."""
         super().__enter__()
         owner = self
 
@@ -55,7 +60,7 @@ class HostReads(contextlib.ExitStack):
         class Ops(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 kwargs = kwargs or {}
-                if not owner._inside and _reads_back(func, args, kwargs):
+                if not owner._inside and reads_back(func, args, kwargs):
                     owner.seen.append(str(func))
                 return func(*args, **kwargs)
 
@@ -64,7 +69,11 @@ class HostReads(contextlib.ExitStack):
         return self
 
 
-def _reads_back(func, args, kwargs) -> bool:
+def reads_back(func, args, kwargs) -> bool:
+    """Whether the aten op ``func`` called with ``args``/``kwargs`` reads tensor data back to the host (the rule
+    :class:`HostReads` applies to each dispatched op): ``.item()``-like scalar reads and ``nonzero`` always, a
+    ``_to_copy`` only from a non-CPU tensor to the CPU, a ``copy_`` only into a CPU tensor from a non-CPU one. It runs
+    nothing; device types are read off the tensors' metadata (meta tensors work)."""
     if func in _READ_OPS:
         return True
     if func is _aten._to_copy.default:      # .cpu(), .to("cpu") of a device tensor
@@ -110,15 +119,17 @@ def _triton_launchers() -> list[type]:
     """The Triton classes whose ``run`` launches a kernel: compiled (``JITFunction``) and interpreted."""
     classes = []
     with contextlib.suppress(ImportError):
-        from triton.runtime.jit import JITFunction
+        from triton.runtime.jit import JITFunction  # optional: triton (compiled kernels; absent without triton)
         classes.append(JITFunction)
     with contextlib.suppress(ImportError):
-        from triton.runtime.interpreter import InterpretedFunction
+        from triton.runtime.interpreter import InterpretedFunction  # optional: triton (TRITON_INTERPRET=1 kernels)
         classes.append(InterpretedFunction)
     return classes
 
 
 def _install_triton_hook() -> None:
+    """Wrap every Triton launcher's ``run`` (once, however many counters are active) so that each launch counts as
+    one kernel in every active counter with ``triton=True``; :func:`_remove_triton_hook` restores them."""
     if _TRITON_SAVED:
         return
     for cls in _triton_launchers():
@@ -149,6 +160,7 @@ def launch(name: str) -> Iterator[None]:
 
 
 def _remove_triton_hook() -> None:
+    """Restore every ``run`` :func:`_install_triton_hook` replaced (a no-op when none is)."""
     while _TRITON_SAVED:
         cls, original = _TRITON_SAVED.pop()
         cls.run = original
@@ -214,6 +226,7 @@ class OpCounter:
             setattr(owner, attr, original)
 
     def _record(self, func) -> None:
+        """Count ``func`` once under its overload packet's name, unless hidden or free (:data:`FREE_OPS`)."""
         if self._hidden:
             return
         name = func.overloadpacket.__name__
@@ -221,6 +234,7 @@ class OpCounter:
             self.counts[name] += 1
 
     def __enter__(self) -> "OpCounter":
+        """Start counting (torch function and dispatch modes; the Triton hook with ``triton=True``)."""
         owner = self
 
         class Functions(TorchFunctionMode):
@@ -254,6 +268,7 @@ class OpCounter:
         return self
 
     def __exit__(self, *exc) -> None:
+        """Stop counting; the Triton hook is removed once no counter is active. ``counts`` stays readable."""
         _ACTIVE.remove(self)
         if not _ACTIVE:
             _remove_triton_hook()
@@ -312,9 +327,7 @@ def classify_cuda_events(events: Iterable[tuple[str, bool]]) -> CudaLaunches:
 
 
 def _profile(fn: Callable, args, kwargs) -> CudaLaunches:
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
+    """One call ``fn(*args, **kwargs)`` under the CUDA profiler, synchronised before and after, classified."""
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn(*args, **kwargs)
@@ -358,8 +371,6 @@ def count_kernels(fn, device: torch.device, eager=None) -> dict:
         seen = cuda_kernels(fn, eager=eager)
         return {"total": seen.total, "source": seen.source, "kernels": seen.kernels, "memcpy": seen.memcpy,
                 "memset": seen.memset, "top": seen.names.most_common(6)}
-    import ouroboros_kernels.reference as reference
-
     with OpCounter() as counter, contextlib.ExitStack() as stack:
         for name in REFERENCE_STANDINS:
             if hasattr(reference, name):
