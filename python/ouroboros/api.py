@@ -1,4 +1,8 @@
-"""``ouroboros.generate``: lossless greedy or sampled generation with a chosen proposal method (batch size 1)."""
+"""``ouroboros.generate``: lossless greedy or sampled generation with a chosen proposal method, one prompt or a batch.
+
+A batch is a (B, L) tensor, left-padded as Hugging Face expects of decoder-only models (with ``attention_mask``), or a
+list of prompts of different lengths; the result is (B, L + n) with rows that stopped early right-padded with the pad
+id (the generation config's ``pad_token_id``, else its EOS), as HF's batched ``generate`` returns it."""
 from __future__ import annotations
 
 from typing import Callable, Iterator, Sequence
@@ -9,6 +13,7 @@ from transformers import LogitsProcessorList
 from ouroboros.core.config import DRAFT_METHODS, METHODS, resolve_config
 from ouroboros.core.guard import acquire
 from ouroboros.core.sampling import make_sampler
+from ouroboros.decoding.batch import BatchStats, decode_batch
 from ouroboros.decoding.loop import decode
 from ouroboros.decoding.stats import GenerationStats
 from ouroboros.drafting.gpu_pool import GpuPhrasePool
@@ -47,6 +52,65 @@ def _prompt_list(input_ids) -> list[int]:
     return [int(t) for t in tokens]
 
 
+def is_batch(input_ids) -> bool:
+    """True for more than one prompt (or none): a (B, L) tensor with B != 1, or a list of B != 1 token lists."""
+    if isinstance(input_ids, torch.Tensor):
+        return input_ids.dim() == 2 and input_ids.shape[0] != 1
+    items = list(input_ids) if input_ids is not None else []
+    return bool(items) and isinstance(items[0], (list, tuple, torch.Tensor)) and len(items) != 1
+
+
+def batch_prompts(input_ids, attention_mask=None) -> tuple[list[list[int]], list[list[int]]]:
+    """The prompts of a batch, padding stripped, and each row's padding (kept in the result).
+
+    ``input_ids``: (B, L) integer tensor, left-padded when ``attention_mask`` (B, L) has zeros, or a list of B token
+    lists of any lengths. Raises ValueError for B = 0, a mask of another shape, right padding (a zero after a one), an
+    all-padding row or an empty prompt."""
+    if isinstance(input_ids, torch.Tensor):
+        if input_ids.dim() != 2 or input_ids.shape[0] == 0:
+            raise ValueError(f"a batch of input_ids must be (B, L) with B >= 1, got shape {tuple(input_ids.shape)}")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+        mask = torch.ones_like(input_ids) if attention_mask is None else torch.as_tensor(attention_mask)
+        if tuple(mask.shape) != tuple(input_ids.shape):
+            raise ValueError(f"attention_mask has shape {tuple(mask.shape)} but input_ids {tuple(input_ids.shape)}")
+        rows, pads = [], []
+        for i, (ids, m) in enumerate(zip(input_ids.tolist(), mask.tolist())):
+            n_pad = len(m) - sum(1 for v in m if v)
+            if any(m[:n_pad]) or not all(m[n_pad:]):
+                raise ValueError(f"row {i} of attention_mask is not left-padded (decoder-only models need the "
+                                 f"padding on the left: zeros first, then ones), got {m}")
+            if n_pad == len(m):
+                raise ValueError(f"row {i} is all padding: every prompt needs at least one token")
+            rows.append(ids[n_pad:])
+            pads.append(ids[:n_pad])
+        return rows, pads
+    if attention_mask is not None:
+        raise ValueError("attention_mask goes with a (B, L) tensor; a list of prompts needs no padding")
+    rows = [list(p.tolist() if isinstance(p, torch.Tensor) else p) for p in input_ids]
+    if not rows:
+        raise ValueError("the batch is empty: input_ids needs at least one prompt")
+    for i, row in enumerate(rows):
+        if not row:
+            raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
+    width = max(len(r) for r in rows)
+    return [[int(t) for t in r] for r in rows], [[None] * (width - len(r)) for r in rows]
+
+
+def pad_token(target, eos_token_id) -> int:
+    """The id a batch pads with: the generation config's ``pad_token_id``, else the (first) EOS (``eos_token_id`` if
+    given, else the generation config's); ValueError if neither is set."""
+    gen = getattr(target, "generation_config", None)
+    pad = getattr(gen, "pad_token_id", None)
+    if pad is None:
+        eos = eos_token_id if eos_token_id is not None else getattr(gen, "eos_token_id", None)
+        pad = (eos[0] if eos else None) if isinstance(eos, (list, tuple)) else eos
+    if pad is None:
+        raise ValueError("a batch needs a pad id to pad its rows with: set generation_config.pad_token_id or pass "
+                         "eos_token_id")
+    return int(pad)
+
+
 def _eos_set(target, eos_token_id) -> frozenset[int]:
     if eos_token_id is None:
         gen = getattr(target, "generation_config", None)
@@ -58,16 +122,20 @@ def _eos_set(target, eos_token_id) -> frozenset[int]:
     return frozenset(int(t) for t in eos_token_id)
 
 
-def _prepare(target, draft, input_ids, max_new_tokens, method, pool, params, pool_device=None):
+def _prepare(target, draft, prompts: list[list[int]], max_new_tokens, method, pool, params, pool_device=None):
+    """The resolved config and pool for a call on ``prompts`` (ValueError naming any bad input)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     _check_model(target, "target")
-    prompt = _prompt_list(input_ids)
     vocab = _vocab_size(target)
-    if max(prompt) >= vocab or min(prompt) < 0:
+    if any(max(p) >= vocab or min(p) < 0 for p in prompts):
         raise ValueError(f"input_ids hold token ids outside the target vocabulary [0, {vocab})")
+    context = getattr(target.config.get_text_config(), "max_position_embeddings", None)
+    if len(prompts) > 1 and context and max(len(p) for p in prompts) > context:
+        raise ValueError(f"a prompt of {max(len(p) for p in prompts)} tokens is longer than the target's context "
+                         f"of {context} positions")
     if method in DRAFT_METHODS:
         if draft is None:
             raise ValueError(f"method {method!r} needs a draft model")
@@ -90,10 +158,10 @@ def _prepare(target, draft, input_ids, max_new_tokens, method, pool, params, poo
             pool = PhrasePool(ngram=cfg.ngram, guess_set=cfg.pool_capacity)
         elif pool.ngram != cfg.ngram:
             raise ValueError(f"the pool holds {pool.ngram}-grams but ngram={cfg.ngram} was asked for")
-    return prompt, cfg, (pool if uses_pool else None)
+    return cfg, (pool if uses_pool else None)
 
 
-def stream(target, draft=None, input_ids=None, *, max_new_tokens: int, method: str = "ouroboros",
+def stream(target, draft=None, input_ids=None, attention_mask=None, *, max_new_tokens: int, method: str = "ouroboros",
            pool: PhrasePool | None = None, gamma: int | None = None, ngram: int | None = None,
            window: int | None = None, guess_set: int | None = None, topk: int | None = None,
            eos_token_id: int | Sequence[int] | None = None, fast: bool | None = None,
@@ -102,25 +170,54 @@ def stream(target, draft=None, input_ids=None, *, max_new_tokens: int, method: s
            temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
            min_p: float | None = None, repetition_penalty: float | None = None,
            generator: torch.Generator | None = None, logits_processor: LogitsProcessorList | None = None,
-           draft_sampling: bool = False, scores_out: list | None = None) -> Iterator[list[int]]:
-    """Like :func:`generate`, but yield the new tokens as each cycle emits them (fills ``stats`` if given)."""
+           draft_sampling: bool = False, scores_out: list | None = None,
+           row_logits_processors: Sequence[LogitsProcessorList] | None = None,
+           stop_rows: set[int] | None = None) -> Iterator[list[int]]:
+    """Like :func:`generate`, but yield the new tokens as each cycle emits them (fills ``stats`` if given).
+
+    One prompt: yields lists of new tokens. A batch (see :func:`generate`): yields ``(row, tokens)`` pairs, each
+    row's pieces in order, the rows interleaved as their cycles end; ``stats`` should then be a :class:`BatchStats`.
+    Batch only: ``row_logits_processors`` gives each row its own processor list (instead of ``logits_processor``);
+    rows the caller adds to ``stop_rows`` while iterating end at their next forward (their tokens so far stand).
+    """
+    batch = is_batch(input_ids) or attention_mask is not None
+    prompts = batch_prompts(input_ids, attention_mask)[0] if batch else [_prompt_list(input_ids)]
     params = dict(gamma=gamma, ngram=ngram, window=window, guess_set=guess_set, topk=topk, adaptive=adaptive)
-    prompt, cfg, pool = _prepare(target, draft, input_ids, max_new_tokens, method, pool, params, pool_device)
+    cfg, pool = _prepare(target, draft, prompts, max_new_tokens, method, pool, params, pool_device)
     if scores_out is not None and not isinstance(scores_out, list):
         raise ValueError(f"scores_out must be a list or None, got {type(scores_out).__name__}")
+    many = len(prompts) > 1
+    if many and (fast or scores_out is not None or compile):
+        raise ValueError("a batch runs on the host loop: fast=True, compile=True and scores_out need one prompt")
+    if (row_logits_processors is not None or stop_rows is not None) and not many:
+        raise ValueError("row_logits_processors and stop_rows are for a batch of several prompts")
+    if row_logits_processors is not None and (len(row_logits_processors) != len(prompts) or logits_processor):
+        raise ValueError(f"row_logits_processors needs one list per row ({len(prompts)}) and no logits_processor")
     sampler = make_sampler(do_sample, temperature, top_k, top_p, min_p, repetition_penalty, logits_processor,
                            generator, keep_scores=scores_out is not None)
-    stats = stats if stats is not None else GenerationStats()
-    stats.method, stats.config = method, cfg.as_dict()
+    if row_logits_processors is not None:
+        sampler = [make_sampler(do_sample, temperature, top_k, top_p, min_p, repetition_penalty, procs, generator)
+                   for procs in row_logits_processors]
+    eos = _eos_set(target, eos_token_id)
     # one call per model/pool at a time (ouroboros.core.guard)
     with acquire(target, draft if method in DRAFT_METHODS else None, pool), torch.inference_mode():
-        yield from decode(target, draft, prompt, method=method, cfg=cfg, max_new_tokens=max_new_tokens,
-                          eos=_eos_set(target, eos_token_id), pool=pool, stats=stats,
+        if many:
+            stats = stats if stats is not None else BatchStats()
+            yield from decode_batch(target, draft, prompts, method=method, cfg=cfg, max_new_tokens=max_new_tokens,
+                                    eos=eos, pool=pool.host if isinstance(pool, GpuPhrasePool) else pool,
+                                    stats=stats, sampler=sampler, draft_sampling=draft_sampling,
+                                    stop_rows=stop_rows)
+            return
+        stats = stats if stats is not None else GenerationStats()
+        stats.method, stats.config = method, cfg.as_dict()
+        yield from decode(target, draft, prompts[0], method=method, cfg=cfg, max_new_tokens=max_new_tokens,
+                          eos=eos, pool=pool, stats=stats,
                           fast=(target.device.type == "cuda") if fast is None else fast, compile=compile,
                           sampler=sampler, draft_sampling=draft_sampling, scores_out=scores_out)
 
 
-def generate(target, draft=None, input_ids=None, *, max_new_tokens: int, method: str = "ouroboros",
+def generate(target, draft=None, input_ids=None, attention_mask=None, *, max_new_tokens: int,
+             method: str = "ouroboros",
              pool: PhrasePool | None = None, gamma: int | None = None, ngram: int | None = None,
              window: int | None = None, guess_set: int | None = None, topk: int | None = None,
              eos_token_id: int | Sequence[int] | None = None, return_stats: bool = False,
@@ -131,20 +228,25 @@ def generate(target, draft=None, input_ids=None, *, max_new_tokens: int, method:
              repetition_penalty: float | None = None, generator: torch.Generator | None = None,
              logits_processor: LogitsProcessorList | None = None, draft_sampling: bool = False,
              scores_out: list | None = None):
-    """Generation that is lossless (batch size 1): greedy returns exactly the target's own greedy tokens; sampling
+    """Generation that is lossless: greedy returns exactly the target's own greedy tokens; sampling
     (``do_sample=True``) returns text distributed exactly as plain sampling from the target with the same processors.
+    A batch holds that for every row on its own (greedy rows equal that prompt's batch-1 greedy output, up to float
+    rounding at near-ties; sampled rows are independent, one ``generator`` seed gives one batch output).
 
     Parameters
     ----------
     target, draft : HF causal LMs sharing one tokenizer (``draft`` needed for "speculative" and "ouroboros").
-    input_ids : (1, L) or (L,) token ids, L >= 1.
+    input_ids : (1, L) or (L,) token ids, L >= 1; or a batch: (B, L) left-padded as HF expects of decoder-only
+        models (``attention_mask`` 0 on the padding), or a list of B prompts of any lengths (padded for you).
+    attention_mask : (B, L) 1 for tokens, 0 for the left padding (default: no padding).
     method : "greedy" | "speculative" | "lookahead" | "prompt_lookup" | "ouroboros".
     pool : a :class:`PhrasePool` to use and keep warm across calls (history reuse); a fresh one if None.
     gamma, ngram, window, guess_set, topk : SPEC §2 parameters; None picks the device default (``ouroboros.core.config``).
     adaptive : draft length follows acceptance, starting at ``gamma`` (default True; False keeps it fixed).
     eos_token_id : stop after this token (or any of these); default: the target's ``generation_config``.
-    on_tokens : called with each cycle's new tokens (streaming).
-    fast : the static-cache step path with CUDA graphs per tree-size bucket (default: on for CUDA models).
+    on_tokens : called with each cycle's new tokens (streaming); for a batch with ``(row, tokens)``.
+    fast : the static-cache step path with CUDA graphs per tree-size bucket (default: on for CUDA models with one
+        prompt; a batch runs the host loop, one forward per model and step for all rows).
     compile : with ``fast``, run the tree forwards through ``torch.compile`` inside the graphs (default: the
         ``OUROBOROS_COMPILE`` environment variable, off unless it is 1). The first call per tree size compiles.
     pool_device : keep a fresh pool on this device (a :class:`GpuPhrasePool`; default for "ouroboros" on a CUDA
@@ -169,21 +271,36 @@ def generate(target, draft=None, input_ids=None, *, max_new_tokens: int, method:
     Returns
     -------
     LongTensor (1, L + n) on the target's device, n <= max_new_tokens, ending at the first EOS if one was produced;
-    with ``return_stats=True`` a tuple ``(ids, GenerationStats)``.
-    Raises ``ValueError`` naming the problem for bad input (batch > 1, empty prompt, vocab mismatch, top_p outside
-    (0, 1], temperature < 0, ...).
+    a batch gives (B, L + n) with rows that stopped early right-padded with the pad id (the generation config's
+    ``pad_token_id``, else the EOS). With ``return_stats=True`` a tuple ``(ids, GenerationStats)`` (a batch:
+    :class:`~ouroboros.decoding.batch.BatchStats`, per row and the shared forwards).
+    Raises ``ValueError`` naming the problem for bad input (empty prompt, vocab mismatch, right padding, an
+    all-padding row, a batch with no pad id, top_p outside (0, 1], temperature < 0, ...), before any forward.
     """
-    prompt = _prompt_list(input_ids)      # validated once; stream takes the plain list
-    stats = GenerationStats()
-    out: list[int] = []
-    for new in stream(target, draft, prompt, max_new_tokens=max_new_tokens, method=method, pool=pool,
-                      gamma=gamma, ngram=ngram, window=window, guess_set=guess_set, topk=topk,
-                      eos_token_id=eos_token_id, fast=fast, pool_device=pool_device, adaptive=adaptive,
-                      compile=compile, stats=stats, do_sample=do_sample, temperature=temperature, top_k=top_k,
-                      top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, generator=generator,
-                      logits_processor=logits_processor, draft_sampling=draft_sampling, scores_out=scores_out):
-        out.extend(new)
+    batch = is_batch(input_ids) or attention_mask is not None
+    prompts, pads = batch_prompts(input_ids, attention_mask) if batch else ([_prompt_list(input_ids)], [[]])
+    pad = pad_token(target, eos_token_id) if len(prompts) > 1 else None     # checked before any forward
+    stats = BatchStats() if len(prompts) > 1 else GenerationStats()
+    out: list[list[int]] = [[] for _ in prompts]
+    call = dict(max_new_tokens=max_new_tokens, method=method, pool=pool, gamma=gamma, ngram=ngram, window=window,
+                guess_set=guess_set, topk=topk, eos_token_id=eos_token_id, fast=fast, pool_device=pool_device,
+                adaptive=adaptive, compile=compile, stats=stats, do_sample=do_sample, temperature=temperature,
+                top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, generator=generator,
+                logits_processor=logits_processor, draft_sampling=draft_sampling, scores_out=scores_out)
+    for item in stream(target, draft, prompts if len(prompts) > 1 else prompts[0], **call):
+        row, new = item if len(prompts) > 1 else (0, item)
+        out[row].extend(new)
         if on_tokens is not None:
-            on_tokens(new)
-    ids = torch.tensor([prompt + out], dtype=torch.long, device=target.device)
+            on_tokens((row, new) if len(prompts) > 1 else new)
+    ids = _assemble(pads, prompts, out, pad).to(target.device)
     return (ids, stats) if return_stats else ids
+
+
+def _assemble(pads: list[list], prompts: list[list[int]], out: list[list[int]], pad: int | None) -> torch.Tensor:
+    """(B, L + n): each row's input (the left padding of a padded tensor kept; a list's shorter prompts padded on the
+    left with ``pad``, the None entries of ``pads``) and new tokens, right-padded with ``pad`` to the longest row."""
+    n = max(len(o) for o in out)
+    rows = []
+    for left, prompt, new in zip(pads, prompts, out):
+        rows.append([pad if t is None else t for t in left] + prompt + new + [pad] * (n - len(new)))
+    return torch.tensor(rows, dtype=torch.long)

@@ -29,7 +29,8 @@ from transformers import (
 )
 from transformers.generation.utils import GenerateDecoderOnlyOutput, GenerationMixin
 
-from ouroboros.api import stream
+from ouroboros.api import pad_token, stream
+from ouroboros.decoding.batch import BatchStats
 from ouroboros.decoding.stats import GenerationStats
 from ouroboros.drafting.pool import PhrasePool
 
@@ -122,13 +123,19 @@ class _AsInHF(LogitsProcessor):
     """Runs ``processors`` on what HF's own loop would give them: the padded ids (the stripped left pads put back),
     on the device of the caller's ``input_ids`` (HF moves the logits there, and its processors hold tensors there)."""
 
-    def __init__(self, processors: LogitsProcessorList, pads: torch.Tensor) -> None:
-        self.processors, self.pads = processors, pads
+    def __init__(self, processors: LogitsProcessorList, pads: torch.Tensor, row: int = 0, rows: int = 1) -> None:
+        """``pads``: the row's stripped left padding (1, n). In a batch of ``rows``, processors prepared by HF may
+        hold per-row state (shape (rows,)), so they are run on ``rows`` copies of this row and row ``row`` of their
+        result is kept: exactly what HF's batched loop gives that row."""
+        self.processors, self.pads, self.row, self.rows = processors, pads, row, rows
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         device = self.pads.device
         ids = torch.cat([self.pads.expand(input_ids.shape[0], -1), input_ids.to(device)], dim=-1)
-        return self.processors(ids, scores.to(device)).to(scores.device)
+        if self.rows == 1:
+            return self.processors(ids, scores.to(device)).to(scores.device)
+        out = self.processors(ids.expand(self.rows, -1), scores.to(device).expand(self.rows, -1).clone())
+        return out[self.row:self.row + 1].to(scores.device)
 
 
 def _sampling_kwargs(generation_config: GenerationConfig, processors: LogitsProcessorList, pads: torch.Tensor,
@@ -152,16 +159,22 @@ class _Output:
     scores, and whether a stopping criterion has fired."""
 
     def __init__(self, input_ids: torch.Tensor, criteria: StoppingCriteriaList, scores_out: list | None,
-                 criteria_see_scores: bool) -> None:
+                 criteria_see_scores: bool, keep_going: bool = False) -> None:
+        """``keep_going``: after a criterion fires, keep appending (HF's batched loop without an EOS criterion lets a
+        finished row generate on until every row is finished); ``stop_len`` is the length it fired at."""
         self.sequence, self.criteria, self.scores_out = input_ids, criteria, scores_out
-        self.criteria_see_scores = criteria_see_scores
+        self.criteria_see_scores, self.keep_going = criteria_see_scores, keep_going
         self.scores: list[torch.Tensor] = []
         self.logits: list[torch.Tensor] = []
         self.stopped = False
+        self.stop_len: int | None = None
 
     def extend(self, tokens: list[int]) -> int:
         """Append ``tokens`` one at a time, checking the criteria after each as HF's loop does (so a stop inside an
-        accepted phrase cuts there); returns how many were kept."""
+        accepted phrase cuts there, unless ``keep_going``); returns how many were kept."""
+        if self.stopped:
+            self.sequence = torch.cat([self.sequence, self.sequence.new_tensor([tokens])], dim=-1)
+            return len(tokens)
         for kept, token in enumerate(tokens, start=1):
             step = torch.tensor([[token]], dtype=self.sequence.dtype, device=self.sequence.device)
             self.sequence = torch.cat([self.sequence, step], dim=-1)
@@ -171,7 +184,9 @@ class _Output:
                 self.logits.append(raw)
             seen = tuple(self.scores) if self.criteria_see_scores else None     # what HF's loop passes
             if bool(self.criteria(self.sequence, seen).any()):
-                self.stopped = True
+                self.stopped, self.stop_len = True, self.sequence.shape[1]
+                if self.keep_going:
+                    return kept + self.extend(tokens[kept:])
                 return kept
         return len(tokens)
 
@@ -184,7 +199,7 @@ def custom_generate(model, input_ids: torch.LongTensor, logits_processor: Logits
                     pool: PhrasePool | None = None, adaptive: bool | None = None, fast: bool | None = None,
                     draft_sampling: bool = False, stats: GenerationStats | None = None,
                     stop_strings: str | list[str] | None = None, tokenizer=None, **model_kwargs):
-    """Decode with ouroboros inside ``model.generate(..., custom_generate=ouroboros.custom_generate)`` (batch 1).
+    """Decode with ouroboros inside ``model.generate(..., custom_generate=ouroboros.custom_generate)``, batches too.
 
     Guarantees, for the settings ``generate`` resolved:
     - greedy (``do_sample=False``): the tokens ``model.generate`` itself returns, token for token (float32);
@@ -198,7 +213,9 @@ def custom_generate(model, input_ids: torch.LongTensor, logits_processor: Logits
     - returns the (1, L + n) ids, or with ``return_dict_in_generate=True`` a ``GenerateDecoderOnlyOutput`` with
       ``sequences``, ``scores`` (``output_scores``: processed scores per new token) and ``logits``
       (``output_logits``: raw logits per new token); its ``cache`` is None (ouroboros keeps its own caches).
-    Unsupported options (beam search, ``num_return_sequences`` > 1, batch > 1, ``output_attentions``, an
+    A batch (B > 1, left-padded with ``attention_mask``): every row as above on its own prompt, rows right-padded
+    with the pad id; no streamer, ``output_scores`` or ``output_logits`` there.
+    Unsupported options (beam search, ``num_return_sequences`` > 1, ``output_attentions``, an
     ``assistant_model``, ...) raise ValueError naming the option.
 
     Ouroboros keywords: ``draft`` (the draft model; needed by "speculative" and "ouroboros"), ``method``, ``gamma``,
@@ -212,10 +229,14 @@ def custom_generate(model, input_ids: torch.LongTensor, logits_processor: Logits
     hf_locals = _generate_frame_locals()
     streamer = streamer if streamer is not None else hf_locals.get("streamer")
     _check_options(generation_config, synced_gpus, hf_locals, model_kwargs)
-    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
-        raise ValueError(f"ouroboros.custom_generate supports batch size 1, got input_ids of shape "
-                         f"{tuple(input_ids.shape)}")
+    if input_ids.dim() != 2 or input_ids.shape[0] < 1:
+        raise ValueError(f"ouroboros.custom_generate needs input_ids of shape (B, L), got {tuple(input_ids.shape)}")
     stopping_criteria = _with_stop_strings(stopping_criteria, stop_strings, tokenizer)
+    ouro = dict(method=method, pool=pool, gamma=gamma, ngram=ngram, window=window, guess_set=guess_set, topk=topk,
+                fast=fast, adaptive=adaptive, stats=stats, draft_sampling=draft_sampling)
+    if input_ids.shape[0] > 1:
+        return _generate_batch(model, draft, input_ids, model_kwargs.get("attention_mask"), generation_config,
+                               logits_processor, stopping_criteria, streamer, ouro)
 
     n_pad = _left_pads(input_ids, model_kwargs.get("attention_mask"))
     prompt = input_ids[0, n_pad:]
@@ -223,14 +244,11 @@ def custom_generate(model, input_ids: torch.LongTensor, logits_processor: Logits
     want_logits = bool(generation_config.return_dict_in_generate and generation_config.output_logits)
     scores_out: list | None = [] if (want_scores or want_logits) else None
     sampling = _sampling_kwargs(generation_config, logits_processor, input_ids[:, :n_pad], scores_out,
-                                draft_sampling)
+                                ouro.pop("draft_sampling"))
     eos, budget = _limits(generation_config, input_ids.shape[1])
 
     out = _Output(input_ids, stopping_criteria, scores_out, want_scores)
-    cycles = stream(model, draft, prompt, max_new_tokens=budget, method=method, pool=pool, gamma=gamma, ngram=ngram,
-                    window=window, guess_set=guess_set, topk=topk,
-                    eos_token_id=eos, fast=fast, adaptive=adaptive,
-                    stats=stats, **sampling)
+    cycles = stream(model, draft, prompt, max_new_tokens=budget, eos_token_id=eos, **ouro, **sampling)
     try:
         for new in cycles:
             kept = out.extend(new)
@@ -271,3 +289,58 @@ def _limits(generation_config: GenerationConfig, input_len: int) -> tuple[list[i
     if max_length is None:
         max_length = input_len + (generation_config.max_new_tokens or 20)
     return ([] if eos is None else eos.reshape(-1).tolist()), max(1, max_length - input_len)
+
+
+def _generate_batch(model, draft, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                    generation_config: GenerationConfig, logits_processor: LogitsProcessorList,
+                    stopping_criteria: StoppingCriteriaList, streamer, ouro: dict) -> Any:
+    """:func:`custom_generate` for B > 1: every row decoded on its own (its padding stripped, put back for its
+    processors and criteria, which see exactly what HF's batched loop gives them), one batch of forwards; a row that
+    a criterion stops ends there. Returns (B, L + n), rows right-padded with the pad id."""
+    if streamer is not None:
+        raise ValueError("ouroboros.custom_generate streams batch size 1 only; pass streamer=None for a batch")
+    if ouro["stats"] is not None and not isinstance(ouro["stats"], BatchStats):
+        raise ValueError("a batch fills a BatchStats (ouroboros.decoding.batch.BatchStats), not GenerationStats")
+    if generation_config.return_dict_in_generate and (generation_config.output_scores
+                                                      or generation_config.output_logits):
+        raise ValueError("ouroboros.custom_generate returns output_scores / output_logits at batch size 1 only")
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    pads = [_left_pads(input_ids[i:i + 1], mask[i:i + 1]) for i in range(input_ids.shape[0])]
+    eos, budget = _limits(generation_config, input_ids.shape[1])
+    sampling = _sampling_kwargs(generation_config, logits_processor, input_ids[:1, :0], None,
+                                ouro.pop("draft_sampling"))
+    if len(logits_processor):
+        rows = input_ids.shape[0]
+        sampling["row_logits_processors"] = [LogitsProcessorList([_AsInHF(logits_processor, input_ids[i:i + 1, :n],
+                                                                          i, rows)]) for i, n in enumerate(pads)]
+        sampling["logits_processor"] = None
+    keep_going = not eos      # HF pads a finished row only when an EOS criterion is there; else it generates on
+    outs = [_Output(input_ids[i:i + 1], stopping_criteria, None, False, keep_going)
+            for i in range(input_ids.shape[0])]
+    stopped: set[int] = set()
+    cycles = stream(model, draft, [input_ids[i, n:].tolist() for i, n in enumerate(pads)], max_new_tokens=budget,
+                    eos_token_id=eos, stop_rows=stopped, **ouro, **sampling)
+    final = None                                      # keep_going: the length at which the last row finished
+    try:
+        for row, new in cycles:
+            if row in stopped:
+                continue
+            outs[row].extend(new)
+            if final is None and all(o.stopped for o in outs):
+                final = max(o.stop_len for o in outs)
+            if (outs[row].stopped and not keep_going) or (final is not None and outs[row].sequence.shape[1] >= final):
+                stopped.add(row)
+    finally:
+        cycles.close()
+    if final is not None:
+        for o in outs:
+            o.sequence = o.sequence[:, :final]
+    pad = getattr(generation_config, "_pad_token_tensor", None)
+    pad = int(pad) if pad is not None else pad_token(model, eos or None)
+    width = max(o.sequence.shape[1] for o in outs)
+    sequences = torch.stack([torch.nn.functional.pad(o.sequence[0], (0, width - o.sequence.shape[1]), value=pad)
+                             for o in outs])
+    if not generation_config.return_dict_in_generate:
+        return sequences
+    return GenerateDecoderOnlyOutput(sequences=sequences, scores=None, logits=None, attentions=None,
+                                     hidden_states=None, cache=None)

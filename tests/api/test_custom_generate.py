@@ -5,9 +5,11 @@ import ouroboros
 import pytest
 import torch
 from conftest import chi2_pvalue, make_model, make_tokenizer, noisy_copy
+from ouroboros.decoding.batch import BatchStats
 from transformers import (
     LogitsProcessor,
     LogitsProcessorList,
+    StoppingCriteria,
     StoppingCriteriaList,
     StopStringCriteria,
     TextStreamer,
@@ -164,7 +166,7 @@ def test_pool_and_stats_keywords_pass_through(pair):
     (dict(synced_gpus=True), "synced_gpus"),
     (dict(guidance_scale=0.5), "guidance_scale"),
     (dict(watermarking_config="synthid"), "watermarking_config"),
-    (dict(batch=2), "batch size 1"),
+    (dict(batch=2, output_scores=True, return_dict_in_generate=True), "batch size 1"),
     (dict(mask=[1, 1, 0, 1]), "left padding"),
     (dict(method="nope"), "unknown method"),
     (dict(method="speculative", draft=None), "needs a draft"),
@@ -211,3 +213,67 @@ def test_first_token_distribution_is_hfs(pair, method, extra):
         out = ours(target, draft, ids, method=method, max_new_tokens=1, **SAMPLING, **extra)
         counts[out[0, -1]] += 1
     assert chi2_pvalue(counts, probs) > 1e-3
+
+
+# ---- batches ----------------------------------------------------------------------------------------------------
+def left_padded(prompts: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    return ids, torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+
+
+@pytest.mark.parametrize("method", ["greedy", "speculative", "ouroboros"])
+def test_a_batch_of_three_equals_the_rows_alone(pair, method):
+    """B = 3, left-padded: each row equals that prompt's batch-1 HF generate (its tokens; then the pad id), with an
+    EOS that stops one row early and a stop string criterion-free max_new_tokens for the others."""
+    target, draft = pair
+    ids, mask = left_padded(PROMPTS)
+    width = ids.shape[1]
+    alone = [hf(target, torch.tensor([p]), max_new_tokens=12)[0, len(p):].tolist() for p in PROMPTS]
+    eos = alone[0][4]
+    want = [hf(target, torch.tensor([p]), max_new_tokens=12, eos_token_id=eos, pad_token_id=0)[0, len(p):].tolist()
+            for p in PROMPTS]
+    stats = BatchStats()
+    out = ours(target, draft, ids, mask, method=method, max_new_tokens=12, eos_token_id=eos, pad_token_id=0,
+               stats=stats)
+    assert out.shape == (3, width + max(len(w) for w in want))
+    assert torch.equal(out[:, :width], ids)
+    for i, w in enumerate(want):
+        assert out[i, width:].tolist() == w + [0] * (out.shape[1] - width - len(w))
+    assert len(stats.rows) == 3 and stats.rows[0].tokens == len(want[0])
+
+
+def test_a_batch_honours_processors_and_stopping_criteria_per_row(pair):
+    """Processors see each row's padded ids as in HF's batched loop (repetition penalty counts the pads, the ban
+    the padded length), and a criterion that fires in one row ends only that row."""
+    target, draft = pair
+    ids, mask = left_padded(PROMPTS)
+    kw = dict(max_new_tokens=10, repetition_penalty=1.3, pad_token_id=0,
+              logits_processor=LogitsProcessorList([_Ban(token=9, after=ids.shape[1] + 2)]))
+    ref = hf(target, ids, mask, **kw)
+    out = ours(target, draft, ids, mask, **kw)
+    for i in range(3):                  # HF's batched rows equal ours wherever HF's float rounding agrees
+        assert out[i].tolist() == ref[i].tolist(), i
+
+    stop_tok = ref[1, ids.shape[1] + 2].item()
+    criteria = StoppingCriteriaList([_TokenStop(stop_tok)])
+    ref_stop = hf(target, ids, mask, max_new_tokens=10, stopping_criteria=criteria, pad_token_id=0)
+    out_stop = ours(target, draft, ids, mask, max_new_tokens=10, stopping_criteria=criteria, pad_token_id=0)
+    assert torch.equal(out_stop, ref_stop)
+
+
+class _TokenStop(StoppingCriteria):
+    """A stopping criterion: a row is done once its last token is ``token``."""
+
+    def __init__(self, token: int) -> None:
+        self.token = token
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return input_ids[:, -1] == self.token
+
+
+def test_a_batch_refuses_a_streamer_hf_allows_at_batch_1_only(pair):
+    target, draft = pair
+    ids, mask = left_padded(PROMPTS)
+    with pytest.raises(ValueError, match="batch size 1"):
+        ours(target, draft, ids, mask, max_new_tokens=4, streamer=TextStreamer(make_tokenizer()))

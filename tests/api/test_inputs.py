@@ -13,10 +13,15 @@ def pair():
     return target, make_model("llama", seed=1)
 
 
-def test_batch_greater_than_one(pair):
+def test_batch_greater_than_one_is_decoded_row_by_row(pair):
+    """Batches are supported (tests/decoding/test_batch.py); what is still batch 1 says so."""
     target, draft = pair
-    with pytest.raises(ValueError, match="batch size must be 1"):
-        ouroboros.generate(target, draft, torch.tensor([[5, 6], [7, 8]]), max_new_tokens=4)
+    out = ouroboros.generate(target, draft, torch.tensor([[5, 6], [7, 8]]), max_new_tokens=4)
+    for i in range(2):
+        assert torch.equal(out[i:i + 1], ouroboros.generate(target, draft, out[i:i + 1, :2], max_new_tokens=4))
+    with pytest.raises(ValueError, match="batch size 1"):
+        target.generate(torch.tensor([[5, 6], [7, 8]]), custom_generate=ouroboros.custom_generate, draft=draft,
+                        max_new_tokens=4, return_dict_in_generate=True, output_scores=True)
 
 
 def test_empty_prompt(pair):

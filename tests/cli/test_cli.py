@@ -200,6 +200,28 @@ def test_first_run_conversion_is_announced_in_one_line(tmp_path, monkeypatch, ca
     assert "Qwen2.5-Coder-1.5B-Instruct" in err and "Qwen2.5-Coder-0.5B-Instruct" in err
 
 
+def test_generate_decodes_several_prompts_as_one_batch(model_dirs, capsys, tmp_path):
+    """--prompt given twice (and --prompt-file): one batch, each prompt printed with its own greedy continuation."""
+    root, target, tok = model_dirs
+    prompts = ["w5 w6 w7 w8 w5 w6 w7 w8 w5", "w9 w10", "w11 w12 w13"]
+    (tmp_path / "more.txt").write_text(prompts[2] + "\n\n")
+    assert main(["generate", "--target", str(root / "target"), "--draft", str(root / "draft"), "--prompt", prompts[0],
+                 "--prompt", prompts[1], "--prompt-file", str(tmp_path / "more.txt"), "--max-new-tokens", "8",
+                 "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    for i, prompt in enumerate(prompts):
+        ids = tok(prompt).input_ids
+        expected = tok.decode(ids + hf_greedy(target, ids, 8), skip_special_tokens=True)
+        assert f"=== prompt {i + 1} of 3\n{expected}\n" in out
+    assert "batch of 3" in out
+
+
+def test_generate_refuses_an_unreadable_prompt_file_before_loading(capsys):
+    assert main(["generate", "--target", "/nonexistent", "--prompt-file", "/nonexistent/prompts.txt"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--prompt-file" in err[0]
+
+
 def test_generate_samples_reproducibly_with_a_seed(model_dirs, capsys):
     root, _, _ = model_dirs
     argv = ["generate", "--target", str(root / "target"), "--draft", str(root / "draft"), "--prompt",

@@ -21,6 +21,7 @@ from ouroboros.cli.args import (
 )
 from ouroboros.cli.pairs import no_progress_bars
 from ouroboros.core.config import DRAFT_METHODS
+from ouroboros.decoding.batch import BatchStats
 from ouroboros.decoding.stats import GenerationStats
 from ouroboros.hf.quantize import quantize_draft, resolve_draft_quant
 
@@ -64,10 +65,25 @@ def _load_model(source: ModelSource, dtype: torch.dtype, device: str):
     return model.to(device).eval()
 
 
+def _prompts(args) -> list[str]:
+    """The prompts of ``generate``: every ``--prompt``, then the lines of ``--prompt-file``; ValueError for none, an
+    empty one or an unreadable file."""
+    prompts = list(args.prompt or [])
+    if args.prompt_file:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                prompts += [line.rstrip("\n") for line in f if line.strip()]
+        except OSError as err:
+            raise ValueError(f"--prompt-file {args.prompt_file}: {err.strerror or err}") from None
+    if not prompts or not all(prompts):
+        raise ValueError("the prompt is empty: pass some text with --prompt (or a file of prompts with "
+                         "--prompt-file)")
+    return prompts
+
+
 def _sources(args) -> tuple[ModelSource, ModelSource | None, ModelSource]:
     """(target, draft or None, tokenizer) sources of ``generate``, after the checks of its other flags."""
-    if not args.prompt:
-        raise ValueError("the prompt is empty: pass some text with --prompt")
+    args.prompts = _prompts(args)
     if args.method in DRAFT_METHODS and not args.draft:
         raise ValueError(f"--method {args.method} needs a draft model: pass --draft DIR (a smaller model with the "
                          f"target's tokenizer), or use --method greedy, lookahead or prompt_lookup")
@@ -89,14 +105,33 @@ def cmd_generate(args) -> int:
     draft = _load_model(draft_src, dtype, args.device) if draft_src is not None else None
     if draft is not None:
         quantize_draft(draft, resolve_draft_quant(args.draft_quant, args.device, dtype))
-    ids = tokenizer(args.prompt, return_tensors="pt").input_ids
+    call = dict(max_new_tokens=args.max_new_tokens, method=args.method, **decoding_params(args), **sampling)
+    if len(args.prompts) > 1:
+        return _generate_batch(target, draft, tokenizer, args.prompts, call)
+    ids = tokenizer(args.prompts[0], return_tensors="pt").input_ids
     stats = GenerationStats()
     streamer = TextStreamer(tokenizer, prefix=ids[0].tolist())
     streamer([])                                  # echo the prompt before the first token arrives
-    for new in stream(target, draft, ids, max_new_tokens=args.max_new_tokens, method=args.method,
-                      stats=stats, **decoding_params(args), **sampling):
+    for new in stream(target, draft, ids, stats=stats, **call):
         streamer(new)
     print_stats(stats)
+    return 0
+
+
+def _generate_batch(target, draft, tokenizer, prompts: list[str], call: dict) -> int:
+    """Decode ``prompts`` as one batch; print each prompt with its continuation, then the batch's stats."""
+    ids = [tokenizer(p).input_ids for p in prompts]
+    stats = BatchStats()
+    new: list[list[int]] = [[] for _ in prompts]
+    for row, tokens in stream(target, draft, ids, stats=stats, **call):
+        new[row].extend(tokens)
+    for i, (prompt, tokens) in enumerate(zip(ids, new)):
+        text = tokenizer.decode(prompt + tokens, skip_special_tokens=True)
+        sys.stdout.write(f"=== prompt {i + 1} of {len(ids)}\n{text}\n")
+    s = stats.summary()
+    sys.stdout.write(f"\n[{call['method']}, batch of {len(ids)}] {s['tokens']} tokens in {s['time_total']:.2f}s = "
+                     f"{s['tokens_per_second']:.2f} tok/s; target forwards {s['target_forwards']}, draft forwards "
+                     f"{s['draft_forwards']} (one per step for all rows)\n")
     return 0
 
 

@@ -29,7 +29,11 @@ def _add_generate(sub, common: argparse.ArgumentParser) -> None:
                    help="a smaller model with the same tokenizer that proposes tokens; needed by --method "
                         "speculative and ouroboros")
     g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the target's)")
-    g.add_argument("--prompt", required=True, help="the text to continue (echoed, then the continuation streams)")
+    g.add_argument("--prompt", action="append", default=None,
+                   help="the text to continue (echoed, then the continuation streams); give --prompt several times "
+                        "to decode the prompts as one batch (each printed with its continuation at the end)")
+    g.add_argument("--prompt-file", default=None,
+                   help="a text file with one prompt per line, decoded as one batch (with or instead of --prompt)")
     g.add_argument("--method", default="ouroboros", choices=METHODS,
                    help="how tokens are proposed for the target to verify: greedy (none), speculative (the draft, "
                         "token by token), lookahead (the target's own n-grams), prompt_lookup (n-grams of the "

@@ -28,7 +28,7 @@ from ouroboros.drafting.window import LookaheadWindow
 from ouroboros.hf.runners import make_runner
 from ouroboros.hf.tree_step import StepResult, tree_step
 
-__all__ = ["decode", "propose"]
+__all__ = ["decode", "decode_on", "draft_sampler_for", "propose", "common_prefix"]
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int], start: int) -> int:
@@ -114,7 +114,7 @@ class _Loop:
             self.pool.insert_many((x[i], x[i + 1:i + n]) for i in range(max(0, old_len - n + 1), len(x) - n + 1))
 
 
-def _draft_sampler(method: str, sampler: TreeSampler | None, draft_sampling: bool) -> TreeSampler | None:
+def draft_sampler_for(method: str, sampler: TreeSampler | None, draft_sampling: bool) -> TreeSampler | None:
     """The draft's own sampler for ``draft_sampling`` (speculative only), or None: the draft proposes its argmax."""
     if not draft_sampling:
         return None
@@ -136,7 +136,7 @@ def decode(target, draft, prompt: Sequence[int], *, method: str, cfg: DecodeConf
     processed distribution with its own generator stream (:meth:`TreeSampler.for_draft`). ``scores_out`` receives,
     per emitted token, (processed (1, V), raw (1, V)) when ``sampler`` keeps scores.
     """
-    draft_sampler = _draft_sampler(method, sampler, draft_sampling)
+    draft_sampler = draft_sampler_for(method, sampler, draft_sampling)
     t0 = time.perf_counter()
     x = [int(t) for t in prompt]
     max_len = len(x) + max_new_tokens + cfg.max_gamma + cfg.ngram
@@ -144,7 +144,7 @@ def decode(target, draft, prompt: Sequence[int], *, method: str, cfg: DecodeConf
     if device_pool is not None:
         pool = device_pool.host
     tgt = make_runner(target, fast, max_len, compile=compile)
-    drf = drafter = None
+    drf = None
     on_device = method == "ouroboros" and device_pool is not None and cfg.window + cfg.guess_set > 0
     if method in DRAFT_METHODS:
         drf = make_runner(draft, fast or on_device, max_len + 2 * cfg.max_gamma * cfg.ngram, reuse=draft is not target,
@@ -152,10 +152,27 @@ def decode(target, draft, prompt: Sequence[int], *, method: str, cfg: DecodeConf
         if on_device and fast and sampler is None and scores_out is None:     # the whole cycle on the device
             yield from _device_cycle(tgt, drf, device_pool, cfg, eos, x, max_new_tokens, stats, t0)
             return
+    yield from decode_on(tgt, drf, x, method=method, cfg=cfg, max_new_tokens=max_new_tokens, eos=eos, pool=pool,
+                         stats=stats, draft_pool=device_pool if on_device else pool, sampler=sampler,
+                         draft_sampler=draft_sampler, scores_out=scores_out, t0=t0)
+
+
+def decode_on(tgt, drf, prompt: Sequence[int], *, method: str, cfg: DecodeConfig, max_new_tokens: int,
+              eos: frozenset[int], pool: PhrasePool | None, stats: GenerationStats, draft_pool=None,
+              sampler: TreeSampler | None = None, draft_sampler: TreeSampler | None = None,
+              scores_out: list | None = None, t0: float | None = None) -> Iterator[list[int]]:
+    """The host loop of :func:`decode` on given runners: ``tgt`` (the target's) and ``drf`` (the draft model's,
+    draft methods; else None), both empty. ``pool`` is the host pool (or None), ``draft_pool`` the pool the drafter
+    reads (a :class:`GpuPhrasePool` for device drafting; default ``pool``). Any object with the runner interface
+    (``n_cached``, ``prefill``, ``forward_tree``, ``forward_tree_logits``, ``keep``, ``rollback``, ``forward_time``,
+    ``gathers``) serves, so a row of a batch runs this same loop (:mod:`ouroboros.decoding.batch`)."""
+    t0 = time.perf_counter() if t0 is None else t0
+    x = [int(t) for t in prompt]
     tgt.prefill(x[:-1])
+    drafter = None
     if drf is not None:
         drf.prefill(x[:-1])
-        drafter = make_drafter(method, drf, x, cfg, device_pool if on_device else pool, eos, draft_sampler)
+        drafter = make_drafter(method, drf, x, cfg, pool if draft_pool is None else draft_pool, eos, draft_sampler)
     window = LookaheadWindow(cfg.ngram, cfg.window, x) if method == "lookahead" else None
     if pool is not None:
         pool.seed_from(x)

@@ -18,7 +18,8 @@ ATTENTION_LAYER_TYPES = frozenset({"full_attention", "sliding_attention"})
 
 
 def layer_masks(config, visible: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, dtype: torch.dtype):
-    """4D additive mask(s) ``(1, 1, T, S)`` for HF ``forward`` from a boolean visibility ``(T, S)``.
+    """4D additive mask(s) ``(1, 1, T, S)`` for HF ``forward`` from a boolean visibility ``(T, S)``, or ``(B, 1, T, S)``
+    from a per-row visibility ``(B, T, S)`` with per-row positions ``q_pos`` (B, T) and ``k_pos`` (B, S).
 
     ``q_pos``/``k_pos`` are the logical positions of queries and keys. Returns one tensor, or a dict
     ``layer_type -> mask`` for models that mix sliding and full attention layers. Sliding windows follow HF's rule
@@ -26,10 +27,11 @@ def layer_masks(config, visible: torch.Tensor, q_pos: torch.Tensor, k_pos: torch
     """
     def additive(mask: torch.Tensor) -> torch.Tensor:
         zero = torch.zeros((), dtype=dtype, device=mask.device)
-        return torch.where(mask, zero, torch.finfo(dtype).min)[None, None]
+        out = torch.where(mask, zero, torch.finfo(dtype).min)
+        return out[None, None] if out.dim() == 2 else out[:, None]
 
     def windowed(window: int) -> torch.Tensor:
-        return visible & (k_pos[None, :] > q_pos[:, None] - window)
+        return visible & (k_pos[..., None, :] > q_pos[..., :, None] - window)
 
     window = getattr(config, "sliding_window", None)
     layer_types = set(getattr(config, "layer_types", None) or [])
