@@ -138,20 +138,26 @@ class _AsInHF(LogitsProcessor):
         return out[self.row:self.row + 1].to(scores.device)
 
 
-def _sampling_kwargs(generation_config: GenerationConfig, processors: LogitsProcessorList, pads: torch.Tensor,
-                     scores_out: list | None, draft_sampling: bool) -> dict:
+def _sampling_kwargs(generation_config: GenerationConfig, processors: LogitsProcessorList,
+                     pads: list[torch.Tensor], scores_out: list | None, draft_sampling: bool) -> dict:
     """The sampling arguments of :func:`ouroboros.stream` for this call (none for plain greedy without extras).
 
     ``processors`` is generate's prepared list, which already holds the temperature / top-k / top-p warpers when
-    ``do_sample``, so the sampling parameters themselves stay None (nothing is applied twice).
+    ``do_sample``, so the sampling parameters themselves stay None (nothing is applied twice). ``pads``: each row's
+    stripped left padding (1, n), put back for its processors; several rows get one processor list each.
     """
     do_sample = bool(generation_config.do_sample)
     if not do_sample and not len(processors) and scores_out is None and not draft_sampling:
         return {}
-    if len(processors):
-        processors = LogitsProcessorList([_AsInHF(processors, pads)])
-    return dict(do_sample=do_sample, logits_processor=processors if (do_sample or len(processors)) else None,
-                scores_out=scores_out, draft_sampling=draft_sampling)
+    out = dict(do_sample=do_sample, logits_processor=processors if do_sample else None, scores_out=scores_out,
+               draft_sampling=draft_sampling)
+    if len(processors) and len(pads) > 1:
+        out["logits_processor"] = None
+        out["row_logits_processors"] = [LogitsProcessorList([_AsInHF(processors, p, i, len(pads))])
+                                        for i, p in enumerate(pads)]
+    elif len(processors):
+        out["logits_processor"] = LogitsProcessorList([_AsInHF(processors, pads[0])])
+    return out
 
 
 class _Output:
@@ -243,7 +249,7 @@ def custom_generate(model, input_ids: torch.LongTensor, logits_processor: Logits
     want_scores = bool(generation_config.return_dict_in_generate and generation_config.output_scores)
     want_logits = bool(generation_config.return_dict_in_generate and generation_config.output_logits)
     scores_out: list | None = [] if (want_scores or want_logits) else None
-    sampling = _sampling_kwargs(generation_config, logits_processor, input_ids[:, :n_pad], scores_out,
+    sampling = _sampling_kwargs(generation_config, logits_processor, [input_ids[:, :n_pad]], scores_out,
                                 ouro.pop("draft_sampling"))
     eos, budget = _limits(generation_config, input_ids.shape[1])
 
@@ -307,13 +313,8 @@ def _generate_batch(model, draft, input_ids: torch.Tensor, attention_mask: torch
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
     pads = [_left_pads(input_ids[i:i + 1], mask[i:i + 1]) for i in range(input_ids.shape[0])]
     eos, budget = _limits(generation_config, input_ids.shape[1])
-    sampling = _sampling_kwargs(generation_config, logits_processor, input_ids[:1, :0], None,
-                                ouro.pop("draft_sampling"))
-    if len(logits_processor):
-        rows = input_ids.shape[0]
-        sampling["row_logits_processors"] = [LogitsProcessorList([_AsInHF(logits_processor, input_ids[i:i + 1, :n],
-                                                                          i, rows)]) for i, n in enumerate(pads)]
-        sampling["logits_processor"] = None
+    row_pads = [input_ids[i:i + 1, :n] for i, n in enumerate(pads)]
+    sampling = _sampling_kwargs(generation_config, logits_processor, row_pads, None, ouro.pop("draft_sampling"))
     keep_going = not eos      # HF pads a finished row only when an EOS criterion is there; else it generates on
     outs = [_Output(input_ids[i:i + 1], stopping_criteria, None, False, keep_going)
             for i in range(input_ids.shape[0])]

@@ -19,7 +19,7 @@ from typing import Mapping, Sequence
 import torch
 
 from ouroboros.core.tokentree import TokenTree
-from ouroboros.hf.cache import new_cache
+from ouroboros.hf.cache import filled_layers, new_cache
 from ouroboros.hf.cpu_linear import small_m_linear
 from ouroboros.hf.masks import layer_masks
 from ouroboros.hf.runner import cache_kwarg
@@ -107,11 +107,12 @@ class BatchModel:
 
     def drop(self, rows: Sequence[int]) -> None:
         """The given rows leave the batch: their cache rows are freed, later forwards no longer carry them."""
-        keep = [i for i, r in enumerate(self.rows) if r not in set(rows)]
+        leaving = set(rows)
+        keep = [i for i, r in enumerate(self.rows) if r not in leaving]
         if len(keep) == len(self.rows):
             return
         self._select_rows(torch.tensor(keep, dtype=torch.long, device=self.device))
-        for r in rows:
+        for r in leaving:
             self.length.pop(r, None)
         self.rows = [self.rows[i] for i in keep]
 
@@ -134,17 +135,13 @@ class BatchModel:
         self.pos = torch.where(new_valid, self.pos.gather(1, src), 0)
         self.valid = new_valid
 
-    def _layers(self):
-        return [layer for layer in self.cache.layers if getattr(layer, "keys", None) is not None
-                and layer.keys.numel()]
-
     def _select_rows(self, index: torch.Tensor) -> None:
-        for layer in self._layers():
+        for layer in filled_layers(self.cache):
             layer.keys, layer.values = layer.keys[index], layer.values[index]
         self.valid, self.pos = self.valid[index], self.pos[index]
 
     def _gather_slots(self, src: torch.Tensor) -> None:
-        for layer in self._layers():
+        for layer in filled_layers(self.cache):
             for name in ("keys", "values"):
                 buf = getattr(layer, name)
                 idx = src[:, None, :, None].expand(buf.shape[0], buf.shape[1], src.shape[1], buf.shape[3])

@@ -10,7 +10,7 @@ from typing import Sequence
 import torch
 from transformers import DynamicCache
 
-__all__ = ["new_cache", "cache_length", "keep_entries", "crop_cache"]
+__all__ = ["new_cache", "cache_length", "keep_entries", "crop_cache", "filled_layers"]
 
 
 def new_cache() -> DynamicCache:
@@ -21,13 +21,14 @@ def cache_length(cache: DynamicCache) -> int:
     return cache.get_seq_length()
 
 
-def _layers(cache: DynamicCache):
+def filled_layers(cache: DynamicCache) -> list:
+    """The cache's layers that hold keys (layers not written yet have none)."""
     return [layer for layer in cache.layers if getattr(layer, "keys", None) is not None and layer.keys.numel()]
 
 
 def crop_cache(cache: DynamicCache, length: int) -> None:
     """Drop every entry at index >= ``length`` (rollback as a slice; nothing recomputed)."""
-    for layer in _layers(cache):
+    for layer in filled_layers(cache):
         layer.keys = layer.keys[..., :length, :]
         layer.values = layer.values[..., :length, :]
 
@@ -41,7 +42,7 @@ def keep_entries(cache: DynamicCache, prefix_len: int, keep: Sequence[int]) -> i
     n = len(keep)
     if list(keep) != list(range(n)):
         idx = torch.as_tensor(keep, dtype=torch.long)
-        for layer in _layers(cache):
+        for layer in filled_layers(cache):
             src = idx.to(layer.keys.device) + prefix_len
             layer.keys[..., prefix_len:prefix_len + n, :] = layer.keys[..., src, :]
             layer.values[..., prefix_len:prefix_len + n, :] = layer.values[..., src, :]
