@@ -37,6 +37,26 @@ int num_sms(const at::Tensor& t) {
 // The kernel reads 16-byte chunks along D: keep a view when its layout allows that, else copy.
 at::Tensor kernel_layout(const at::Tensor& t) { return aligned_for_kernel(t) ? t : t.contiguous(); }
 
+// The packed tree mask as the kernel reads it (contract v3): (T, ceil(T/32)) or (1 or B, T, ceil(T/32)) int32 on q's
+// device. Returns the tensor whose data the kernel reads (each batch row's (T, W) block contiguous row-major; a view
+// when the input already is) and the element stride between batch rows' masks (0: one mask shared by every row: a
+// 2-D mask, a (1, T, W) one, or a stride-0 dim 0, which is never materialised B times).
+std::tuple<at::Tensor, int64_t> kernel_mask(const at::Tensor& m, const at::Tensor& q, int64_t b, int64_t t) {
+  const int64_t w = (t + 31) / 32;
+  const bool shape_ok = (m.dim() == 2 && m.size(0) == t && m.size(1) == w) ||
+                        (m.dim() == 3 && (m.size(0) == b || m.size(0) == 1) && m.size(1) == t && m.size(2) == w);
+  TORCH_CHECK(m.scalar_type() == at::kInt && shape_ok,
+              "ouroboros tree_attention: tree_mask must be int32 of shape (T, ceil(T/32)) = (", t, ", ", w,
+              ") or (B, T, ceil(T/32)) = (", b, ", ", t, ", ", w, "), got ", m.scalar_type(), " ", m.sizes());
+  TORCH_CHECK(m.device() == q.device(), "ouroboros tree_attention: tree_mask is on ", m.device(), " but q is on ",
+              q.device());
+  if (m.dim() == 2) return {m.contiguous(), 0};
+  if (m.size(0) == 1 || m.stride(0) == 0) return {m.select(0, 0).contiguous(), 0};
+  if (m.select(0, 0).is_contiguous()) return {m, m.stride(0)};
+  const at::Tensor c = m.contiguous();
+  return {c, c.stride(0)};
+}
+
 // prefix_len_tensor (int32/int64, shape () or (B,), on q's device) when given is read by the kernel (no host sync);
 // else the host value prefix_len is used.
 at::Tensor tree_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -86,15 +106,8 @@ at::Tensor tree_attention_cuda(const at::Tensor& q, const at::Tensor& k, const a
   }
 
   at::Tensor mask;
-  if (tree_mask.has_value()) {
-    const at::Tensor& m = *tree_mask;
-    TORCH_CHECK(m.scalar_type() == at::kInt && m.dim() == 2 && m.size(0) == t && m.size(1) == (t + 31) / 32,
-                "ouroboros tree_attention: tree_mask must be int32 of shape (T, ceil(T/32)) = (", t, ", ",
-                (t + 31) / 32, "), got ", m.scalar_type(), " ", m.sizes());
-    TORCH_CHECK(m.device() == q.device(), "ouroboros tree_attention: tree_mask is on ", m.device(), " but q is on ",
-                q.device());
-    mask = m.contiguous();
-  }
+  int64_t mask_stride_b = 0;
+  if (tree_mask.has_value()) std::tie(mask, mask_stride_b) = kernel_mask(*tree_mask, q, b, t);
 
   const c10::cuda::CUDAGuard guard(q.device());
   const at::Tensor qc = kernel_layout(q), kc = kernel_layout(k), vc = kernel_layout(v);
@@ -106,6 +119,7 @@ at::Tensor tree_attention_cuda(const at::Tensor& q, const at::Tensor& k, const a
   p.v = vc.data_ptr();
   p.o = o.data_ptr();
   p.tree_mask = mask.defined() ? mask.data_ptr<int32_t>() : nullptr;
+  p.tree_mask_stride_b = mask_stride_b;
   p.q_stride_b = qc.stride(0), p.q_stride_h = qc.stride(1), p.q_stride_t = qc.stride(2);
   p.k_stride_b = kc.stride(0), p.k_stride_h = kc.stride(1), p.k_stride_s = kc.stride(2);
   p.v_stride_b = vc.stride(0), p.v_stride_h = vc.stride(1), p.v_stride_s = vc.stride(2);

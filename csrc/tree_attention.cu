@@ -126,6 +126,7 @@ const char* tree_attention_check(const TreeAttentionParams& p) {
     if (s % 8 != 0) return "strides of q, k, v, o (in elements) must be multiples of 8 with a contiguous last dim";
   if (p.tree_mask != nullptr && (reinterpret_cast<uintptr_t>(p.tree_mask) & 3u) != 0)
     return "tree_mask must be 4-byte aligned";
+  if (p.tree_mask != nullptr && p.tree_mask_stride_b < 0) return "tree_mask_stride_b must be >= 0";
   return nullptr;
 }
 

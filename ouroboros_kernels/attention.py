@@ -54,7 +54,7 @@ def resolve_backend(q: torch.Tensor, backend: str | None = None) -> str:
 def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: int | torch.Tensor,
                    tree_mask: torch.Tensor | None, scale: float | None = None, *, window: int | None = None,
                    softcap: float | None = None, backend: str | None = None) -> torch.Tensor:
-    """Attention of T tree tokens over a KV cache (SPEC §3, contract v2).
+    """Attention of T tree tokens over a KV cache (SPEC §3, contract v3).
 
     Parameters
     ----------
@@ -69,8 +69,11 @@ def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len
         read by the kernel (no host sync), so one captured CUDA graph replays for every prefix length. A tensor value
         is clamped into ``[0, S - T]`` (checking it would need a host sync).
     tree_mask : torch.Tensor or None
-        Packed int32 ``(T, ceil(T/32))``: bit j of row i set iff tree token i sees tree token j (its ancestors and
-        itself; ``depth_i = popcount(row i) - 1``). None: a causal chain (prefill, decode).
+        Packed int32 bits: bit j of row i set iff tree token i sees tree token j (its ancestors and itself;
+        ``depth_i = popcount(row i) - 1``). ``(T, ceil(T/32))``: one tree shared by every batch row; ``(B, T,
+        ceil(T/32))``: batch row b verifies its own tree ``tree_mask[b]`` (its tokens at positions ``prefix_len[b] +
+        depth``); a ``(1, T, W)`` mask, or a ``(B, T, W)`` one whose dim 0 has stride 0 (an ``expand``), is one tree
+        for every row and is read in place. None: a causal chain (prefill, decode).
     scale : float, optional
         Score scale, default ``1 / sqrt(D)``.
     window : int, optional
@@ -90,7 +93,8 @@ def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len
     Raises
     ------
     ValueError
-        Naming the argument, for a bad shape, dtype or device, a mask of the wrong width, ``window < 1``,
+        Naming the argument, for a bad shape, dtype or device, a mask of the wrong width or batch (not B or 1),
+        ``window < 1``,
         ``softcap <= 0``, or a ``prefix_len`` tensor of the wrong dtype, shape or device.
     """
     return _impl(resolve_backend(q, backend))(q, k, v, prefix_len, tree_mask, scale, window=window, softcap=softcap)

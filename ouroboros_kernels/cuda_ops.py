@@ -37,7 +37,7 @@ def _prefix_args(prefix_len: int | torch.Tensor) -> tuple[torch.Tensor | None, i
 def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: int | torch.Tensor,
                    tree_mask: torch.Tensor | None, scale: float | None = None, *, window: int | None = None,
                    softcap: float | None = None, num_splits: int = 0) -> torch.Tensor:
-    """Tree attention on the CUDA kernel (SPEC §3, contract v2); same contract as
+    """Tree attention on the CUDA kernel (SPEC §3, contract v3); same contract as
     :func:`ouroboros_kernels.reference.tree_attention`.
 
     Parameters
@@ -53,7 +53,10 @@ def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len
         device that the kernel reads (no host sync; clamped into ``[0, S - T]``), so a captured CUDA graph replays
         for every prefix length.
     tree_mask : torch.Tensor or None
-        Packed int32 ``(T, ceil(T/32))`` visibility bits (see :mod:`ouroboros_kernels.tree`); ``None`` = causal chain.
+        Packed int32 ``(T, ceil(T/32))`` visibility bits shared by every batch row, or ``(B, T, ceil(T/32))`` with
+        batch row b's tree in ``tree_mask[b]`` (see :mod:`ouroboros_kernels.tree`); a ``(1, T, W)`` mask or a stride-0
+        dim 0 is one shared tree, never copied B times; ``None`` = causal chain. Each row's ``(T, W)`` block is read
+        in place when it is contiguous, else the mask is copied.
     scale : float, optional
         Score scale, default ``1 / sqrt(D)``.
     window : int, optional

@@ -7,6 +7,8 @@ the whole tree attention is one node of the captured graph: ``fullgraph=True`` h
 backend resolved then (so "auto" still picks cuda > triton > reference per call, outside the trace).
 
 The op mutates nothing and returns a fresh contiguous ``(B, Hq, T, D)`` tensor in ``q``'s dtype (every backend does).
+Its ``tree_mask`` is any mask of the contract (v3): ``(T, W)`` shared, or ``(B or 1, T, W)`` per batch row; the fake
+implementation checks it exactly as the kernels do.
 Its namespace is ``ouroboros_kernels`` because ``ouroboros::tree_attention`` is the CUDA extension's own op (csrc/
 bindings.cpp), which this one calls when the "cuda" backend is chosen.
 

@@ -9,7 +9,7 @@ import numbers
 
 import torch
 
-from .tree import unpack_mask
+from .tree import check_tree_mask, unpack_mask
 
 __all__ = ["tree_attention", "check_tree_attention_args", "prefix_lengths", "tree_visibility", "ngram_lookup",
            "ngram_insert"]
@@ -52,14 +52,7 @@ def check_tree_attention_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         raise ValueError(f"prefix_len must be a Python int or an int32/int64 tensor, got {type(prefix_len).__name__}")
     elif prefix_len < 0 or prefix_len + t > s:
         raise ValueError(f"prefix_len ({prefix_len}) + T ({t}) must be within the cache length S ({s})")
-    if tree_mask is not None:
-        if not isinstance(tree_mask, torch.Tensor) or tree_mask.dtype != torch.int32 \
-                or tuple(tree_mask.shape) != (t, (t + 31) // 32):
-            raise ValueError(f"tree_mask must be int32 of shape (T, ceil(T/32)) = ({t}, {(t + 31) // 32}), got "
-                             f"{getattr(tree_mask, 'dtype', type(tree_mask).__name__)} "
-                             f"{tuple(getattr(tree_mask, 'shape', ()))}")
-        if tree_mask.device != q.device:
-            raise ValueError(f"tree_mask is on {tree_mask.device} but q is on {q.device}")
+    check_tree_mask(tree_mask, b, t, q.device)
     if window is not None and (isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1):
         raise ValueError(f"window must be None or an int >= 1, got {window!r}")
     if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, numbers.Real)
@@ -76,29 +69,32 @@ def prefix_lengths(prefix_len: int | torch.Tensor, batch: int, max_prefix: int, 
 
 def tree_visibility(prefix: torch.Tensor, n_keys: int, t: int, tree_mask: torch.Tensor | None,
                     window: int | None) -> torch.Tensor:
-    """Boolean ``(B, T, n_keys)``: whether tree token ``i`` of batch ``b`` sees key ``j`` (SPEC §3, v2).
+    """Boolean ``(B, T, n_keys)``: whether tree token ``i`` of batch row ``b`` sees key ``j`` (SPEC §3, v3).
 
-    ``prefix`` is the int64 ``(B,)`` prefix length. Key ``j < prefix`` is a cache entry at position ``j``; key
-    ``prefix + j'`` (``j' < T``) is tree token ``j'`` at position ``prefix + depth_j'``; keys past ``prefix + T`` are
-    never visible. Tree token ``i`` (position ``prefix + depth_i``, ``depth_i = popcount(row i) - 1``) sees every cache
-    entry and the tree tokens whose bits are set in its row (``tree_mask=None``: the causal chain, ``depth_i = i``);
-    with a ``window`` w, only keys whose position is ``> position_i - w`` (transformers' sliding-window rule).
-    Pure tensor ops: no host sync, graph-capturable.
+    ``prefix`` is the int64 ``(B,)`` prefix length; ``tree_mask`` packed ``(T, W)`` (one tree for every row) or
+    ``(B or 1, T, W)`` (row ``b``'s tree in ``tree_mask[b]``). Key ``j < prefix`` is a cache entry at position ``j``;
+    key ``prefix + j'`` (``j' < T``) is tree token ``j'`` at position ``prefix + depth_j'``; keys past ``prefix + T``
+    are never visible. Tree token ``i`` (position ``prefix + depth_i``, ``depth_i = popcount(row i of its row's mask)
+    - 1``) sees every cache entry and the tree tokens whose bits are set in its row (``tree_mask=None``: the causal
+    chain, ``depth_i = i``); with a ``window`` w, only keys whose position is ``> position_i - w`` (transformers'
+    sliding-window rule). Pure tensor ops: no host sync, graph-capturable.
     """
-    device = prefix.device
+    device, b = prefix.device, prefix.shape[0]
     if tree_mask is None:
         bits = torch.ones(t, t, dtype=torch.bool, device=device).tril()
     else:
         bits = unpack_mask(tree_mask, t).to(device)
+    bits = bits.expand(b, t, t)                                                # (B, T, T): row b's tree
     keys = torch.arange(n_keys, device=device)
     rel = keys[None, :] - prefix[:, None]                                      # (B, n): key index inside the tree
     in_tree = (rel >= 0) & (rel < t)
     rel_c = rel.clamp(0, t - 1)
-    vis = (rel < 0)[:, None, :] | (in_tree[:, None, :] & bits[:, rel_c].permute(1, 0, 2))
+    seen = bits.gather(2, rel_c[:, None, :].expand(b, t, n_keys))              # (B, T, n): bit rel_c of row i
+    vis = (rel < 0)[:, None, :] | (in_tree[:, None, :] & seen)
     if window is not None:
-        depth = bits.sum(1) - 1                                                # (T,)
-        q_pos = prefix[:, None] + depth[None, :]                               # (B, T)
-        k_pos = torch.where(in_tree, prefix[:, None] + depth[rel_c], keys[None, :])
+        depth = bits.sum(-1) - 1                                               # (B, T)
+        q_pos = prefix[:, None] + depth                                        # (B, T)
+        k_pos = torch.where(in_tree, prefix[:, None] + depth.gather(1, rel_c), keys[None, :])
         vis = vis & (k_pos[:, None, :] > q_pos[:, :, None] - window)
     return vis
 
@@ -116,7 +112,7 @@ def _live_keys(prefix_len: int | torch.Tensor, t: int, s: int) -> int:
 def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: int | torch.Tensor,
                    tree_mask: torch.Tensor | None, scale: float | None = None, *, window: int | None = None,
                    softcap: float | None = None) -> torch.Tensor:
-    """Attention of T tree tokens over a KV cache, per SPEC §3 (contract v2).
+    """Attention of T tree tokens over a KV cache, per SPEC §3 (contract v3).
 
     Parameters
     ----------
@@ -125,8 +121,9 @@ def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len
         entries at or past ``prefix_len + T`` are never used (a static cache is longer than the live part).
     prefix_len : a Python int, or an int32/int64 tensor of shape () or (B,) on ``q``'s device (clamped into
         ``[0, S - T]``; never read on the host for CUDA tensors).
-    tree_mask : packed int32 (T, ceil(T/32)); bit j of row i set iff tree token i sees tree token j (ancestors and
-        itself; depth_i = popcount(row i) - 1). None: a causal chain (prefill / decode).
+    tree_mask : packed int32 (T, ceil(T/32)), one tree for every batch row, or (B, T, ceil(T/32)), batch row b's tree
+        in ``tree_mask[b]`` (B may be 1; dim 0 may have stride 0); bit j of row i set iff tree token i sees tree token
+        j (ancestors and itself; depth_i = popcount(row i) - 1). None: a causal chain (prefill / decode).
     scale : score scale, default ``1 / sqrt(D)``.
     window : None or w >= 1: token i (position ``prefix_len + depth_i``) sees key j only if its position is
         ``> position_i - w`` (transformers' sliding window; cache entry j has position j).

@@ -1,4 +1,4 @@
-"""Triton tree attention: T tree tokens over a long KV cache (SPEC §3, contract v2), flash-decoding style.
+"""Triton tree attention: T tree tokens over a long KV cache (SPEC §3, contract v3), flash-decoding style.
 
 Layout of the work (designed for small T and long S):
 
@@ -11,6 +11,8 @@ Layout of the work (designed for small T and long S):
   smallest depth among its rows; keys outside are never loaded, so the cost follows the live length, not the buffer.
   The live range is cut into ``num_splits`` chunks of whole BLOCK_N tiles (a split with nothing to do writes an empty
   partial); each program runs an online softmax (base 2, ``scale * log2(e)`` folded into the scores) over its chunk.
+* The packed tree mask is read at ``MASK + b * stride_mb``: batch row b's own tree (a (B, T, W) mask), or, with
+  ``stride_mb = 0``, one tree for every row (a (T, W) mask, a (1, T, W) one or a stride-0 dim 0).
 * Tiles wholly inside the cache prefix and above every row's window start are processed with no mask at all; only
   tiles that reach into the tree region or below some row's window start evaluate visibility (packed bit mask or the
   bottom-right causal rule, and the window on true positions: a tree key's depth is the popcount of its mask row).
@@ -30,6 +32,7 @@ import triton.language as tl
 
 from ..backend import triton_interpret
 from ..reference import check_tree_attention_args
+from ..tree import mask_batch_stride
 
 __all__ = ["tree_attention", "plan"]
 
@@ -133,7 +136,7 @@ def tree_attn_split_kernel(
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
-    stride_mt, stride_pb, stride_ob, stride_oh, stride_ot, stride_od,
+    stride_mb, stride_mt, stride_pb, stride_ob, stride_oh, stride_ot, stride_od,
     prefix_val, T, S, HKV, D, num_splits, window,
     qk_scale, softcap,
     G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -155,6 +158,7 @@ def tree_attn_split_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     offs_n = tl.arange(0, BLOCK_N)
+    MASK = MASK + b * stride_mb  # this batch row's tree (stride 0: one tree for every row)
 
     if PREFIX_PTR:  # the device length, clamped so that no value can send a load out of bounds
         prefix_len = tl.load(PREFIX + b * stride_pb).to(tl.int32)
@@ -333,7 +337,7 @@ def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len
                    tree_mask: torch.Tensor | None, scale: float | None = None, *, window: int | None = None,
                    softcap: float | None = None, num_splits: int | None = None, block_m: int | None = None,
                    block_n: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Triton twin of :func:`ouroboros_kernels.reference.tree_attention` (contract v2, same arguments).
+    """Triton twin of :func:`ouroboros_kernels.reference.tree_attention` (contract v3, same arguments).
 
     Parameters
     ----------
@@ -341,7 +345,9 @@ def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len
     k, v : (B, Hkv, S, D) cache after the update; entries at or beyond ``prefix_len + T`` are never read.
     prefix_len : Python int, or int32/int64 tensor of shape () or (B,) on q's device, read by the kernel (no host
         sync; clamped into ``[0, S - T]``).
-    tree_mask : packed int32 (T, ceil(T/32)) visibility bits among tree tokens, or None for a causal chain.
+    tree_mask : packed int32 (T, ceil(T/32)) visibility bits among tree tokens, shared by every batch row, or
+        (B, T, ceil(T/32)) with row b's tree in ``tree_mask[b]`` (B may be 1, dim 0 may have stride 0: read in place),
+        or None for a causal chain.
     scale : score scale, default ``1/sqrt(D)``.
     window : sliding window w >= 1 on true positions (prefix_len + depth), or None.
     softcap : Gemma2 logit soft-capping (``softcap * tanh(score / softcap)``), or None.
@@ -381,9 +387,10 @@ def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len
     else:
         mid_o = mid_l = out  # unused
     mask = tree_mask if tree_mask is not None else out  # dummy pointer when there is no mask
-    if tree_mask is not None and tree_mask.stride(1) != 1:
+    if tree_mask is not None and tree_mask.stride(-1) != 1:
         mask = tree_mask = tree_mask.contiguous()
-    stride_mt = tree_mask.stride(0) if tree_mask is not None else 0
+    stride_mb = mask_batch_stride(tree_mask) if tree_mask is not None else 0
+    stride_mt = tree_mask.stride(-2) if tree_mask is not None else 0
     prefix_arg = prefix_len if on_device else out  # dummy pointer when prefix_len is a host int
     stride_pb = (prefix_len.stride(0) if prefix_len.dim() == 1 else 0) if on_device else 0
     qk_scale = scale if softcap is not None else scale * _LOG2E
@@ -392,7 +399,7 @@ def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len
     tree_attn_split_kernel[grid](
         q, k, v, mask, prefix_arg, out, mid_o, mid_l,
         *q.stride(), *k.stride(), *v.stride(),
-        stride_mt, stride_pb, *out.stride(),
+        stride_mb, stride_mt, stride_pb, *out.stride(),
         0 if on_device else int(prefix_len), t, s, hkv, d, p["num_splits"], window if window is not None else 1,
         qk_scale, float(softcap) if softcap is not None else 1.0,
         G=p["g"], BLOCK_M=p["block_m"], BLOCK_N=p["block_n"], BLOCK_D=p["block_d"],

@@ -1,8 +1,9 @@
 """The CUDA kernels in csrc/: the torch-free CMake build compiles (CPU machines with nvcc: CI), the torch binding
 (csrc/bindings.cpp) compiles against the installed torch headers, and, where the extension ``ouroboros_kernels._cuda``
 is built and a GPU exists, the op's binding-level behaviour (strided inputs, forced key splits, device prefix lengths,
-torch.compile, one CUDA graph replayed at several prefix lengths). Kernel-vs-reference accuracy over the shape grid
-lives in test_tree_attention.py, which runs the "cuda" backend when it is available.
+per-row tree masks (contract v3), torch.compile, one CUDA graph replayed at several prefix lengths). Kernel-vs-reference
+accuracy over the shape grid lives in test_tree_attention.py and test_tree_attention_rows.py, which run the "cuda"
+backend when it is available.
 """
 from __future__ import annotations
 
@@ -150,6 +151,38 @@ def test_device_prefix_len_window_and_softcap(dtype):
     torch.testing.assert_close(got, reference.tree_attention(q[1:], k[1:], v[1:], 250, mask, window=64,
                                                              softcap=30.0), **_tol(torch.bfloat16))
     assert cuda_ops.tree_attention_num_splits(q, k, per_row, 0, window=64) >= 1
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_per_row_tree_masks(dtype, splits):
+    """Contract v3 at the binding: a (B, T, W) mask (row b's tree), as a contiguous tensor, as a strided view, and a
+    shared mask as (1, T, W) or an expanded stride-0 (B, T, W) (exactly the 2-D answer); device per-row prefix lengths
+    with a window and softcap, NaN past each row's live part; a mask of the wrong batch raises naming tree_mask."""
+    from ouroboros_kernels import cuda_ops
+
+    b, hq, hkv, t, s, d = 3, 12, 2, 37, 900, 128
+    q, k, v = _inputs(b, hq, hkv, t, s, d, dtype, seed=6)
+    masks = torch.stack([_tree_mask(t, seed=10 + i) for i in range(b)])        # (B, T, 2): three different trees
+    rows = [800, 301, 0]
+    for i, p in enumerate(rows):
+        k[i, :, p + t:] = float("nan")
+        v[i, :, p + t:] = float("nan")
+    prefix = torch.tensor(rows, dtype=torch.int32, device="cuda")
+    wide = torch.zeros(b, t, 4, dtype=torch.int32, device="cuda")
+    wide[:, :, 1:3] = masks
+    for mask in (masks, wide[:, :, 1:3]):
+        got = cuda_ops.tree_attention(q, k, v, prefix, mask, window=200, softcap=30.0, num_splits=splits)
+        for i, p in enumerate(rows):
+            want = reference.tree_attention(q[i:i + 1], k[i:i + 1, :, :p + t], v[i:i + 1, :, :p + t], p, masks[i],
+                                            window=200, softcap=30.0)
+            torch.testing.assert_close(got[i:i + 1], want, **_tol(dtype))
+    shared = cuda_ops.tree_attention(q, k, v, prefix, masks[0], window=200, num_splits=splits)
+    for mask in (masks[:1], masks[:1].expand(b, -1, -1)):
+        assert torch.equal(cuda_ops.tree_attention(q, k, v, prefix, mask, window=200, num_splits=splits), shared)
+    with pytest.raises(ValueError, match="tree_mask"):
+        cuda_ops.tree_attention(q, k, v, prefix, masks[:2])
 
 
 @needs_ext

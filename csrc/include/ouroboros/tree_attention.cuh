@@ -1,20 +1,22 @@
 // Tree attention: host API of the pure CUDA kernel (no torch headers; safe to include from a host-only .cpp).
 //
-// Contract (SPEC §3, v2): q (B, Hq, T, D) holds the T tree tokens; k, v (B, Hkv, S, D) hold the cache whose entries
+// Contract (SPEC §3, v3): q (B, Hq, T, D) holds the T tree tokens; k, v (B, Hkv, S, D) hold the cache whose entries
 // [prefix_len, prefix_len + T) are the tree tokens; entries at or past prefix_len + T are never read (a static cache
 // is longer than its live part). prefix_len is a host value or, when prefix_len_ptr is set, read by the kernel from
 // device memory (int32 or int64, one value or one per batch row, clamped into [0, S - T]): one captured CUDA graph then
 // replays correctly for every prefix length. Token i sees every one of the first prefix_len entries plus tree entry
-// prefix_len + j iff bit (j % 32) of word (j / 32) in row i of the packed int32 mask (T, ceil(T / 32)) is set; a null
-// mask means a plain causal chain (bottom-right causal). Tree token i sits at position prefix_len + depth_i
-// (depth_i = popcount(mask row i) - 1; i for the causal chain), cache entry j at position j; with window w > 0, token i
-// sees a key only if the key's position is > position_i - w (transformers' sliding-window rule).
+// prefix_len + j iff bit (j % 32) of word (j / 32) in row i of batch row b's packed int32 mask (T, ceil(T / 32)) is
+// set: the mask at tree_mask + b * tree_mask_stride_b (stride 0: one tree shared by every batch row); a null mask
+// means a plain causal chain (bottom-right causal). Tree token i of batch row b sits at position prefix_len + depth_i
+// (depth_i = popcount(row i of its mask) - 1; i for the causal chain), cache entry j at position j; with window w > 0,
+// token i sees a key only if the key's position is > position_i - w (transformers' sliding-window rule).
 // o (B, Hq, T, D) = softmax(mask(softcap(scale * q k^T))) v, computed in fp32, stored in the input dtype.
 //
 // Layout requirements (checked by tree_attention_check):
 //   * the last dim of q, k, v, o is contiguous (stride 1); the other strides are given in ELEMENTS and must be
 //     multiples of 8; every base pointer is 16-byte aligned (the kernel moves 16-byte chunks with cp.async);
-//   * tree_mask, when given, is a contiguous row-major (T, ceil(T / 32)) int32 array on the device;
+//   * tree_mask, when given, is a device int32 array holding, for each batch row, a contiguous row-major
+//     (T, ceil(T / 32)) mask; tree_mask_stride_b >= 0 (elements between batch rows' masks; 0: one shared mask);
 //   * D in {64, 128, 256}; dtype fp16 or bf16; Hq % Hkv == 0; 1 <= T <= S; for a host prefix_len,
 //     0 <= prefix_len, prefix_len + T <= S; prefix_len_ptr, when set, aligned to its element size; window >= 0;
 //   * the kernels need sm_80 or newer (bf16 tensor cores, cp.async).
@@ -40,7 +42,7 @@ struct TreeAttentionParams {
   const void* q = nullptr;            // (B, Hq, T, D)
   const void* k = nullptr;            // (B, Hkv, S, D)
   const void* v = nullptr;            // (B, Hkv, S, D)
-  const int32_t* tree_mask = nullptr; // (T, ceil(T / 32)) packed bits, or nullptr for causal
+  const int32_t* tree_mask = nullptr; // (T, ceil(T / 32)) packed bits per batch row, or nullptr for causal
   void* o = nullptr;                  // (B, Hq, T, D), written
 
   // Strides in elements (the last dim is contiguous).
@@ -48,6 +50,8 @@ struct TreeAttentionParams {
   int64_t k_stride_b = 0, k_stride_h = 0, k_stride_s = 0;
   int64_t v_stride_b = 0, v_stride_h = 0, v_stride_s = 0;
   int64_t o_stride_b = 0, o_stride_h = 0, o_stride_t = 0;
+  // Elements from batch row b's (T, ceil(T / 32)) mask to row b + 1's; 0: every row shares one mask (contract v2).
+  int64_t tree_mask_stride_b = 0;
 
   int batch = 0;
   int num_q_heads = 0;   // Hq

@@ -162,7 +162,9 @@ __global__ void __launch_bounds__(kThreads)
   const int my_part = tid % kTpr;
   const int my_t = min((row0 + my_row) / group, p.tree_len - 1);
   const int mask_words = (p.tree_len + 31) / 32;
-  const uint32_t* mask_base = reinterpret_cast<const uint32_t*>(p.tree_mask);
+  // This batch row's tree (stride 0: one tree for every row); never offset a null pointer.
+  const uint32_t* mask_base =
+      causal ? nullptr : reinterpret_cast<const uint32_t*>(p.tree_mask) + int64_t(b) * p.tree_mask_stride_b;
   const uint32_t* mask_row = causal ? nullptr : mask_base + int64_t(my_t) * mask_words;
   // Position of this thread's row: prefix_len + my_depth (needed only with a window).
   const int my_depth = causal ? my_t : (windowed ? mask_row_depth(mask_row, mask_words) : 0);

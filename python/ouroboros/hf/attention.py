@@ -53,10 +53,12 @@ class TreeSpec:
 
     prefix_len : number of cache entries before the tree (all visible to every tree token, within a sliding window):
         a Python int, or an int32/int64 tensor of shape () or (B,) on the model device (read by the kernel).
-    mask : packed int32 ``(T, ceil(T/32))`` on the model device; bit j of row i set iff token i sees token j.
-        None: a causal chain (prefill).
-    depths : int64 ``(T,)``; tree token i has position ``prefix_len + depths[i]`` (``popcount(mask row i) - 1``; the
-        kernel derives it from the mask, the caller passes the same positions as ``position_ids``).
+    mask : packed int32 on the model device; bit j of row i set iff token i sees token j. ``(T, ceil(T/32))``: one
+        tree for every batch row; ``(B, T, ceil(T/32))``: batch row b verifies its own tree ``mask[b]`` (contract v3,
+        passed to the kernel as is). None: a causal chain (prefill).
+    depths : int64 ``(T,)``, or ``(B, T)`` with a per-row mask; tree token i (of row b) has position ``prefix_len[b] +
+        depths[b, i]`` (``popcount(mask row i) - 1``; the kernel derives it from the mask, the caller passes the same
+        positions as ``position_ids``).
     """
 
     prefix_len: int | torch.Tensor
