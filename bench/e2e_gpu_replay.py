@@ -77,7 +77,7 @@ class Replayer:
                 "mean_accepted": round(accepted / n, 3),
                 "mean_draft_forwards": round(stats.draft_forwards / n, 3),
                 "mean_draft_len": round(sum(c["draft_len"] for c in cycles) / n, 3),
-                "verify_tree_bucket": cycle.layout.size, "graphs_captured": len(cycle._graphs),
+                "verify_tree_bucket": cycle.layout.size, "graphs_captured": cycle.graphs.captured,
                 "prompt_resets": len(prompts),
                 "draft_layout": {"params": cfg.as_dict(),
                                  "tokens_logical": cycle.drafter.slots + (cfg.window + cfg.guess_set) * (cfg.ngram - 1)}}

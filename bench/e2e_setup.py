@@ -37,7 +37,7 @@ def load_prompt_ids(args, tok) -> tuple[list[torch.Tensor], str, str]:
 
         prompts = [torch.tensor([small_prompt(64, seed=1 + args.offset + i)]) for i in range(args.n_prompts)]
         return prompts, "synthetic", "synthetic token ids with repetition (ouroboros.cli.smallpair.small_prompt)"
-    from ouroboros.cli.pairs import DATASETS, encode_prompt, load_prompts
+    from ouroboros.cli.datasets import DATASETS, encode_prompt, load_prompts
 
     chat = DATASETS[args.dataset].style == "chat" if args.chat == "auto" else args.chat == "yes"
     texts = load_prompts(args.dataset, args.n_prompts, offset=args.offset)

@@ -14,7 +14,7 @@ from bench.common import RESULTS, loadavg, write_json
 
 def forward_costs(target, draft, tok, dtype_name: str, context: int, sizes: list[int], reps: int) -> dict:
     """Seconds of one forward of T new tokens (a chain, causal) after a KV cache of ``context`` tokens."""
-    from ouroboros.cli.pairs import encode_prompt, load_prompts
+    from ouroboros.cli.datasets import encode_prompt, load_prompts
     from transformers import DynamicCache
 
     text = "\n".join(load_prompts("humaneval", 8))

@@ -170,7 +170,7 @@ fi
 # The inductor tests (-m compile) are left to CI's CPU run: the e2e benchmark times the compiled path on the GPU.
 PYTEST_ARGS="${PYTEST_ARGS:-tests/decoding/test_gpu_lossless.py tests/kernels/test_tree_attention.py \
 tests/kernels/test_cuda_build.py tests/kernels/test_cuda_ngram.py tests/drafting/test_gpu_pool.py tests/hf/test_fast_path.py \
-tests/hf/test_patch.py tests/decoding/test_device_cycle.py tests/kernels/test_glue_kernels.py tests/hf/test_fused_glue.py \
+tests/hf/test_patch.py tests/decoding/test_device_cycle.py tests/decoding/test_batch_cycle.py tests/kernels/test_tree_attention_rows.py tests/kernels/test_glue_kernels.py tests/hf/test_fused_glue.py \
 tests/tuning/test_probes.py tests/hf/test_compile.py}"
 PYTEST_MARK="${PYTEST_MARK:-not compile}"
 PYTEST_OPTS=()

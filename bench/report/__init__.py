@@ -7,7 +7,7 @@ most kinds), so a GPU run's JSON is re-reported on a CPU.
 
 One module per kind of result (``kind_of`` tells them apart by their keys): ``e2e`` (``bench.e2e`` runs, parameter
 and temperature sweeps), ``e2e_gpu``, ``attention``, ``ngram``, ``compile_startup``, ``cpu_linear``,
-``forward_costs``, ``traces``, and ``generic`` for hand-written records. The benchmarks print their final table
+``forward_costs``, ``traces``, ``batch``, and ``generic`` for hand-written records. The benchmarks print their final table
 through the same functions.
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 
 from bench.report import (
     attention,
+    batch,
     compile_startup,
     cpu_linear,
     e2e,
@@ -29,7 +30,7 @@ from bench.report import (
 
 MODULES = {"e2e_gpu": e2e_gpu, "compile_startup": compile_startup, "attention": attention, "ngram": ngram,
            "e2e": e2e, "traces": traces, "forward_costs": forward_costs, "cpu_linear": cpu_linear,
-           "generic": generic}
+           "batch": batch, "generic": generic}
 
 
 def _rows(data: dict) -> list:
@@ -60,6 +61,8 @@ def kind_of(data) -> str:
         return "forward_costs"
     if any("f_linear_ms" in r for r in _rows(data)):
         return "cpu_linear"
+    if "target_ms" in data and "draft_ms" in data or str(data.get("what", "")).startswith("batch benchmark"):
+        return "batch"
     return "generic"
 
 

@@ -13,12 +13,18 @@ from transformers import LogitsProcessorList
 from ouroboros.core.config import DRAFT_METHODS, METHODS, resolve_config
 from ouroboros.core.guard import acquire
 from ouroboros.core.sampling import make_sampler
-from ouroboros.decoding.batch import BatchStats, decode_batch
+from ouroboros.decoding.batch import (
+    BatchStats,
+    decode_batch,
+    decode_batch_on_device,
+    runs_on_device,
+)
 from ouroboros.decoding.loop import decode
 from ouroboros.decoding.stats import GenerationStats
 from ouroboros.drafting.gpu_pool import GpuPhrasePool
 from ouroboros.drafting.pool import PhrasePool
 from ouroboros.hf.support import check_model as _check_model
+from ouroboros.tuning.batch_plan import default_batch_plan
 
 __all__ = ["generate", "stream"]
 
@@ -161,6 +167,17 @@ def _prepare(target, draft, prompts: list[list[int]], max_new_tokens, method, po
     return cfg, (pool if uses_pool else None)
 
 
+def _batch_on_device(asked: bool | None, method: str, cfg, pool, sampler, stop_rows) -> bool:
+    """Whether a batch runs the batched device cycle; ValueError when ``fast=True`` was asked for a batch it cannot
+    run (rather than silently running something else)."""
+    ok = stop_rows is None and runs_on_device(method, cfg, pool, sampler)
+    if asked and not ok:
+        raise ValueError("fast=True with a batch runs the batched device cycle: greedy method='ouroboros' with a "
+                         "device pool (pool_device or a GpuPhrasePool), window=0, guess_set >= 1, no processors "
+                         "and no stop_rows; other batches run the host loop (fast=False)")
+    return ok
+
+
 def stream(target, draft=None, input_ids=None, attention_mask=None, *, max_new_tokens: int, method: str = "ouroboros",
            pool: PhrasePool | None = None, gamma: int | None = None, ngram: int | None = None,
            window: int | None = None, guess_set: int | None = None, topk: int | None = None,
@@ -187,8 +204,8 @@ def stream(target, draft=None, input_ids=None, attention_mask=None, *, max_new_t
     if scores_out is not None and not isinstance(scores_out, list):
         raise ValueError(f"scores_out must be a list or None, got {type(scores_out).__name__}")
     many = len(prompts) > 1
-    if many and (fast or scores_out is not None or compile):
-        raise ValueError("a batch runs on the host loop: fast=True, compile=True and scores_out need one prompt")
+    if many and (scores_out is not None or compile):
+        raise ValueError("compile=True and scores_out need one prompt (a batch runs without them)")
     if (row_logits_processors is not None or stop_rows is not None) and not many:
         raise ValueError("row_logits_processors and stop_rows are for a batch of several prompts")
     if row_logits_processors is not None and (len(row_logits_processors) != len(prompts) or logits_processor):
@@ -199,10 +216,23 @@ def stream(target, draft=None, input_ids=None, attention_mask=None, *, max_new_t
         sampler = [make_sampler(do_sample, temperature, top_k, top_p, min_p, repetition_penalty, procs, generator)
                    for procs in row_logits_processors]
     eos = _eos_set(target, eos_token_id)
+    plan = None
+    if many and method in DRAFT_METHODS and gamma is None and adaptive is None:   # the draft length for this B
+        plan = default_batch_plan(target.device.type, len(prompts), cfg)
+        method, cfg = (method, plan.config) if plan.speculate else ("greedy", cfg)
+        draft_sampling = draft_sampling and plan.speculate
+    asked, fast = fast, (target.device.type == "cuda") if fast is None else fast
+    on_device = many and fast and _batch_on_device(asked, method, cfg, pool, sampler, stop_rows)
     # one call per model/pool at a time (ouroboros.core.guard)
     with acquire(target, draft if method in DRAFT_METHODS else None, pool), torch.inference_mode():
         if many:
             stats = stats if stats is not None else BatchStats()
+            stats.plan = plan
+        if on_device:
+            yield from decode_batch_on_device(target, draft, prompts, cfg=cfg, max_new_tokens=max_new_tokens,
+                                              eos=eos, pool=pool, stats=stats)
+            return
+        if many:
             yield from decode_batch(target, draft, prompts, method=method, cfg=cfg, max_new_tokens=max_new_tokens,
                                     eos=eos, pool=pool.host if isinstance(pool, GpuPhrasePool) else pool,
                                     stats=stats, sampler=sampler, draft_sampling=draft_sampling,
@@ -212,7 +242,7 @@ def stream(target, draft=None, input_ids=None, attention_mask=None, *, max_new_t
         stats.method, stats.config = method, cfg.as_dict()
         yield from decode(target, draft, prompts[0], method=method, cfg=cfg, max_new_tokens=max_new_tokens,
                           eos=eos, pool=pool, stats=stats,
-                          fast=(target.device.type == "cuda") if fast is None else fast, compile=compile,
+                          fast=fast, compile=compile,
                           sampler=sampler, draft_sampling=draft_sampling, scores_out=scores_out)
 
 
@@ -245,8 +275,10 @@ def generate(target, draft=None, input_ids=None, attention_mask=None, *, max_new
     adaptive : draft length follows acceptance, starting at ``gamma`` (default True; False keeps it fixed).
     eos_token_id : stop after this token (or any of these); default: the target's ``generation_config``.
     on_tokens : called with each cycle's new tokens (streaming); for a batch with ``(row, tokens)``.
-    fast : the static-cache step path with CUDA graphs per tree-size bucket (default: on for CUDA models with one
-        prompt; a batch runs the host loop, one forward per model and step for all rows).
+    fast : the static-cache step path with CUDA graphs per tree-size bucket (default: on for CUDA models). A batch
+        runs the host loop (one forward per model and step for all rows), or with ``fast`` and greedy "ouroboros"
+        on a device pool (no window) the batched device cycle (:mod:`ouroboros.decoding.batch_cycle`: one graph and
+        one read per cycle for all rows); ``fast=True`` on a batch that cannot run there is a ValueError.
     compile : with ``fast``, run the tree forwards through ``torch.compile`` inside the graphs (default: the
         ``OUROBOROS_COMPILE`` environment variable, off unless it is 1). The first call per tree size compiles.
     pool_device : keep a fresh pool on this device (a :class:`GpuPhrasePool`; default for "ouroboros" on a CUDA

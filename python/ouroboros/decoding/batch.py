@@ -21,12 +21,17 @@ import torch
 from ouroboros.core.config import DRAFT_METHODS, DecodeConfig
 from ouroboros.core.sampling import TreeSampler
 from ouroboros.core.tokentree import TokenTree
+from ouroboros.decoding.batch_cycle import BatchDeviceCycle
 from ouroboros.decoding.loop import decode_on, draft_sampler_for
 from ouroboros.decoding.stats import GenerationStats
+from ouroboros.drafting.gpu_pool import GpuPhrasePool
 from ouroboros.drafting.pool import PhrasePool
 from ouroboros.hf.batch_model import BatchModel
+from ouroboros.hf.batch_static_runner import BatchStaticRunner
+from ouroboros.tuning.batch_plan import BatchPlan
 
-__all__ = ["BatchScheduler", "BatchStats", "RowRunner", "decode_batch"]
+__all__ = ["BatchScheduler", "BatchStats", "RowRunner", "decode_batch", "decode_batch_on_device",
+           "runs_on_device"]
 
 
 class _Aborted(Exception):
@@ -42,6 +47,7 @@ class BatchStats:
     draft_forwards: int = 0           # batched draft forwards (prefill included)
     target_row_tokens: int = 0        # tree tokens the target ran, summed over rows (pads excluded)
     time_total: float = 0.0
+    plan: BatchPlan | None = None     # the draft length chosen for this batch size, or why it decoded plainly
 
     @property
     def tokens(self) -> int:
@@ -55,7 +61,9 @@ class BatchStats:
         """Totals and per-row summaries as a JSON-ready dict."""
         return {"tokens": self.tokens, "target_forwards": self.target_forwards, "draft_forwards": self.draft_forwards,
                 "target_row_tokens": self.target_row_tokens, "time_total": self.time_total,
-                "tokens_per_second": self.tokens_per_second, "rows": [s.summary() for s in self.rows]}
+                "tokens_per_second": self.tokens_per_second,
+                "plan": self.plan.as_dict() if self.plan is not None else None,
+                "rows": [s.summary() for s in self.rows]}
 
 
 class RowRunner:
@@ -248,3 +256,50 @@ def decode_batch(target, draft, prompts: Sequence[Sequence[int]], *, method: str
         stats.target_forwards, stats.target_row_tokens = tgt.forwards, tgt.row_tokens
         stats.draft_forwards = drf.forwards if drf else 0
         stats.time_total = time.perf_counter() - t0
+
+
+def runs_on_device(method: str, cfg: DecodeConfig, pool, sampler) -> bool:
+    """Whether a batch can run as :class:`BatchDeviceCycle` cycles: greedy ouroboros (no processors) with a device
+    pool, pooled guesses (G >= 1) and no Jacobi window."""
+    return (method == "ouroboros" and isinstance(pool, GpuPhrasePool) and sampler is None and cfg.window == 0
+            and cfg.guess_set >= 1)
+
+
+def _batch_cycle(target, draft, rows: int, width: int, pool: GpuPhrasePool, cfg: DecodeConfig,
+                 eos: frozenset[int]) -> BatchDeviceCycle:
+    """The batched cycle kept on ``target`` (with its runners and captured graphs) when it serves ``rows`` rows of
+    ``width`` tokens with these settings; else a new one replacing it (one kept per target: static caches are
+    large)."""
+    cycle = getattr(target, "_ouroboros_batch_cycle", None)
+    slots = -(-(width + 2 * cfg.max_gamma * cfg.ngram + 64) // 256) * 256
+    if (cycle is not None and cycle.rows == rows and cycle.tgt.cache.max_len >= slots
+            and cycle.fits(cycle.tgt, cycle.drf, pool, cfg, eos) and cycle.drf.model is draft):
+        return cycle
+    target._ouroboros_batch_cycle = None               # free the old caches before building new ones
+    tgt = BatchStaticRunner(target, rows, slots)
+    drf = BatchStaticRunner(draft, rows, slots + 2 * cfg.max_gamma * cfg.ngram + 64)
+    target._ouroboros_batch_cycle = cycle = BatchDeviceCycle(tgt, drf, pool, cfg, eos)
+    return cycle
+
+
+def decode_batch_on_device(target, draft, prompts: Sequence[Sequence[int]], *, cfg: DecodeConfig,
+                           max_new_tokens: int, eos: frozenset[int], pool: GpuPhrasePool,
+                           stats: BatchStats) -> Iterator[tuple[int, list[int]]]:
+    """Greedy ouroboros on a batch as :class:`BatchDeviceCycle` cycles (one graph and one read per cycle for the
+    whole batch): yields ``(row, tokens)`` per cycle, rows in order, until every row ends. Each row is token for
+    token the target's greedy output for that prompt (up to float rounding of the batched forward)."""
+    t0 = time.perf_counter()
+    cycle = _batch_cycle(target, draft, len(prompts), max(len(p) for p in prompts) + max_new_tokens, pool, cfg, eos)
+    for r in (cycle.tgt, cycle.drf):
+        r.reset()
+    stats.rows = [GenerationStats(method="ouroboros", config=cfg.as_dict(), device_cycle=True) for _ in prompts]
+    lookups0, hits0 = pool.stats.lookups, pool.stats.hits
+    try:
+        for step in cycle.generate(prompts, max_new_tokens, stats.rows, pool=pool):
+            yield from step
+    finally:
+        stats.target_forwards, stats.draft_forwards = cycle.tgt.forwards, cycle.drf.forwards
+        stats.target_row_tokens = sum(c["tree_size"] for s in stats.rows for c in s.trace)
+        stats.time_total = time.perf_counter() - t0
+        for s in stats.rows:
+            s.pool_lookups, s.pool_hits = pool.stats.lookups - lookups0, pool.stats.hits - hits0

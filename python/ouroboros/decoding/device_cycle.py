@@ -24,13 +24,14 @@ replay of the graph captured for that forward count; elsewhere the same code eag
 from __future__ import annotations
 
 import time
-import warnings
 from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ouroboros.core.config import DecodeConfig
+from ouroboros.decoding.cycle_graphs import CycleGraphs
+from ouroboros.decoding.stats import count_cycle
 from ouroboros.drafting.device_drafter import DeviceDrafter, FixedTree
 from ouroboros.drafting.gpu_pool import GpuPhrasePool
 from ouroboros.hf.static_runner import StaticRunner
@@ -87,16 +88,12 @@ class DeviceCycle:
         self._ar_g = torch.arange(cfg.max_gamma, device=dev)
         self._ar_e = torch.arange(self.emax, device=dev)
         self._ar_n = torch.arange(n1, device=dev)
-        self.use_graphs = (dev.type == "cuda") if use_graphs is None else use_graphs
-        self._graphs: dict[tuple, tuple] = {}                   # (draft forwards, forced?) -> (graph, block)
-        self._warm: set[tuple] = set()
+        # (draft forwards, forced?) -> the captured cycle
+        self.graphs = CycleGraphs(dev, (dev.type == "cuda") if use_graphs is None else use_graphs, (target, draft))
         self._forced: torch.Tensor | None = None                # replay: (cycles, 3) recorded cut, trunk, branch
         self._forced_buf = torch.zeros(0, 3, dtype=long, device=dev)   # its storage (graphs read it: grown only)
         self._forced_at = torch.zeros((), dtype=long, device=dev)
         self._state: tuple = ()                                # data pointers the captured graphs read
-        self._mempool = None
-        self._pinned = None
-        self.cycles_replayed = 0
 
     def fits(self, target, draft, pool, cfg: DecodeConfig, eos: frozenset[int]) -> bool:
         """True if this cycle serves a generation with these runners, settings and a pool of its layout."""
@@ -200,46 +197,17 @@ class DeviceCycle:
         self.pool.insert_many(torch.where(ok, seq[i.clamp(min=0)], -1), grams)
 
     # ---- the host loop -----------------------------------------------------------------------------------------
+    @property
+    def use_graphs(self) -> bool:
+        return self.graphs.use_graphs
+
+    @property
+    def cycles_replayed(self) -> int:
+        return self.graphs.replayed
+
     def _run(self, forwards: int) -> list[int]:
         """Run one cycle (a graph replay when captured) and read its block: the cycle's one host read."""
-        if not self.use_graphs:
-            return self._cycle(forwards).tolist()
-        key = (forwards, self._forced is not None)
-        entry = self._graphs.get(key)
-        if entry is None and key in self._warm:
-            entry = self._capture(key)
-        if entry is None:                       # first use of this count: run eagerly (kernels compile, tables build)
-            self._warm.add(key)
-            block = self._cycle(forwards)
-        else:
-            graph, block = entry
-            graph.replay()
-            self.cycles_replayed += 1
-        if self._pinned is None:
-            self._pinned = torch.empty(self.block_len, dtype=torch.long, pin_memory=True)
-            self._view = self._pinned.numpy()
-        self._pinned.copy_(block, non_blocking=True)
-        torch.cuda.current_stream(self.device).synchronize()
-        return self._view.tolist()
-
-    def _capture(self, key: tuple[int, bool]):
-        """Capture a whole cycle of ``key[0]`` draft forwards (replaying, ``key[1]``); None (and graphs off) if it
-        cannot be captured."""
-        if self._mempool is None:
-            self._mempool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        self.tgt.inside_capture = self.drf.inside_capture = True
-        try:
-            with torch.cuda.graph(graph, pool=self._mempool):
-                block = self._cycle(key[0])
-        except Exception as err:  # noqa: BLE001 - a model or kernel that syncs cannot be captured: run eagerly
-            warnings.warn(f"capturing the device cycle failed ({type(err).__name__}: {err}); running it eagerly")
-            self.use_graphs = False
-            return None
-        finally:
-            self.tgt.inside_capture = self.drf.inside_capture = False
-        self._graphs[key] = (graph, block)
-        return self._graphs[key]
+        return self.graphs.run((forwards, self._forced is not None), lambda: self._cycle(forwards))
 
     def _start(self, prompt: Sequence[int], max_new_tokens: int) -> None:
         """Load a generation: the state tensors in place (the captured graphs read them), the caches prefilled."""
@@ -257,7 +225,7 @@ class DeviceCycle:
         state = (self.seq.data_ptr(), *(t.data_ptr() for t in self.pool.tensors),
                  *(t.data_ptr() for r in (self.tgt, self.drf) if r.cache.stacked for t in r.cache.stacked))
         if state != self._state:                # a buffer the captured graphs read was replaced (grown, cleared)
-            self._graphs.clear()
+            self.graphs.clear()
             self._state = state
 
     @torch.inference_mode()
@@ -281,7 +249,7 @@ class DeviceCycle:
         if self._forced_buf.shape[0] < rows.shape[0]:
             self._forced_buf = torch.zeros(max(rows.shape[0], 2 * self._forced_buf.shape[0]), 3, dtype=torch.long,
                                            device=self.device)
-            self._graphs = {k: v for k, v in self._graphs.items() if not k[1]}      # they read the old buffer
+            self.graphs.clear(keep=lambda k: not k[1])                               # they read the old buffer
         self._forced_buf[:rows.shape[0]].copy_(rows)
         self._forced = self._forced_buf
         self._forced_at.zero_()
@@ -326,7 +294,7 @@ class DeviceCycle:
             new = block[len(BLOCK_FIELDS):len(BLOCK_FIELDS) + c["emitted"]]
             self.drafter.observe(c["drafted"], c["lived"])
             if stats is not None:
-                _count(stats, c, f, gamma, self.cfg.ngram - 1)
+                count_cycle(stats, c, f, gamma, self.cfg.ngram - 1)
             gamma = c["gamma"]
             produced += len(new)
             if stats is not None:
@@ -336,16 +304,3 @@ class DeviceCycle:
             if c["done"]:
                 break
 
-
-def _count(stats, c: dict, forwards: int, gamma: int, n1: int) -> None:
-    """Add one cycle's read counts to ``stats`` (a GenerationStats)."""
-    stats.cycles += 1
-    stats.target_forwards += 1
-    stats.draft_forwards += forwards
-    stats.draft_tokens += c["drafted"]
-    stats.guess_accepted += c["drafted"] - c["lived"]
-    stats.trunk_accepted += c["trunk_accepted"]
-    stats.branch_accepted += c["branch_accepted"]
-    stats.trace.append({"tree_size": 1 + c["draft_len"] + n1 * c["suffixes"], "accepted": c["emitted"],
-                        "verified": c["verified"], "draft_len": c["draft_len"], "gamma": gamma,
-                        "draft_forwards": forwards})

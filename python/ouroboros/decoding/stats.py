@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["GenerationStats", "record_pool_stats"]
+__all__ = ["GenerationStats", "record_pool_stats", "count_cycle"]
 
 
 @dataclass
@@ -69,3 +69,18 @@ def record_pool_stats(stats: GenerationStats, pool, lookups0: int, hits0: int) -
     ``stats``."""
     stats.pool_size, stats.pool_keys, stats.pool_bytes = len(pool), pool.num_keys(), pool.nbytes()
     stats.pool_lookups, stats.pool_hits = pool.stats.lookups - lookups0, pool.stats.hits - hits0
+
+
+def count_cycle(stats: GenerationStats, c: dict, forwards: int, gamma: int, n1: int) -> None:
+    """Add one device cycle's read counts ``c`` (the block's fields by name) to ``stats``: one target forward,
+    ``forwards`` draft forwards, and the cycle's trace entry (tree of ``1 + draft_len + n1 * suffixes`` nodes)."""
+    stats.cycles += 1
+    stats.target_forwards += 1
+    stats.draft_forwards += forwards
+    stats.draft_tokens += c["drafted"]
+    stats.guess_accepted += c["drafted"] - c["lived"]
+    stats.trunk_accepted += c["trunk_accepted"]
+    stats.branch_accepted += c["branch_accepted"]
+    stats.trace.append({"tree_size": 1 + c["draft_len"] + n1 * c["suffixes"], "accepted": c["emitted"],
+                        "verified": c["verified"], "draft_len": c["draft_len"], "gamma": gamma,
+                        "draft_forwards": forwards})

@@ -1,12 +1,13 @@
 """The drafting rule every drafter follows (SPEC §2 steps 1-2): :class:`Draft` and the :class:`Drafter` interface."""
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 from ouroboros.core.stops import clip_at_stop
 
-__all__ = ["Draft", "Drafter"]
+__all__ = ["Draft", "Drafter", "YieldBudget"]
 
 
 @dataclass
@@ -79,3 +80,26 @@ class Drafter(ABC):
     @abstractmethod
     def _end(self, phase) -> Draft:
         """The phase's draft (cut), suffixes and counts; the runner's host state made current."""
+
+
+class YieldBudget:
+    """The forward budget of a drafter that cannot stop a phase early (it reads the host once per phase, or not at
+    all): ``gamma`` tokens take ``ceil(gamma / rate)`` forwards at the yield seen so far in this generation (tokens
+    per forward that counted; 2 before any), between 1 and gamma."""
+
+    drafted_seen: int = 0
+    lived_seen: int = 0
+
+    def budget(self, gamma: int) -> int:
+        """The forwards a phase aiming at ``gamma`` tokens runs."""
+        rate = (self.drafted_seen + 2) / (self.lived_seen + 1)
+        return max(1, min(gamma, math.ceil(gamma / rate)))
+
+    def observe(self, drafted: int, lived: int) -> None:
+        """Add a phase's read counts (tokens drafted, forwards that counted) to the yield :meth:`budget` follows."""
+        self.drafted_seen += drafted
+        self.lived_seen += lived
+
+    def forget_yield(self) -> None:
+        """A new generation: the yield seen so far is forgotten."""
+        self.drafted_seen = self.lived_seen = 0

@@ -18,7 +18,6 @@ before any), at most gamma: it follows the cycle's adaptive gamma.
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
@@ -27,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ouroboros.core.buckets import bucket
-from ouroboros.drafting.base import Draft, Drafter
+from ouroboros.drafting.base import Draft, Drafter, YieldBudget
 from ouroboros.drafting.gpu_pool import GpuPhrasePool
 from ouroboros.drafting.window import initial_columns
 from ouroboros.hf.static_runner import StaticRunner
@@ -112,7 +111,7 @@ class DeviceDraft(NamedTuple):
     valid: torch.Tensor         # (K,) bool
 
 
-class DeviceDrafter(Drafter):
+class DeviceDrafter(YieldBudget, Drafter):
     """Drafts on ``runner`` with ``pool``; owns the window (a device tensor) for one generation.
 
     ``ngram``, ``window``, ``guess_set``, ``topk``: N, W, G, K of SPEC §2 (W + G >= 1); ``context`` seeds the window
@@ -139,25 +138,13 @@ class DeviceDrafter(Drafter):
         self._eos = torch.tensor(sorted(self.eos), dtype=torch.long, device=dev)
         self._pos = torch.arange(ngram, device=dev)
         self._layouts: dict[int, _Layout] = {}
-        self._drafted = self._lived = 0          # the yield so far (host ints, from the reads)
 
     def restart(self, context: Sequence[int], seed: int = 0) -> None:
         """Start a new generation after ``context``: the window re-seeded (in place) and the yield forgotten."""
         if self.w:
             cols = initial_columns(self.n1 + 1, self.w, context, seed)
             self.columns.copy_(torch.tensor(cols, dtype=torch.long).view(self.w, self.n1))
-        self._drafted = self._lived = 0
-
-    def budget(self, gamma: int) -> int:
-        """The forwards ``gamma`` tokens take at the yield so far (tokens per live forward; 2 before any phase),
-        between 1 and gamma."""
-        rate = (self._drafted + 2) / (self._lived + 1)
-        return max(1, min(gamma, math.ceil(gamma / rate)))
-
-    def observe(self, drafted: int, lived: int) -> None:
-        """Add a phase's read counts to the yield :meth:`budget` follows."""
-        self._drafted += drafted
-        self._lived += lived
+        self.forget_yield()
 
     def _layout(self, slots: int) -> _Layout:
         if slots not in self._layouts:
