@@ -1,0 +1,101 @@
+"""Pool mode (model-free): phrases keyed by the last 1..``orders`` tokens of context, harvested from each request's
+own history and, shared across requests, from every request's output; a row's chain follows the longest context that
+the pools know.
+
+A key of one token is the token id itself (what :class:`~ouroboros.drafting.host_drafter.HostDrafter` looks up, so
+draft mode reads the same pools); a longer context is hashed to a negative int (a fixed polynomial hash, the same in
+every process, so a saved pool stays valid)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from ouroboros.drafting.pool import PhrasePool
+
+__all__ = ["context_key", "harvest", "MergedPool", "pool_chain", "HistoryPools", "OWN_POOL_BYTES"]
+
+OWN_POOL_BYTES = 4 << 20          # one request's own-history pool (the shared pool has its own budget)
+_MOD = (1 << 61) - 1
+
+
+def context_key(context: Sequence[int]) -> int:
+    """The pool key of ``context`` (1+ token ids): the id itself for one token, else a negative hash that differs
+    between orders."""
+    if len(context) == 1:
+        return int(context[0])
+    h = len(context)
+    for t in context:
+        h = (h * 1_000_003 + int(t) + 1) % _MOD
+    return -1 - h
+
+
+def harvest(pool: PhrasePool, tokens: Sequence[int], start: int, orders: int) -> int:
+    """Insert into ``pool`` every phrase of ``tokens`` whose key token sits at index >= ``start``: for a key token at
+    index i, the phrase ``tokens[i+1 : i+N]`` under the contexts ``tokens[i-o+1 : i+1]`` for o = 1..``orders`` (those
+    that fit), left to right. Returns the first key index not harvested yet (what ``start`` is next time)."""
+    n = pool.phrase_len
+    stop = len(tokens) - n
+    for i in range(max(start, 0), stop):
+        phrase = tokens[i + 1:i + 1 + n]
+        for o in range(1, min(orders, i + 1) + 1):
+            pool.insert(context_key(tokens[i - o + 1:i + 1]), phrase)
+    return max(start, stop)
+
+
+@dataclass
+class MergedPool:
+    """One request's view of the pools: its own history first, then the shared output pool (a lookup merges them,
+    duplicates dropped); the lookup interface of :class:`PhrasePool`, for the drafter."""
+
+    own: PhrasePool
+    shared: PhrasePool
+
+    @property
+    def phrase_len(self) -> int:
+        return self.own.phrase_len
+
+    def lookup(self, key: int, k: int | None = None) -> list[tuple[int, ...]]:
+        """Up to ``k`` phrases of ``key``: the own pool's newest first, then the shared pool's not seen yet."""
+        out = self.own.lookup(key, k)
+        for phrase in self.shared.lookup(key, k):
+            if phrase not in out:
+                out.append(phrase)
+        return out if k is None else out[:k]
+
+
+def pool_chain(pools: MergedPool, tokens: Sequence[int], k: int, orders: int, min_order: int) -> list[int]:
+    """The chain pool mode proposes after ``tokens``: phrase after phrase, each the newest one under the longest
+    context (``orders`` tokens down to ``min_order``) that either pool knows, own history first; at most ``k``
+    tokens, [] when no context of at least ``min_order`` tokens is known."""
+    chain: list[int] = []
+    context = [int(t) for t in tokens[-orders:]]
+    while len(chain) < k:
+        phrase = None
+        for o in range(min(orders, len(context)), min_order - 1, -1):
+            found = pools.lookup(context_key(context[-o:]), 1)
+            if found:
+                phrase = found[0]
+                break
+        if phrase is None:
+            break
+        chain.extend(phrase)
+        context = (context + list(phrase))[-orders:]
+    return chain[:k]
+
+
+class HistoryPools:
+    """One request's own pool and the harvest bookkeeping: its prompt and output go into its own pool, its output
+    also into the shared pool (the phrases keyed at the prompt's last token onwards: ``tokens``, as first seen, is
+    the prompt plus the first token vLLM sampled)."""
+
+    def __init__(self, shared: PhrasePool, tokens: Sequence[int], orders: int) -> None:
+        own = PhrasePool(ngram=shared.ngram, guess_set=shared.guess_set, max_bytes=OWN_POOL_BYTES)
+        self.pools = MergedPool(own, shared)
+        self.orders = orders
+        self.own_next = 0
+        self.shared_next = max(len(tokens) - 2, 0)
+
+    def update(self, tokens: Sequence[int]) -> None:
+        """Harvest what ``tokens`` (the request's whole history now) adds since the last update."""
+        self.own_next = harvest(self.pools.own, tokens, self.own_next, self.orders)
+        self.shared_next = harvest(self.pools.shared, tokens, self.shared_next, self.orders)

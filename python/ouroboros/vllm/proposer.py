@@ -1,0 +1,138 @@
+"""``OuroborosProposer``: ouroboros as a vLLM V1 speculative proposer (``method="custom_class"``).
+
+The contract (read off vLLM 0.32.0, ``v1/worker/gpu_model_runner.py`` and ``v1/spec_decode/custom_class_proposer.py``;
+the CPU runner ``v1/worker/cpu_model_runner.py`` calls ``load_model`` with no hasattr check): ``cls(vllm_config)``,
+``load_model(target_model)``, then once per engine step ``propose(sampled_token_ids, num_tokens_no_spec,
+token_ids_cpu, slot_mappings=None)`` for every running request: row i's history is
+``token_ids_cpu[i, :num_tokens_no_spec[i]]``, ``sampled_token_ids[i]`` this step's accepted tokens plus the bonus
+token ([] for a request still in prefill). It returns one chain per row, at most ``num_speculative_tokens`` long.
+vLLM verifies the chains itself (greedy or its rejection sampler), so the output never depends on what is proposed.
+This module imports no vllm: the config is read by attribute.
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ouroboros.drafting.pool import PhrasePool
+from ouroboros.vllm.chains import HistoryPools, pool_chain
+from ouroboros.vllm.draft_mode import DraftRequest, load_draft
+from ouroboros.vllm.requests import RequestTable
+from ouroboros.vllm.settings import PREFIX, ProposerSettings
+
+__all__ = ["OuroborosProposer", "load_shared_pool"]
+
+log = logging.getLogger(__name__)
+
+
+def load_shared_pool(settings: ProposerSettings) -> PhrasePool:
+    """The shared pool: read from ``settings.pool_file`` when it exists (``ValueError`` naming
+    ``OUROBOROS_VLLM_POOL`` when it is not a pool file, or one of another n-gram size than ``OUROBOROS_VLLM_NGRAM``),
+    else a new empty one."""
+    path = settings.pool_file
+    if path is None or not path.exists():
+        return PhrasePool(ngram=settings.ngram, guess_set=settings.guess_set, max_bytes=settings.pool_bytes)
+    try:
+        pool = PhrasePool.load(path)
+    except Exception as err:  # torch.load raises many kinds for a file that is not a pool
+        raise ValueError(f"{PREFIX}POOL={str(path)!r} cannot be read as a phrase pool: {err}") from err
+    if pool.ngram != settings.ngram:
+        raise ValueError(f"{PREFIX}POOL={str(path)!r} holds {pool.ngram}-grams but {PREFIX}NGRAM={settings.ngram}")
+    return pool
+
+
+class _Request:
+    """What the proposer keeps per request: its pools, and in draft mode its draft state."""
+
+    def __init__(self, pools: HistoryPools, draft: DraftRequest | None) -> None:
+        self.pools, self.draft = pools, draft
+
+
+class OuroborosProposer:
+    """A vLLM proposer in one of two modes (``OUROBOROS_VLLM_MODE``, :mod:`ouroboros.vllm.settings`):
+
+    - **pool**: the chain out of the phrase pools (the request's own history; every request's output, shared);
+    - **draft**: the draft model's phrase-level draft (pooled phrases verified in each draft forward, adaptive
+      length), its KV cache kept per request.
+
+    Guarantees: every chain has at most ``num_speculative_tokens`` tokens and never runs past ``max_model_len``; per
+    request state is found by content and freed when its request is no longer running; bad settings raise
+    ``ValueError`` naming the variable here, in the constructor, not inside a step.
+    """
+
+    def __init__(self, vllm_config, env: dict | None = None) -> None:
+        self.settings = ProposerSettings.from_env(env)
+        spec = vllm_config.speculative_config
+        self.k = int(spec.num_speculative_tokens)
+        self.max_model_len = int(vllm_config.model_config.max_model_len)
+        self.shared = load_shared_pool(self.settings)
+        self.draft_model = None
+        if self.settings.mode == "draft":
+            self.draft_model = load_draft(self.settings.draft, self.settings.draft_quant,
+                                          int(vllm_config.model_config.get_vocab_size()))
+        self.table: RequestTable[_Request] = RequestTable(self._new_request)
+        self.steps = self.proposed = 0
+        self._saved_at = time.monotonic()
+        if self.settings.pool_file is not None:
+            atexit.register(self.save_pool)
+
+    def load_model(self, target_model) -> None:
+        """Called by vLLM with the target once it is loaded; the proposer needs nothing from it."""
+
+    def _new_request(self, tokens: np.ndarray) -> _Request:
+        pools = HistoryPools(self.shared, tokens, self.settings.orders)
+        draft = None
+        if self.draft_model is not None:
+            draft = DraftRequest(self.draft_model, pools.pools, self.settings.guess_set, self.k)
+        return _Request(pools, draft)
+
+    def propose(self, sampled_token_ids: Sequence[Sequence[int]], num_tokens_no_spec: np.ndarray,
+                token_ids_cpu: np.ndarray, slot_mappings=None) -> list[list[int]]:
+        """One chain per row (see the module docstring); [] for a row in prefill or at ``max_model_len``."""
+        histories = []
+        for i, sampled in enumerate(sampled_token_ids):
+            n = int(num_tokens_no_spec[i])
+            histories.append(token_ids_cpu[i, :n] if len(sampled) and n < self.max_model_len else None)
+        before = self.table.freed
+        states = self.table.step(histories)
+        out: list[list[int]] = []
+        for state, row in zip(states, histories):
+            if state is None:
+                out.append([])
+                continue
+            tokens = row.tolist()
+            state.data.pools.update(tokens)
+            k = min(self.k, self.max_model_len - len(tokens))
+            if state.data.draft is not None:
+                chain = state.data.draft.propose(tokens, k)
+            else:
+                chain = pool_chain(state.data.pools.pools, tokens, k, self.settings.orders, min_order=1)
+            out.append([int(t) for t in chain[:k]])
+        self.steps += 1
+        self.proposed += sum(len(c) for c in out)
+        if self.table.freed > before:
+            self._maybe_save()
+        return out
+
+    def _maybe_save(self) -> None:
+        if self.settings.pool_file is None:
+            return
+        if time.monotonic() - self._saved_at >= self.settings.pool_save_seconds:
+            self.save_pool()
+
+    def save_pool(self, path: str | Path | None = None) -> None:
+        """Write the shared pool to ``path`` (default ``OUROBOROS_VLLM_POOL``) atomically (a temporary file
+        renamed over it); without either, nothing."""
+        path = Path(path) if path is not None else self.settings.pool_file
+        if path is None:
+            return
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        self.shared.save(tmp)
+        os.replace(tmp, path)
+        self._saved_at = time.monotonic()
