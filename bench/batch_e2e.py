@@ -12,13 +12,13 @@ HF's batched rows (and the first differing position where not), forwards, and th
 """
 from __future__ import annotations
 
-import argparse
 import time
 from types import SimpleNamespace
 
 import ouroboros
 import torch
 
+from bench.batch_forward_costs import pair_parser
 from bench.common import RESULTS, loadavg, machine_info, utc_now, write_json
 from bench.e2e_setup import load_models, load_prompt_ids
 from ouroboros.core.config import CPU_DEFAULTS
@@ -122,15 +122,11 @@ def plans(sizes: list[int]) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--pair", default="qwen2.5-coder-1.5b/0.5b")
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--draft-quant", default="auto")
+    ap = pair_parser(__doc__)
     ap.add_argument("--datasets", default="humaneval,gsm8k")
     ap.add_argument("--batch-sizes", default="1,2,4,8")
     ap.add_argument("--methods", default="speculative,ouroboros")
     ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.threads:

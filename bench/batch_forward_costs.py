@@ -60,16 +60,22 @@ def measure(model, rows: int, tokens: list[int], prefix: int, repeats: int) -> d
     return out
 
 
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def pair_parser(doc: str) -> argparse.ArgumentParser:
+    """A parser with the pair options the batch benchmarks share: --pair, --dtype, --draft-quant, --threads."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
     ap.add_argument("--pair", default="qwen2.5-coder-1.5b/0.5b")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--draft-quant", default="auto")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = pair_parser(__doc__)
     ap.add_argument("--sizes", default="1,2,4,8")
     ap.add_argument("--tokens", default="1,2,4,8,16,32")
     ap.add_argument("--prefix", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--out", default=str(RESULTS / "cpu_batch_costs.json"))
     ap.add_argument("--write-data", action="store_true", help="also write the package copy the planner reads")
     args = ap.parse_args(argv)
