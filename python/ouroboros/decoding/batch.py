@@ -23,7 +23,7 @@ from ouroboros.core.sampling import TreeSampler
 from ouroboros.core.tokentree import TokenTree
 from ouroboros.decoding.batch_cycle import BatchDeviceCycle
 from ouroboros.decoding.loop import decode_on, draft_sampler_for
-from ouroboros.decoding.stats import GenerationStats
+from ouroboros.decoding.stats import GenerationStats, record_pool_stats
 from ouroboros.drafting.gpu_pool import GpuPhrasePool
 from ouroboros.drafting.pool import PhrasePool
 from ouroboros.hf.batch_model import BatchModel
@@ -301,5 +301,5 @@ def decode_batch_on_device(target, draft, prompts: Sequence[Sequence[int]], *, c
         stats.target_forwards, stats.draft_forwards = cycle.tgt.forwards, cycle.drf.forwards
         stats.target_row_tokens = sum(c["tree_size"] for s in stats.rows for c in s.trace)
         stats.time_total = time.perf_counter() - t0
-        for s in stats.rows:
-            s.pool_lookups, s.pool_hits = pool.stats.lookups - lookups0, pool.stats.hits - hits0
+        for s in stats.rows:                  # one pool serves every row: each row reports the shared pool
+            record_pool_stats(s, pool, lookups0, hits0)
