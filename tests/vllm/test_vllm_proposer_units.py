@@ -14,6 +14,7 @@ from conftest import VOCAB, loop_greedy, make_model, make_tokenizer
 from ouroboros.drafting.pool import PhrasePool
 from ouroboros.vllm import OuroborosProposer, ProposerSettings
 from ouroboros.vllm.chains import MergedPool, context_key, harvest, pool_chain
+from ouroboros.vllm.draft_mode import BatchDraft
 from ouroboros.vllm.requests import RequestTable
 
 MAX_LEN = 256
@@ -172,6 +173,41 @@ def test_draft_mode_with_the_target_as_draft_is_nearly_always_accepted(tmp_path)
     assert out == [loop_greedy(target, p, 24) for p in _prompts()]
     assert proposed > 0 and accepted >= 0.95 * proposed
     assert proposer.table.created == len(_prompts())
+
+
+def _pools() -> MergedPool:
+    return MergedPool(PhrasePool(ngram=4, guess_set=3), PhrasePool(ngram=4, guess_set=3))
+
+
+def test_draft_mode_drafts_every_request_in_one_batch_as_it_would_alone():
+    draft = make_model("llama", seed=3)
+    histories = [p + [5] for p in _prompts()]
+    shared = BatchDraft(draft, guess_set=3)
+    requests = [shared.new_request(_pools(), 4) for _ in histories]
+    singles = [BatchDraft(draft, guess_set=3) for _ in histories]
+    single_requests = [s.new_request(_pools(), 4) for s in singles]
+    for step in range(3):                                   # later steps: rolled back, cache reused
+        together = shared.propose([(r, h, 4) for r, h in zip(requests, histories)])
+        alone = [s.propose([(r, h, 4)])[0] for s, r, h in zip(singles, single_requests, histories)]
+        assert together == alone and all(1 <= len(c) <= 4 for c in together)
+        histories = [h + c[:step] + [7] for h, c in zip(histories, together)]
+    assert shared.prefill_forwards == len(histories)        # each request prefilled once, alone
+    assert shared.forwards < sum(s.forwards for s in singles) / 2   # the requests' rounds share their forwards
+    for r in requests:
+        shared.free(r)
+    assert shared.batch.rows == []
+
+
+def test_draft_mode_with_a_weaker_draft_stays_exact_and_frees_its_rows(tmp_path):
+    target = make_model("llama")
+    make_model("llama", seed=5).save_pretrained(tmp_path)
+    proposer = OuroborosProposer(vllm_config(k=4), env={"OUROBOROS_VLLM_DRAFT": str(tmp_path),
+                                                        "OUROBOROS_VLLM_DRAFT_QUANT": "none"})
+    out, proposed, _ = simulate(proposer, target, _prompts(), 24, seed=1)
+    assert out == [loop_greedy(target, p, 24) for p in _prompts()]
+    assert proposed > 0 and len(proposer.draft.batch.rows) <= len(_prompts())
+    proposer.propose([], np.zeros(0), np.zeros((0, MAX_LEN), dtype=np.int32))
+    assert proposer.draft.batch.rows == [] and proposer.table.freed == len(_prompts())
 
 
 def test_the_pool_file_is_written_as_requests_finish_and_warms_the_next_server(tmp_path):

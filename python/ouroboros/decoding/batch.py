@@ -113,10 +113,13 @@ class BatchScheduler:
     """Runs one generator per row in its own thread, one row at a time, and batches their forwards.
 
     ``models`` are run in the order given when several have requests waiting (the draft model before the target).
-    :meth:`run` yields ``(row, tokens)`` as rows emit them, in row order within each step."""
+    :meth:`run` yields ``(row, tokens)`` as rows emit them, in row order within each step. A finished row leaves
+    every model's batch, unless ``keep_rows`` (its cache outlives the run: a server's next step goes on from it)."""
 
-    def __init__(self, models: Sequence[BatchModel], stop_rows: set[int] | None = None) -> None:
+    def __init__(self, models: Sequence[BatchModel], stop_rows: set[int] | None = None,
+                 keep_rows: bool = False) -> None:
         self.models = list(models)
+        self.keep_rows = keep_rows
         self.stop_rows = stop_rows if stop_rows is not None else set()   # rows to end at their next forward
         self._cv = threading.Condition()
         self._turn: int | None = None            # the row whose thread may run (None: the scheduler's)
@@ -214,7 +217,7 @@ class BatchScheduler:
         """Emitted tokens in row order; finished rows leave every model's batch."""
         emitted, self._emitted = sorted(self._emitted, key=lambda e: e[0]), []
         done = [row for row in self._finished if row not in self._requests]
-        for model in self.models:
+        for model in self.models if not self.keep_rows else ():
             model.drop([row for row in done if row in model.length])
         yield from emitted
 

@@ -6,7 +6,8 @@ appends every row's tree, padded to the largest (``T`` new slots per row): a tre
 (inside the sliding window, by logical position) and its own ancestors; a pad slot sees only itself and is never
 kept. Acceptance marks the kept slots valid (no copy), a rollback clears the slots at or past a position, and
 :meth:`compact` gathers each row's valid slots into a left-padded block when the rejected ones pile up. A finished
-row leaves the batch (:meth:`drop`), so it costs nothing afterwards.
+row leaves the batch (:meth:`drop`), so it costs nothing afterwards; rows prefilled in a batch of their own join one
+(:meth:`absorb`), so a long prefill is not padded across every row (a server's requests come and go).
 
 Rows get position ``length + depth`` (their own length, whatever their padding), so each row computes what it would
 alone; only float rounding of the padded batch can differ from batch 1.
@@ -29,15 +30,19 @@ __all__ = ["BatchModel"]
 
 
 class BatchModel:
-    """``model`` with one KV cache for the rows ``0 .. rows-1`` (row ids stay fixed while rows leave)."""
+    """``model`` with one KV cache for the rows ``0 .. rows-1``, or for the given row ids (ids stay fixed while rows
+    leave and join)."""
 
-    def __init__(self, model, rows: int) -> None:
+    def __init__(self, model, rows: int | Sequence[int]) -> None:
         self.model = model
         self.config = model.config.get_text_config()
         self.device = model.device
         self.cache = new_cache()
         self._cache_kw = cache_kwarg(model)
-        self.rows = list(range(rows))                 # the row id at each batch index
+        self.rows = list(range(rows)) if isinstance(rows, int) else [int(r) for r in rows]   # row id per index
+        if len(set(self.rows)) != len(self.rows):
+            raise ValueError(f"row ids must differ, got {self.rows}")
+        rows = len(self.rows)
         self.valid = torch.zeros(rows, 0, dtype=torch.bool, device=self.device)
         self.pos = torch.zeros(rows, 0, dtype=torch.long, device=self.device)
         self.length = {r: 0 for r in self.rows}     # tokens each row holds (its next position)
@@ -116,6 +121,29 @@ class BatchModel:
             self.length.pop(r, None)
         self.rows = [self.rows[i] for i in keep]
 
+    def absorb(self, other: "BatchModel") -> None:
+        """Take every row of ``other`` (a batch of the same model, row ids not in this one) into this batch, caches
+        and all; ``other`` is spent. Both sides' slots are padded with invalid ones to one width, so every row
+        computes afterwards exactly what it did before."""
+        if other.model is not self.model:
+            raise ValueError("absorb needs a batch of the same model")
+        clash = sorted(set(other.rows) & set(self.length))
+        if clash:
+            raise ValueError(f"rows {clash} are in both batches")
+        if not self.rows or not filled_layers(self.cache):
+            self.cache, self.valid, self.pos = other.cache, other.valid, other.pos
+        elif other.rows:
+            width = max(self.valid.shape[1], other.valid.shape[1])
+            for mine, theirs in zip(filled_layers(self.cache), filled_layers(other.cache), strict=True):
+                for name in ("keys", "values"):
+                    setattr(mine, name, torch.cat([_pad_slots(getattr(mine, name), width, 2),
+                                                   _pad_slots(getattr(theirs, name), width, 2)]))
+            self.valid = torch.cat([_pad_slots(self.valid, width, 1), _pad_slots(other.valid, width, 1)])
+            self.pos = torch.cat([_pad_slots(self.pos, width, 1), _pad_slots(other.pos, width, 1)])
+        self.rows += other.rows
+        self.length.update(other.length)
+        other.rows, other.length = [], {}
+
     def compact(self, slack: int = 64) -> None:
         """Gather each row's valid slots into one left-padded block once more than ``slack`` slots per row are
         rejected ones (the slot order, and so each row's computation, is unchanged)."""
@@ -146,3 +174,12 @@ class BatchModel:
                 buf = getattr(layer, name)
                 idx = src[:, None, :, None].expand(buf.shape[0], buf.shape[1], src.shape[1], buf.shape[3])
                 setattr(layer, name, buf.gather(2, idx))
+
+
+def _pad_slots(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """``t`` with zeros (False for masks) appended along the slot dimension ``dim`` up to ``width`` slots."""
+    if t.shape[dim] >= width:
+        return t
+    shape = list(t.shape)
+    shape[dim] = width - t.shape[dim]
+    return torch.cat([t, t.new_zeros(shape)], dim=dim)

@@ -1,6 +1,11 @@
 """Draft mode: a small HF draft model of the target's tokenizer, run by the proposer with phrase-level drafting
-(:class:`~ouroboros.drafting.host_drafter.HostDrafter`: pooled phrases verified in each draft forward), its KV cache
-kept per request, so a step costs a draft forward per few tokens, not a re-prefill."""
+(:class:`~ouroboros.drafting.host_drafter.HostDrafter`: pooled phrases verified in each draft forward).
+
+Every running request is a row of one :class:`~ouroboros.hf.batch_model.BatchModel`: its KV cache is kept from step
+to step (a step costs a draft forward per few tokens, not a re-prefill), and the step's requests draft together, each
+row's forwards batched with the others' by a :class:`~ouroboros.decoding.batch.BatchScheduler` (one draft forward
+per drafting round for all of them, as the batch host loop does). A new request is prefilled in a batch of its own,
+then joins (its prompt is not padded across every row)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,12 +14,14 @@ from typing import Sequence
 import torch
 from transformers import AutoModelForCausalLM
 
+from ouroboros.core.tokentree import TokenTree
+from ouroboros.decoding.batch import BatchScheduler, RowRunner
 from ouroboros.drafting.host_drafter import HostDrafter
+from ouroboros.hf.batch_model import BatchModel
 from ouroboros.hf.quantize import quantize_draft, resolve_draft_quant
-from ouroboros.hf.runner import ModelRunner
 from ouroboros.vllm.chains import MergedPool
 
-__all__ = ["load_draft", "DraftRequest"]
+__all__ = ["load_draft", "DraftRequest", "BatchDraft"]
 
 
 def _eos_ids(model) -> frozenset[int]:
@@ -42,51 +49,102 @@ def load_draft(path: Path, quant: str, target_vocab: int, device: torch.device |
 
 
 class DraftRequest:
-    """One request's draft state: a runner (the draft's KV cache of this request), the drafter over the request's
-    pools, and the adaptive draft length.
+    """One request's draft state: its row in the shared batch, its pools, the tokens its cache rows hold, and the
+    adaptive draft length (+2 after a fully accepted proposal, -1 otherwise, within 1..k: the host loop's rule)."""
 
-    :meth:`propose` guarantees: at most ``k`` tokens; the cache afterwards holds a prefix of the history and the
-    drafted tokens (never anything the history contradicts at the next call, which rolls back to the common prefix).
-    """
-
-    def __init__(self, model, pools: MergedPool, guess_set: int, k: int) -> None:
-        self.runner = ModelRunner(model)
-        self.drafter = HostDrafter(self.runner, _eos_ids(model), pool=pools, guess_set=guess_set)
-        self.k = k
+    def __init__(self, row: int, pools: MergedPool, k: int) -> None:
+        self.row, self.pools, self.k = row, pools, k
         self.gamma = k
         self.cached: list[int] = []            # the tokens in the cache (the last draft's sequence, cut)
         self.proposal: list[int] = []
         self.proposed_at = 0                  # history length the proposal followed
 
-    def _adapt(self, history: Sequence[int]) -> None:
-        """Draft length after seeing how much of the last proposal the target accepted: +2 after a full
-        acceptance, -1 otherwise (the host loop's rule), within 1..k."""
+    def adapt(self, history: Sequence[int]) -> None:
+        """Update the draft length from how much of the last proposal ``history`` shows accepted."""
         if not self.proposal:
             return
         new = history[self.proposed_at:self.proposed_at + len(self.proposal)]
         full = list(new) == self.proposal and len(history) > self.proposed_at + len(self.proposal)
         self.gamma = min(self.gamma + 2, self.k) if full else max(self.gamma - 1, 1)
 
-    def _sync_cache(self, history: list[int]) -> None:
-        """Roll the cache back to its longest prefix the history agrees with (at least one token left uncached);
-        a new request is prefilled with all of its history but the last token."""
-        if self.runner.n_cached == 0 and len(history) > 1:
-            self.runner.prefill(history[:-1])
-            self.cached = history[:-1]
-            return
-        n = min(self.runner.n_cached, len(history) - 1)
-        same = 0
-        while same < n and self.cached[same] == history[same]:
-            same += 1
-        self.runner.rollback(same)
-        self.cached = self.cached[:same]
 
-    def propose(self, history: list[int], k: int) -> list[int]:
-        """The chain to verify after ``history``: a drafting phase of the current draft length (at most ``k``)."""
-        self._adapt(history)
-        self._sync_cache(history)
+class BatchDraft:
+    """The draft model serving every running request, one row each (see the module docstring).
+
+    :meth:`propose` guarantees: at most ``k`` tokens per request; each request's chain is what its drafter computes
+    alone (up to the float rounding of the padded batch); afterwards a request's cache rows hold a prefix of its
+    history plus drafted tokens, never anything its next history contradicts (the next step rolls back to the common
+    prefix). :meth:`free` releases a request's rows.
+    """
+
+    def __init__(self, model, guess_set: int) -> None:
+        self.model, self.guess_set, self.eos = model, guess_set, _eos_ids(model)
+        self.batch = BatchModel(model, [])
+        self._next_row = 0
+        self.prefill_forwards = 0
+
+    @property
+    def forwards(self) -> int:
+        """Draft forwards run for drafting (batched: one per round for every drafting request)."""
+        return self.batch.forwards
+
+    def new_request(self, pools: MergedPool, k: int) -> DraftRequest:
+        row, self._next_row = self._next_row, self._next_row + 1
+        return DraftRequest(row, pools, k)
+
+    def free(self, request: DraftRequest) -> None:
         with torch.inference_mode():
-            draft = self.drafter.draft(history, max(1, min(self.gamma, k)))
-        self.cached = draft.seq[:self.runner.n_cached]
-        self.proposal, self.proposed_at = draft.tokens[:k], len(history)
-        return self.proposal
+            self.batch.drop([request.row])
+
+    def _join(self, request: DraftRequest, history: list[int]) -> None:
+        """Prefill a new request's history but its last token in a batch of its own, then take it in."""
+        alone = BatchModel(self.model, [request.row])
+        tree = TokenTree()
+        nodes = tree.add_path(-1, history[:-1])
+        alone.forward({request.row: tree})
+        alone.keep(request.row, 0, nodes)
+        self.prefill_forwards += 1
+        self.batch.absorb(alone)
+        request.cached = history[:-1]
+
+    def _sync(self, request: DraftRequest, history: list[int]) -> None:
+        """Roll a request's rows back to the longest prefix its history agrees with (one token left uncached)."""
+        n = min(self.batch.length[request.row], len(history) - 1)
+        same = 0
+        while same < n and request.cached[same] == history[same]:
+            same += 1
+        self.batch.rollback(request.row, same)
+        request.cached = request.cached[:same]
+
+    def propose(self, jobs: Sequence[tuple[DraftRequest, list[int], int]]) -> list[list[int]]:
+        """The chain of each ``(request, history, k)``: a drafting phase of the request's draft length (at most
+        ``k``), every request's draft forwards batched together."""
+        with torch.inference_mode():               # the caches are inference tensors, updated in place
+            return self._propose(jobs)
+
+    def _propose(self, jobs: Sequence[tuple[DraftRequest, list[int], int]]) -> list[list[int]]:
+        ready = []
+        for request, history, k in jobs:
+            request.adapt(history)
+            if len(history) < 2:
+                continue                          # nothing to prefill from: no draft this step
+            if request.row in self.batch.length:
+                self._sync(request, history)
+            else:
+                self._join(request, history)
+            ready.append((request, history, max(1, min(request.gamma, k))))
+        by_row = {request.row: (request, history, gamma) for request, history, gamma in ready}
+        scheduler = BatchScheduler([self.batch], keep_rows=True)
+
+        def draft_row(row: int):
+            request, history, gamma = by_row[row]
+            drafter = HostDrafter(RowRunner(scheduler, self.batch, row), self.eos, pool=request.pools,
+                                  guess_set=self.guess_set)
+            draft = drafter.draft(history, gamma)
+            request.cached = draft.seq[:self.batch.length[row]]
+            request.proposal, request.proposed_at = draft.tokens[:gamma], len(history)
+            return iter(())
+
+        for _ in scheduler.run(sorted(by_row), draft_row):
+            pass
+        return [request.proposal[:k] if request.row in by_row else [] for request, _, k in jobs]

@@ -22,7 +22,7 @@ import numpy as np
 
 from ouroboros.drafting.pool import PhrasePool
 from ouroboros.vllm.chains import HistoryPools, pool_chain
-from ouroboros.vllm.draft_mode import DraftRequest, load_draft
+from ouroboros.vllm.draft_mode import BatchDraft, DraftRequest, load_draft
 from ouroboros.vllm.requests import RequestTable
 from ouroboros.vllm.settings import PREFIX, ProposerSettings
 
@@ -59,7 +59,7 @@ class OuroborosProposer:
 
     - **pool**: the chain out of the phrase pools (the request's own history; every request's output, shared);
     - **draft**: the draft model's phrase-level draft (pooled phrases verified in each draft forward, adaptive
-      length), its KV cache kept per request.
+      length), its KV cache kept per request, the step's requests drafting in one batch.
 
     Guarantees: every chain has at most ``num_speculative_tokens`` tokens and never runs past ``max_model_len``; per
     request state is found by content and freed when its request is no longer running; bad settings raise
@@ -72,11 +72,12 @@ class OuroborosProposer:
         self.k = int(spec.num_speculative_tokens)
         self.max_model_len = int(vllm_config.model_config.max_model_len)
         self.shared = load_shared_pool(self.settings)
-        self.draft_model = None
+        self.draft: BatchDraft | None = None
         if self.settings.mode == "draft":
-            self.draft_model = load_draft(self.settings.draft, self.settings.draft_quant,
-                                          int(vllm_config.model_config.get_vocab_size()))
-        self.table: RequestTable[_Request] = RequestTable(self._new_request)
+            self.draft = BatchDraft(load_draft(self.settings.draft, self.settings.draft_quant,
+                                               int(vllm_config.model_config.get_vocab_size())),
+                                    self.settings.guess_set)
+        self.table: RequestTable[_Request] = RequestTable(self._new_request, self._free_request)
         self.steps = self.proposed = 0
         self._saved_at = time.monotonic()
         if self.settings.pool_file is not None:
@@ -87,10 +88,12 @@ class OuroborosProposer:
 
     def _new_request(self, tokens: np.ndarray) -> _Request:
         pools = HistoryPools(self.shared, tokens, self.settings.orders)
-        draft = None
-        if self.draft_model is not None:
-            draft = DraftRequest(self.draft_model, pools.pools, self.settings.guess_set, self.k)
+        draft = self.draft.new_request(pools.pools, self.k) if self.draft is not None else None
         return _Request(pools, draft)
+
+    def _free_request(self, request: _Request) -> None:
+        if request.draft is not None:
+            self.draft.free(request.draft)
 
     def propose(self, sampled_token_ids: Sequence[Sequence[int]], num_tokens_no_spec: np.ndarray,
                 token_ids_cpu: np.ndarray, slot_mappings=None) -> list[list[int]]:
@@ -101,19 +104,23 @@ class OuroborosProposer:
             histories.append(token_ids_cpu[i, :n] if len(sampled) and n < self.max_model_len else None)
         before = self.table.freed
         states = self.table.step(histories)
-        out: list[list[int]] = []
-        for state, row in zip(states, histories):
+        out: list[list[int]] = [[] for _ in histories]
+        jobs, job_rows = [], []
+        for i, (state, row) in enumerate(zip(states, histories)):
             if state is None:
-                out.append([])
                 continue
             tokens = row.tolist()
             state.data.pools.update(tokens)
             k = min(self.k, self.max_model_len - len(tokens))
             if state.data.draft is not None:
-                chain = state.data.draft.propose(tokens, k)
+                jobs.append((state.data.draft, tokens, k))
+                job_rows.append(i)
             else:
-                chain = pool_chain(state.data.pools.pools, tokens, k, self.settings.orders, min_order=1)
-            out.append([int(t) for t in chain[:k]])
+                out[i] = pool_chain(state.data.pools.pools, tokens, k, self.settings.orders, min_order=1)
+        if jobs:
+            for i, chain in zip(job_rows, self.draft.propose(jobs)):
+                out[i] = chain
+        out = [[int(t) for t in chain[:self.k]] for chain in out]
         self.steps += 1
         self.proposed += sum(len(c) for c in out)
         if self.table.freed > before:
