@@ -228,8 +228,9 @@ def replay_stage(target, draft, prompt, vocab, traces, args, clock) -> dict:
         trace_cfg = None
         if entry.get("resolved_params"):
             with contextlib.suppress(TypeError, ValueError):
-                trace_cfg = DecodeConfig(**{k: int(v) for k, v in entry["resolved_params"].items()
-                                            if k in GPU_DEFAULTS.as_dict()})
+                kinds = {k: type(v) for k, v in GPU_DEFAULTS.as_dict().items()}     # int, bool or float
+                trace_cfg = DecodeConfig(**{k: kinds[k](v) for k, v in entry["resolved_params"].items()
+                                            if k in kinds})
         if args.replay_layout == "trace" and trace_cfg is not None:
             jobs.append((label, label, trace_cfg))
         else:

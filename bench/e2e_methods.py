@@ -137,7 +137,7 @@ def make_pools(labels: list[str], runs: list, device, vocab: int, device_cycle: 
             cfg = resolve_config(device, "ouroboros", **p)     # the same capacity as generate's own pool
             pools[label] = (GpuPhrasePool(ngram=cfg.ngram, guess_set=cfg.pool_capacity, vocab_size=vocab,
                                           device=device) if device_cycle
-                            else PhrasePool(ngram=cfg.ngram, guess_set=cfg.pool_capacity))
+                            else PhrasePool(ngram=cfg.ngram, guess_set=cfg.pool_capacity, scored=cfg.scored))
     return pools
 
 

@@ -53,8 +53,15 @@ def parse_params(text: str | None) -> dict:
         k, v = item.split("=")
         if k not in PARAM_NAMES:
             raise SystemExit(f"unknown parameter {k!r}; known: {PARAM_NAMES}")
-        params[k] = int(v)
+        params[k] = param_value(k, v)
     return params
+
+
+def param_value(name: str, text: str) -> int | bool | float:
+    """A parameter's value from the command line: ``scored`` 0/1, ``model_free`` a float, the others ints."""
+    if name == "scored":
+        return bool(int(text))
+    return float(text) if name == "model_free" else int(text)
 
 
 def parse_sweep(text: str) -> list[dict]:
@@ -63,7 +70,7 @@ def parse_sweep(text: str) -> list[dict]:
         k, vs = part.split("=")
         if k not in PARAM_NAMES:
             raise SystemExit(f"unknown parameter {k!r}; known: {PARAM_NAMES}")
-        axes.append([(k, int(v)) for v in vs.split(",")])
+        axes.append([(k, param_value(k, v)) for v in vs.split(",")])
     return [dict(c) for c in itertools.product(*axes)]
 
 

@@ -12,7 +12,7 @@ GREEDY_METHODS = tuple(m for m in ALL_METHODS if m not in ("hf_sample", "specula
 SAMPLE_METHODS = ("hf_sample", "hf_assisted", "speculative", "speculative_ds", "ouroboros", "ouroboros_warm")
 BASELINES = {"hf_greedy": "HF generate greedy", "hf_sample": "HF generate sampling"}   # speed (and greedy: exactness)
 ENGINE_METHOD = {"ouroboros_warm": "ouroboros", "speculative_ds": "speculative"}    # label -> ouroboros.generate method
-PARAM_NAMES = ("gamma", "ngram", "window", "guess_set", "topk")
+PARAM_NAMES = ("gamma", "ngram", "window", "guess_set", "topk", "scored", "model_free", "recycle")
 PLD_TOKENS = 10
 
 

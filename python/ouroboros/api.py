@@ -155,15 +155,19 @@ def _prepare(target, draft, prompts: list[list[int]], max_new_tokens, method, po
         params["ngram"] = pool.ngram
     cfg = resolve_config(target.device, method, **params)
     uses_pool = method in ("lookahead", "prompt_lookup", "ouroboros")
-    if method == "ouroboros" and pool is None and pool_device is None and target.device.type == "cuda":
+    counts = cfg.scored or cfg.model_free > 0 or cfg.recycle > 0     # host-loop pool features (not on the device)
+    if method == "ouroboros" and pool is None and pool_device is None and target.device.type == "cuda" and not counts:
         pool_device = target.device              # the CUDA default: drafting and the pool on the device
     if uses_pool:
         if pool is None and pool_device is not None:
             pool = GpuPhrasePool(ngram=cfg.ngram, guess_set=cfg.pool_capacity, vocab_size=vocab, device=pool_device)
         elif pool is None:
-            pool = PhrasePool(ngram=cfg.ngram, guess_set=cfg.pool_capacity)
+            pool = PhrasePool(ngram=cfg.ngram, guess_set=cfg.pool_capacity, scored=cfg.scored)
         elif pool.ngram != cfg.ngram:
             raise ValueError(f"the pool holds {pool.ngram}-grams but ngram={cfg.ngram} was asked for")
+    if counts and not isinstance(pool, PhrasePool | None):
+        raise ValueError("scored, model_free and recycle need the host PhrasePool (the device pool keeps no counts, "
+                         "the device cycle runs none of them): pass pool_device=None and no GpuPhrasePool")
     return cfg, (pool if uses_pool else None)
 
 
@@ -183,6 +187,7 @@ def stream(target, draft=None, input_ids=None, attention_mask=None, *, max_new_t
            window: int | None = None, guess_set: int | None = None, topk: int | None = None,
            eos_token_id: int | Sequence[int] | None = None, fast: bool | None = None,
            pool_device: str | torch.device | None = None, adaptive: bool | None = None,
+           scored: bool | None = None, model_free: float | None = None, recycle: int | None = None,
            compile: bool | None = None, stats: GenerationStats | None = None, do_sample: bool = False,
            temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
            min_p: float | None = None, repetition_penalty: float | None = None,
@@ -199,7 +204,8 @@ def stream(target, draft=None, input_ids=None, attention_mask=None, *, max_new_t
     """
     batch = is_batch(input_ids) or attention_mask is not None
     prompts = batch_prompts(input_ids, attention_mask)[0] if batch else [_prompt_list(input_ids)]
-    params = dict(gamma=gamma, ngram=ngram, window=window, guess_set=guess_set, topk=topk, adaptive=adaptive)
+    params = dict(gamma=gamma, ngram=ngram, window=window, guess_set=guess_set, topk=topk, adaptive=adaptive,
+                  scored=scored, model_free=model_free, recycle=recycle)
     cfg, pool = _prepare(target, draft, prompts, max_new_tokens, method, pool, params, pool_device)
     if scores_out is not None and not isinstance(scores_out, list):
         raise ValueError(f"scores_out must be a list or None, got {type(scores_out).__name__}")
@@ -210,11 +216,10 @@ def stream(target, draft=None, input_ids=None, attention_mask=None, *, max_new_t
         raise ValueError("row_logits_processors and stop_rows are for a batch of several prompts")
     if row_logits_processors is not None and (len(row_logits_processors) != len(prompts) or logits_processor):
         raise ValueError(f"row_logits_processors needs one list per row ({len(prompts)}) and no logits_processor")
-    sampler = make_sampler(do_sample, temperature, top_k, top_p, min_p, repetition_penalty, logits_processor,
-                           generator, keep_scores=scores_out is not None)
+    sampling = (do_sample, temperature, top_k, top_p, min_p, repetition_penalty)
+    sampler = make_sampler(*sampling, logits_processor, generator, keep_scores=scores_out is not None)
     if row_logits_processors is not None:
-        sampler = [make_sampler(do_sample, temperature, top_k, top_p, min_p, repetition_penalty, procs, generator)
-                   for procs in row_logits_processors]
+        sampler = [make_sampler(*sampling, procs, generator) for procs in row_logits_processors]
     eos = _eos_set(target, eos_token_id)
     plan = None
     if many and method in DRAFT_METHODS and gamma is None and adaptive is None:   # the draft length for this B
@@ -253,6 +258,7 @@ def generate(target, draft=None, input_ids=None, attention_mask=None, *, max_new
              eos_token_id: int | Sequence[int] | None = None, return_stats: bool = False,
              on_tokens: Callable[[list[int]], None] | None = None, fast: bool | None = None,
              pool_device: str | torch.device | None = None, adaptive: bool | None = None,
+             scored: bool | None = None, model_free: float | None = None, recycle: int | None = None,
              compile: bool | None = None, do_sample: bool = False, temperature: float | None = None,
              top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
              repetition_penalty: float | None = None, generator: torch.Generator | None = None,
@@ -273,6 +279,11 @@ def generate(target, draft=None, input_ids=None, attention_mask=None, *, max_new
     pool : a :class:`PhrasePool` to use and keep warm across calls (history reuse); a fresh one if None.
     gamma, ngram, window, guess_set, topk : SPEC §2 parameters; None picks the device default (``ouroboros.core.config``).
     adaptive : draft length follows acceptance, starting at ``gamma`` (default True; False keeps it fixed).
+    scored : a fresh pool ranks phrases by their counts (:class:`PhrasePool` ``scored``); default off.
+    model_free : > 0: "ouroboros" cycles skip the draft model when the pool's chain is probable enough (this floor)
+        and the measured costs say it pays (:mod:`ouroboros.drafting.model_free`); default off. Host pool only.
+    recycle : k > 0: "ouroboros" keeps the target's top-k alternatives at every verified position as pooled
+        phrases (:mod:`ouroboros.decoding.recycle`); default off. Host pool only.
     eos_token_id : stop after this token (or any of these); default: the target's ``generation_config``.
     on_tokens : called with each cycle's new tokens (streaming); for a batch with ``(row, tokens)``.
     fast : the static-cache step path with CUDA graphs per tree-size bucket (default: on for CUDA models). A batch
@@ -316,8 +327,10 @@ def generate(target, draft=None, input_ids=None, attention_mask=None, *, max_new
     out: list[list[int]] = [[] for _ in prompts]
     call = dict(max_new_tokens=max_new_tokens, method=method, pool=pool, gamma=gamma, ngram=ngram, window=window,
                 guess_set=guess_set, topk=topk, eos_token_id=eos_token_id, fast=fast, pool_device=pool_device,
-                adaptive=adaptive, compile=compile, stats=stats, do_sample=do_sample, temperature=temperature,
-                top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, generator=generator,
+                adaptive=adaptive, scored=scored, model_free=model_free, recycle=recycle, compile=compile,
+                stats=stats,
+                do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                repetition_penalty=repetition_penalty, generator=generator,
                 logits_processor=logits_processor, draft_sampling=draft_sampling, scores_out=scores_out)
     for item in stream(target, draft, prompts if len(prompts) > 1 else prompts[0], **call):
         row, new = item if len(prompts) > 1 else (0, item)

@@ -169,7 +169,7 @@ def test_parameters_are_honoured(llama_pair):
         for adaptive in (True, False):
             got, stats = run(target, draft, prompt, 20, "ouroboros", adaptive=adaptive, **params)
             assert got == expected
-            assert stats.config == {**params, "adaptive": adaptive}
+            assert stats.config == {**params, "adaptive": adaptive, "scored": False, "model_free": 0.0, "recycle": 0}
 
 
 def test_stream_yields_chunks_and_stats(llama_pair):

@@ -21,6 +21,12 @@ class DecodeConfig:
     topk: candidate suffixes K appended to the draft for verification.
     adaptive: let the draft length follow acceptance (HF's heuristic): +2 after a fully accepted draft, -1 after a
     rejection, between 1 and ``4 * gamma``; ``gamma`` is then the starting length.
+    scored: the phrase pool ranks each key's phrases by how often they followed it (counts), not by recency alone.
+    model_free: > 0 turns on model-free cycles (ouroboros, host loop): when the pool is sure enough of the
+    continuation, the cycle verifies the pooled chain without drafting (:mod:`ouroboros.drafting.model_free`); the
+    value is the floor of the chain's estimated probability, the measured costs decide each cycle.
+    recycle: k > 0 keeps the target's top-k next tokens at every verified position as phrases in the pool
+    (ouroboros, host loop: :mod:`ouroboros.decoding.recycle`).
     """
 
     gamma: int = 12
@@ -29,14 +35,21 @@ class DecodeConfig:
     guess_set: int = 20
     topk: int = 3
     adaptive: bool = True
+    scored: bool = False
+    model_free: float = 0.0
+    recycle: int = 0
 
     def __post_init__(self) -> None:
-        for name, low in (("gamma", 1), ("ngram", 2), ("window", 0), ("guess_set", 0), ("topk", 0)):
+        for name, low in (("gamma", 1), ("ngram", 2), ("window", 0), ("guess_set", 0), ("topk", 0), ("recycle", 0)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-        if not isinstance(self.adaptive, bool):
-            raise ValueError(f"adaptive must be a bool, got {self.adaptive!r}")
+        for name in ("adaptive", "scored"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if isinstance(self.model_free, bool) or not isinstance(self.model_free, (int, float)) \
+                or not 0.0 <= self.model_free < 1.0:
+            raise ValueError(f"model_free must be a probability floor in [0, 1), got {self.model_free!r}")
 
     @property
     def max_gamma(self) -> int:

@@ -18,10 +18,12 @@ from ouroboros.core.config import DRAFT_METHODS, DecodeConfig
 from ouroboros.core.sampling import TreeSampler
 from ouroboros.core.stops import clip_at_stop
 from ouroboros.decoding.device_cycle import DeviceCycle
+from ouroboros.decoding.recycle import Recycler
 from ouroboros.decoding.stats import GenerationStats, record_pool_stats
 from ouroboros.decoding.verify import mine_verification
 from ouroboros.drafting.base import Draft, Drafter
 from ouroboros.drafting.gpu_pool import GpuPhrasePool
+from ouroboros.drafting.model_free import ModelFreeGate, pooled_chain, remember
 from ouroboros.drafting.pool import PhrasePool
 from ouroboros.drafting.select import make_drafter
 from ouroboros.drafting.window import LookaheadWindow
@@ -77,6 +79,27 @@ class _Loop:
     pool: PhrasePool | None
     sampler: TreeSampler | None
     gamma: int
+    gate: ModelFreeGate | None = None    # model-free cycles (ouroboros with cfg.model_free > 0)
+    free_probs: list[float] | None = None  # the running cycle's pooled chain probabilities (a model-free cycle)
+    recycler: Recycler | None = None     # top-k recycling (ouroboros with cfg.recycle > 0)
+
+    def _model_free(self, x: list[int]) -> Draft | None:
+        """The pooled chain as this cycle's draft when the gate says it pays (no draft forward), else None."""
+        chain, probs = pooled_chain(self.pool, x, self.cfg.max_gamma, self.gate.floor)
+        if not self.gate.worth_it(probs):
+            return None
+        self.free_probs = probs
+        return Draft(chain, list(x))
+
+    def observe(self, drafted: Draft, result: StepResult, draft_seconds: float, verify_seconds: float) -> None:
+        """Feed the gate this cycle's measured outcome."""
+        if self.gate is None:
+            return
+        if self.free_probs is not None:
+            self.gate.observe_free(result.trunk_accepted, self.free_probs, verify_seconds)
+            self.free_probs = None
+        else:
+            self.gate.observe_draft(len(result.emitted), draft_seconds, verify_seconds)
 
     def cycle(self, x: list[int], stats: GenerationStats) -> tuple[StepResult, Draft]:
         """Steps 1-4 of one cycle after the text ``x``: propose, verify in one target forward, adapt gamma, mine."""
@@ -88,18 +111,25 @@ class _Loop:
             self.window.advance(result, pool)
             stats.guess_accepted += len(result.path)
             return result, Draft([], x)
-        drafted = propose(self.method, x, self.drafter, pool, cfg, self.gamma)
+        drafted = self._model_free(x) if self.gate is not None else None
+        if drafted is None:
+            drafted = propose(self.method, x, self.drafter, pool, cfg, self.gamma)
+        else:
+            stats.model_free_cycles += 1
         stats.draft_forwards += drafted.forwards
         stats.draft_tokens += drafted.drafted
         stats.guess_accepted += drafted.guessed
         result = tree_step(tgt, x[tgt.n_cached:], trunk=drafted.tokens, branches=drafted.suffixes,
-                           sampler=self.sampler, context=x, trunk_q=drafted.qs)
+                           sampler=self.sampler, context=x, trunk_q=drafted.qs,
+                           topk=self.recycler.k + 1 if self.recycler is not None else 0)
         stats.branch_accepted += len(result.path) - result.trunk_accepted
-        if cfg.adaptive and drafted.tokens:     # longer drafts while they are accepted, shorter once they are not
+        if cfg.adaptive and drafted.forwards:   # longer drafts while they are accepted, shorter once they are not
             full = result.trunk_accepted == len(drafted.tokens)
             self.gamma = min(self.gamma + 2, cfg.max_gamma) if full else max(self.gamma - 1, 1)
         if self.method == "ouroboros":
             mine_verification(pool, result, drafted.tokens, drafted.suffixes)
+        if self.recycler is not None:
+            stats.recycled += self.recycler.recycle(pool, result)
         return result, drafted
 
     def commit(self, x: list[int], new: list[int], drafted: Draft) -> None:
@@ -112,6 +142,8 @@ class _Loop:
         if self.pool is not None:
             n = self.cfg.ngram
             self.pool.insert_many((x[i], x[i + 1:i + n]) for i in range(max(0, old_len - n + 1), len(x) - n + 1))
+            if self.gate is not None:
+                remember(self.pool, x, max(0, old_len - n + 1))
 
 
 def draft_sampler_for(method: str, sampler: TreeSampler | None, draft_sampling: bool) -> TreeSampler | None:
@@ -178,7 +210,11 @@ def decode_on(tgt, drf, prompt: Sequence[int], *, method: str, cfg: DecodeConfig
         pool.seed_from(x)
         lookups0, hits0 = pool.stats.lookups, pool.stats.hits
     stats.time_prefill = tgt.forward_time + (drf.forward_time if drf else 0.0)
-    loop = _Loop(method, cfg, tgt, drf, drafter, window, pool, sampler, cfg.gamma)
+    gate = ModelFreeGate(floor=cfg.model_free) if method == "ouroboros" and cfg.model_free > 0 else None
+    if gate is not None:
+        remember(pool, x, 0)
+    recycler = Recycler(cfg.recycle, cfg.ngram - 1) if method == "ouroboros" and cfg.recycle > 0 else None
+    loop = _Loop(method, cfg, tgt, drf, drafter, window, pool, sampler, cfg.gamma, gate, recycler=recycler)
     produced, done = 0, False
     while not done:
         d0, v0, cycle_gamma = (drf.forward_time if drf else 0.0), tgt.forward_time, loop.gamma
@@ -191,8 +227,10 @@ def decode_on(tgt, drf, prompt: Sequence[int], *, method: str, cfg: DecodeConfig
         stats.target_forwards += 1
         stats.trunk_accepted += result.trunk_accepted
         stats.cycles, stats.tokens = stats.cycles + 1, produced
-        stats.time_draft += (drf.forward_time - d0) if drf else 0.0
-        stats.time_verify += tgt.forward_time - v0
+        draft_dt, verify_dt = (drf.forward_time - d0) if drf else 0.0, tgt.forward_time - v0
+        loop.observe(drafted, result, draft_dt, verify_dt)
+        stats.time_draft += draft_dt
+        stats.time_verify += verify_dt
         stats.trace.append({"tree_size": len(result.tree), "accepted": len(new), "verified": len(result.emitted),
                             "draft_len": len(drafted.tokens), "gamma": cycle_gamma if drf else 0,
                             "draft_forwards": drafted.forwards})

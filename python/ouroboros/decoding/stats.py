@@ -20,6 +20,8 @@ class GenerationStats:
     trunk_accepted: int = 0          # draft tokens the target accepted
     branch_accepted: int = 0         # tokens accepted from concatenated phrases (suffix branches)
     guess_accepted: int = 0          # tokens the drafting model accepted from window/pool guesses
+    model_free_cycles: int = 0       # cycles that verified the pooled chain without drafting (cfg.model_free)
+    recycled: int = 0                # phrases top-k recycling put into the pool (cfg.recycle)
     kv_gathers: int = 0              # caches compacted by a non-contiguous gather
     pool_size: int = 0
     pool_keys: int = 0

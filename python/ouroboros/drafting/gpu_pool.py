@@ -43,6 +43,7 @@ import torch
 from ouroboros.drafting.pool import (
     DEFAULT_MAX_BYTES,
     POOL_FORMAT,
+    POOL_FORMATS,
     PhrasePool,
     PoolStats,
     budget_caps,
@@ -243,9 +244,14 @@ class GpuPhrasePool:
 
         ``vocab_size`` defaults to the dict's ``vocab_size`` or else one past the largest token it holds (later keys
         at or beyond it would be skipped: pass the model's vocabulary size).
+
+        A scored state (``PhrasePool(scored=True)``, format v2) loads without its counts (``"weights"`` is ignored):
+        the device pool is an LRU, and each key's phrases keep their stored rank order as their recency order, so its
+        lookups return them in the scored pool's ranking until the next insert; its :meth:`to_cpu` is an LRU pool.
         """
-        if state.get("format") != POOL_FORMAT:
-            raise ValueError(f"not an ouroboros phrase pool (format {state.get('format')!r}, expected {POOL_FORMAT!r})")
+        if state.get("format") not in POOL_FORMATS:
+            raise ValueError(f"not an ouroboros phrase pool (format {state.get('format')!r}, expected one of "
+                             f"{POOL_FORMATS})")
         ngram, max_keys = int(state["ngram"]), int(state["max_keys"])
         max_bytes = int(state.get("max_bytes", DEFAULT_MAX_BYTES))
         max_keys, guess_set = budget_caps(ngram, int(state["guess_set"]), max_bytes, max_keys)

@@ -1,135 +1,109 @@
-"""The phrase pool: key token -> LRU list of phrases (tuples of N-1 tokens that followed the key).
+"""The phrase pool: key token -> bounded list of phrases (tuples of N-1 tokens that followed the key).
 
 One pool serves every producer (draft-model window, verification, prompt seeding, emitted text) and survives across
-calls ("history reuse"). Both levels are bounded LRUs: each key keeps at most ``guess_set`` phrases and the pool keeps
-at most ``max_keys`` keys, so a long-lived server does not grow without bound.
+calls ("history reuse"). Both levels are bounded: each key keeps at most ``guess_set`` phrases and the pool keeps at
+most ``max_keys`` keys (an LRU by insertion), so a long-lived server does not grow without bound.
 
-Memory bound
-------------
-A pool has a byte budget, ``max_bytes`` (default 64 MiB). The key cap (unless a smaller ``max_keys`` is given) and, for
-a budget too small for one full key, the phrases-per-key cap derive from it (:func:`budget_caps`), so that
-:meth:`PhrasePool.nbytes` can never exceed it. What a key and a phrase cost, measured with ``sys.getsizeof`` on
-CPython 3.11 (64-bit) and rounded up to the 16-byte blocks of CPython's allocator (the rule runs on the interpreter
-at hand; these are its values there):
+Two modes for a key's list. The default is an LRU (SPEC §2): lookups newest first, a full list drops its oldest.
+``scored=True`` keeps a *scored phrase history*: each phrase carries a count (how often it was inserted under its key,
+with weights), lookups rank by count (ties: newest first), a full list drops its lowest count (ties: oldest), so a
+frequent continuation survives churn, and :meth:`PhrasePool.lookup_scored` / :meth:`PhrasePool.best` give each
+phrase's estimated probability ``count / sum of the key's counts``. A scored list is *stored* in rank order (lowest
+count, oldest first: the OrderedDict's order, its values the counts), which is the whole state: ``lookup`` is the same
+sort-free walk in both modes, and an insert moves only the phrases that outrank the one it placed.
 
-- a phrase of P tokens: its tuple (``getsizeof`` = 40 + 8 P) plus P int objects of 28 -> 32 B each (token ids below
-  257 are shared singletons, so this overcounts them): 160 B for P = 3, 288 B for P = 6;
-- a key: its int (32 B); its slot in the table of keys, at most 200 B (CPython compacts a churning dict into a table
-  sized for 3x its entries rounded up to a power of two, < 6 slots per key of 4 B index + 16 B of entries + 8 B
-  of OrderedDict node array, plus a 32 B node: 6 x 28 + 32 = 200; measured peak 179 B per key at 50k-100k keys);
-  and its own OrderedDict of phrases at the peak it reaches under LRU churn (simulated once per G; it compacts into a
-  table for 3x its entries): 640 B for G = 3, 2384 B for G = 20 (freshly built: 448 B, 1592 B).
-
-So a full key costs 640 + 32 + 200 + 3 x 160 = 1352 B at the CPU defaults (N = 4, G = 3): 64 MiB hold 49,636 keys;
-and 2384 + 32 + 200 + 20 x 288 = 8376 B at the GPU defaults (N = 7, G = 20): 8,011 keys. :meth:`PhrasePool.nbytes`
-walks the real ``getsizeof`` of the tables (a few % above what ``tracemalloc`` sees: tests/drafting/test_pool.py).
-The device pool (:mod:`ouroboros.drafting.gpu_pool`) takes the same caps from the same rule, so both keep the same contents.
+Memory bound: ``nbytes() <= max_bytes`` (default 64 MiB) by the rule of :mod:`ouroboros.drafting.pool_budget`
+(re-exported here): 1352 B per full key at the CPU defaults (N = 4, G = 3), 8376 B at N = 7, G = 20; a scored
+pool's counts add 32 B per phrase (1448 B, 9016 B).
 """
 from __future__ import annotations
 
-import functools
-import sys
+import operator
 from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import torch
 
-__all__ = ["PhrasePool", "PoolStats", "POOL_FORMAT", "DEFAULT_MAX_BYTES", "budget_caps", "fit_state", "key_bytes",
-           "phrase_bytes"]
+from ouroboros.drafting.pool_budget import (
+    DEFAULT_MAX_BYTES,
+    MAX_COUNT,
+    budget_caps,
+    fit_rows,
+    fit_state,
+    key_bytes,
+    lru_dict_peak_bytes,
+    phrase_bytes,
+    table_nbytes,
+)
 
-POOL_FORMAT = "ouroboros-pool-v1"
-DEFAULT_MAX_BYTES = 64 << 20
+__all__ = [
+    "DEFAULT_MAX_BYTES",
+    "MAX_COUNT",
+    "POOL_FORMAT",
+    "POOL_FORMATS",
+    "POOL_FORMAT_SCORED",
+    "PhrasePool",
+    "PoolStats",
+    "budget_caps",
+    "fit_rows",
+    "fit_state",
+    "key_bytes",
+    "lru_dict_peak_bytes",
+    "phrase_bytes",
+]
+
+POOL_FORMAT = "ouroboros-pool-v1"              # an LRU pool's file (and the device pool's)
+POOL_FORMAT_SCORED = "ouroboros-pool-v2"       # a scored pool's file: v1 plus "scored" and "weights"
+POOL_FORMATS = (POOL_FORMAT, POOL_FORMAT_SCORED)
 
 Phrase = tuple[int, ...]
 
 
-def _block(n: int) -> int:
-    """Bytes CPython's small-object allocator hands out for an ``n``-byte object (16-byte blocks)."""
-    return -(-n // 16) * 16
+def _weight(weight: int) -> int:
+    """``weight`` as an int >= 1 (``ValueError`` otherwise: floats, bools, < 1)."""
+    try:
+        if isinstance(weight, bool):
+            raise TypeError
+        weight = operator.index(weight)
+    except TypeError:
+        raise ValueError(f"weight must be an integer >= 1, got {weight!r}") from None
+    if weight < 1:
+        raise ValueError(f"weight must be an integer >= 1, got {weight}")
+    return weight
 
 
-_INT_BYTES = _block(sys.getsizeof(1 << 20))            # one token id object (>= 257: not a shared singleton)
-_KEY_SLOT_BYTES = 200                                  # a key's share of the table of keys at its worst (docstring)
-_TABLE_BASE_BYTES = sys.getsizeof(OrderedDict({0: None}))   # the table of keys with its smallest allocation
+def _rank_last(phrases: OrderedDict[Phrase, int], count: int) -> None:
+    """Restore rank order (count ascending, ties oldest first) after the phrase at the end got ``count``: move the
+    phrases before it that outrank it (a tail run of counts > ``count``) behind it, keeping their order."""
+    higher = []
+    tail = reversed(phrases.items())
+    next(tail)
+    for p, c in tail:
+        if c <= count:
+            break
+        higher.append(p)
+    for p in reversed(higher):
+        phrases.move_to_end(p)
 
 
-def phrase_bytes(phrase_len: int) -> int:
-    """Bytes of one stored phrase: its tuple and its ``phrase_len`` int objects."""
-    return _block(sys.getsizeof(tuple(range(phrase_len)))) + phrase_len * _INT_BYTES
-
-
-@functools.lru_cache(maxsize=None)
-def lru_dict_peak_bytes(capacity: int) -> int:
-    """Peak ``sys.getsizeof`` of an OrderedDict kept at most ``capacity`` entries by LRU churn (a key's phrase list;
-    the table of keys).
-
-    A dict that keeps inserting and evicting compacts into a table sized for 3x its entries; that happens within the
-    first ``4 capacity + 16`` inserts, and later compactions find the same size.
-    """
-    table: OrderedDict[int, None] = OrderedDict()
-    peak = sys.getsizeof(table)
-    for i in range(4 * capacity + 16):
-        table[i] = None
-        if len(table) > capacity:
-            table.popitem(last=False)
-        peak = max(peak, sys.getsizeof(table))
-    return peak
-
-
-def key_bytes(ngram: int, guess_set: int) -> int:
-    """Most bytes one key with ``guess_set`` phrases of ``ngram - 1`` tokens can cost (module docstring)."""
-    return (lru_dict_peak_bytes(guess_set) + _INT_BYTES + _KEY_SLOT_BYTES
-            + guess_set * phrase_bytes(ngram - 1))
-
-
-def budget_caps(ngram: int, guess_set: int, max_bytes: int, max_keys: int | None = None) -> tuple[int, int]:
-    """``(max_keys, guess_set)`` a pool keeps within ``max_bytes``: the requested ``guess_set`` (lowered only when one
-    key with that many phrases does not fit), and as many keys as fit (at most ``max_keys`` when given).
-
-    Both pools use this rule, so they hold the same keys and phrases. Raises ``ValueError`` when not even one key
-    with one phrase fits, or for sizes < 1.
-    """
-    if ngram < 2:
-        raise ValueError(f"ngram must be >= 2 (a key plus at least one token), got {ngram}")
-    if guess_set < 1 or (max_keys is not None and max_keys < 1):
-        raise ValueError(f"guess_set and max_keys must be >= 1, got {guess_set}, {max_keys}")
-    if not isinstance(max_bytes, int) or isinstance(max_bytes, bool):
-        raise ValueError(f"max_bytes must be an int (bytes), got {max_bytes!r}")
-    room = max_bytes - _TABLE_BASE_BYTES
-    if room < key_bytes(ngram, 1):
-        raise ValueError(f"max_bytes={max_bytes} is too small for one key with one {ngram - 1}-token phrase (needs "
-                         f"{_TABLE_BASE_BYTES + key_bytes(ngram, 1)} bytes)")
-    if key_bytes(ngram, guess_set) > room:         # not one full key: the most phrases per key that fit
-        low, high = 1, guess_set - 1                # key_bytes grows strictly with guess_set
-        while low < high:
-            mid = (low + high + 1) // 2
-            low, high = (mid, high) if key_bytes(ngram, mid) <= room else (low, mid - 1)
-        guess_set = low
-    keys = room // key_bytes(ngram, guess_set)
-    return (keys if max_keys is None else min(keys, max_keys)), guess_set
-
-
-def fit_state(state: dict, max_keys: int, guess_set: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The ``(keys, counts, phrases)`` of a pool state dict cut to the caps, as inserting it in order would leave it:
-    the newest ``max_keys`` keys, each with its newest ``guess_set`` phrases. Raises ``ValueError`` when the state
-    is inconsistent (counts not matching the phrase rows, or above the state's own ``guess_set``)."""
-    n_tok = int(state["ngram"]) - 1
-    keys = state["keys"].long().reshape(-1)
+def _state_weights(state: dict) -> torch.Tensor:
+    """A scored state's ``"weights"`` (int64, one per phrase row), checked: each >= 1 and <= ``MAX_COUNT``, and
+    ascending within each key (the rank order a scored pool stores). Raises ``ValueError`` otherwise."""
+    if "weights" not in state:
+        raise ValueError(f"a {POOL_FORMAT_SCORED} pool state needs 'weights'")
+    weights = state["weights"].long().reshape(-1)
     counts = state["counts"].long().reshape(-1)
-    rows = state["phrases"].long().reshape(-1, n_tok)
-    if counts.numel() != keys.numel() or int(counts.sum()) != rows.shape[0]:
-        raise ValueError("inconsistent pool state: counts do not match keys / phrases")
-    if counts.numel() and int(counts.max()) > int(state["guess_set"]):
-        raise ValueError(f"pool state has a key with more than guess_set = {int(state['guess_set'])} phrases")
-    first = max(0, keys.numel() - max_keys)
-    if first == 0 and (counts.numel() == 0 or int(counts.max()) <= guess_set):
-        return keys, counts, rows
-    starts = (torch.cumsum(counts, 0) - counts).tolist()
-    ends = [a + c for a, c in zip(starts, counts.tolist())]
-    keep = [r for a, e in zip(starts[first:], ends[first:]) for r in range(max(a, e - guess_set), e)]
-    return keys[first:], counts[first:].clamp(max=guess_set), rows[torch.tensor(keep, dtype=torch.long)]
+    if weights.numel() != int(counts.sum()):
+        raise ValueError("inconsistent pool state: weights do not match the phrase rows")
+    if weights.numel() and (int(weights.min()) < 1 or int(weights.max()) > MAX_COUNT):
+        raise ValueError(f"pool state weights must lie in [1, {MAX_COUNT}]")
+    same_key = torch.repeat_interleave(torch.arange(counts.numel()), counts)
+    if bool(((weights[1:] < weights[:-1]) & (same_key[1:] == same_key[:-1])).any()):
+        raise ValueError("pool state weights are not in rank order (ascending within each key)")
+    return weights
 
 
 @dataclass
@@ -146,15 +120,20 @@ class PoolStats:
 
 @dataclass
 class PhrasePool:
-    """Bounded two-level LRU phrase pool.
+    """Bounded two-level phrase pool: an LRU of keys, each with an LRU (default) or scored (``scored=True``) list.
 
     Guarantees:
-    - ``insert(key, phrase)`` makes ``phrase`` the newest phrase of ``key`` (moving it there if present) and ``key``
-      the newest key; a key's list never exceeds ``guess_set`` (oldest dropped) and the pool never exceeds
-      ``max_keys`` keys (least recently inserted-into key dropped).
-    - ``max_keys`` and ``guess_set`` are the caps :func:`budget_caps` derives from ``max_bytes`` (default 64 MiB) and
-      the requested values (``max_keys=None``: as many keys as the budget holds), so ``nbytes() <= max_bytes``.
-    - ``lookup(key, k)`` returns up to ``k`` phrases of ``key``, newest first, and changes no order.
+    - ``insert(key, phrase)`` makes ``key`` the newest key; the pool never exceeds ``max_keys`` keys (least recently
+      inserted-into key dropped) and a key's list never exceeds ``guess_set`` phrases.
+    - LRU list: ``insert`` makes ``phrase`` the newest (moving it there if present); a full list drops its oldest.
+    - Scored list: each phrase has a count, the sum of the weights it was inserted with (saturating at
+      ``MAX_COUNT``), and a recency (its last insert); an insert adds its weight and refreshes the recency; a full list
+      first drops its lowest count (ties: the oldest), so a new phrase always enters.
+    - ``lookup(key, k)`` returns up to ``k`` phrases of ``key`` best first (LRU: newest first; scored: highest count
+      first, ties newest first) and changes no order; it alone updates :attr:`stats`.
+    - ``max_keys`` and ``guess_set`` are the caps :func:`budget_caps` derives from ``max_bytes`` (default 64 MiB),
+      the requested values (``max_keys=None``: as many keys as the budget holds) and the mode, so
+      ``nbytes() <= max_bytes``.
     - Only phrases of exactly ``ngram - 1`` tokens are stored; others raise ``ValueError``.
     """
 
@@ -162,12 +141,14 @@ class PhrasePool:
     guess_set: int = 20
     max_keys: int | None = None
     max_bytes: int = DEFAULT_MAX_BYTES
-    _table: "OrderedDict[int, OrderedDict[Phrase, None]]" = field(default_factory=OrderedDict, repr=False)
+    scored: bool = False
+    _table: OrderedDict[int, OrderedDict[Phrase, int | None]] = field(default_factory=OrderedDict, repr=False)
     stats: PoolStats = field(default_factory=PoolStats, repr=False)
 
     def __post_init__(self) -> None:
-        self.max_keys, self.guess_set = budget_caps(self.ngram, self.guess_set, self.max_bytes, self.max_keys)
-        self._phrase_bytes = phrase_bytes(self.phrase_len)
+        self.scored = bool(self.scored)
+        self.max_keys, self.guess_set = budget_caps(self.ngram, self.guess_set, self.max_bytes, self.max_keys,
+                                                    self.scored)
 
     @property
     def phrase_len(self) -> int:
@@ -181,13 +162,10 @@ class PhrasePool:
         return len(self._table)
 
     def nbytes(self) -> int:
-        """Bytes the pool holds, from ``sys.getsizeof`` of its tables plus every key's int and every phrase's tuple
-        and ints (costs in the module docstring; shared small ints are overcounted). Walks the keys: O(keys).
-        Never exceeds ``max_bytes``."""
-        total = sys.getsizeof(self._table) + len(self._table) * _INT_BYTES
-        for phrases in self._table.values():
-            total += sys.getsizeof(phrases) + len(phrases) * self._phrase_bytes
-        return total
+        """Bytes the pool holds, from ``sys.getsizeof`` of its tables plus every key's int, every phrase's tuple and
+        ints and a scored pool's count objects (:func:`~ouroboros.drafting.pool_budget.table_nbytes`; shared small
+        ints are overcounted). O(keys), a scored pool O(phrases). Never exceeds ``max_bytes``."""
+        return table_nbytes(self._table, self.phrase_len, self.scored)
 
     def __contains__(self, key: int) -> bool:
         return key in self._table
@@ -198,7 +176,7 @@ class PhrasePool:
             raise ValueError(f"phrase must have ngram-1 = {self.phrase_len} tokens, got {len(phrase)}")
         return phrase
 
-    def _touch_key(self, key: int) -> "OrderedDict[Phrase, None]":
+    def _touch_key(self, key: int) -> OrderedDict[Phrase, int | None]:
         phrases = self._table.get(key)
         if phrases is None:
             phrases = self._table[key] = OrderedDict()
@@ -208,34 +186,62 @@ class PhrasePool:
             self._table.move_to_end(key)
         return phrases
 
-    def insert(self, key: int, phrase: Sequence[int]) -> None:
-        """Make ``phrase`` the newest phrase of ``key`` (see class guarantees)."""
+    def insert(self, key: int, phrase: Sequence[int], weight: int = 1) -> None:
+        """Insert ``phrase`` under ``key`` (see class guarantees). ``weight`` (an integer >= 1, else ``ValueError``):
+        what a scored pool adds to the phrase's count; an LRU pool checks and ignores it."""
         phrase = self._check(phrase)
+        if type(weight) is not int or weight != 1:                   # the common weight 1 costs one check
+            weight = _weight(weight)
         phrases = self._touch_key(int(key))
-        if phrase in phrases:
+        if self.scored:
+            self._add(phrases, phrase, weight)
+        elif phrase in phrases:
             phrases.move_to_end(phrase)
         else:
             phrases[phrase] = None
             if len(phrases) > self.guess_set:
                 phrases.popitem(last=False)
 
+    def _add(self, phrases: OrderedDict[Phrase, int], phrase: Phrase, weight: int) -> None:
+        """A scored insert: add ``weight`` to ``phrase``'s count (a new phrase first evicts the lowest ranked when the
+        list is full), make it the newest of its count and restore the rank order."""
+        count = phrases.get(phrase)
+        if count is None:
+            if len(phrases) >= self.guess_set:
+                phrases.popitem(last=False)
+            count = phrases[phrase] = min(weight, MAX_COUNT)
+        else:
+            count = phrases[phrase] = min(count + weight, MAX_COUNT)
+            phrases.move_to_end(phrase)
+        _rank_last(phrases, count)
+
     def insert_many(self, items: Iterable[tuple[int, Sequence[int]]]) -> None:
-        """Insert ``(key, phrase)`` pairs in order; equal to calling :meth:`insert` on each."""
+        """Insert ``(key, phrase)`` pairs in order; equal to calling :meth:`insert` on each (weight 1)."""
         for key, phrase in items:
             self.insert(key, phrase)
 
     def replace(self, key: int, old: Sequence[int], new: Sequence[int]) -> None:
-        """Put ``new`` where ``old`` stands in ``key``'s list (keeping its recency slot).
+        """Put ``new`` where ``old`` stands in ``key``'s list: verification's rewrite of a guess ``old`` into the
+        target's own continuation ``new``. The key's recency is refreshed as by an insert.
 
-        If ``old`` is absent this is :meth:`insert`; if ``new`` is already present elsewhere, ``old`` is dropped and
-        ``new`` keeps its own slot. The key's recency is refreshed as by an insert.
+        LRU list: ``new`` takes ``old``'s recency slot. If ``old`` is absent this is :meth:`insert`; if ``new`` is
+        already present elsewhere, ``old`` is dropped and ``new`` keeps its own slot; ``old == new`` changes no order.
+
+        Scored list: ``old``'s observations are taken as ``new``'s, plus this one: ``old`` (when present and not
+        ``new``) is dropped and ``new`` is inserted with weight ``count(old) + 1`` (so an absent ``new`` gets ``old``'s
+        count + 1, a present one adds it to its own; ``old`` absent or equal to ``new``: a plain insert, count + 1).
         """
         old, new = self._check(old), self._check(new)
-        phrases = self._table.get(int(key))
+        key = int(key)
+        phrases = self._table.get(key)
+        if self.scored:
+            gained = phrases.pop(old, 0) if phrases is not None and old != new else 0
+            self.insert(key, new, 1 + gained)
+            return
         if phrases is None or old not in phrases:
             self.insert(key, new)
             return
-        self._touch_key(int(key))
+        self._touch_key(key)
         if old == new:
             return
         if new in phrases:
@@ -251,7 +257,8 @@ class PhrasePool:
             self.replace(key, old, new)
 
     def lookup(self, key: int, k: int | None = None) -> list[Phrase]:
-        """Up to ``k`` (default ``guess_set``) phrases of ``key``, newest first."""
+        """Up to ``k`` (default ``guess_set``) phrases of ``key``, best first (LRU: newest first; scored: highest
+        count first, ties newest first: the stored rank order reversed, no sort)."""
         self.stats.lookups += 1
         phrases = self._table.get(int(key))
         if not phrases:
@@ -260,8 +267,39 @@ class PhrasePool:
         out = list(reversed(phrases))
         return out if k is None else out[:k]
 
+    def lookup_scored(self, key: int, k: int | None = None, prior: float = 0) -> list[tuple[Phrase, float]]:
+        """The phrases :meth:`lookup` would return, each with its estimated probability: its count over the sum of
+        ``key``'s counts (all its phrases, not only the ``k`` returned; an LRU pool counts each phrase once) plus
+        ``prior``, a pseudo-count >= 0 of continuations not seen yet (``prior=1``: a phrase seen once, alone, is a
+        coin flip). With ``prior=0`` the probabilities of a full lookup sum to 1. No counters touched."""
+        if prior < 0:
+            raise ValueError(f"prior must be >= 0, got {prior!r}")
+        phrases = self._table.get(int(key))
+        if not phrases:
+            return []
+        if not self.scored:
+            share = 1.0 / (len(phrases) + prior)
+            return [(p, share) for p in reversed(phrases)][:k]
+        total = sum(phrases.values()) + prior
+        return [(p, c / total) for p, c in reversed(phrases.items())][:k]
+
+    def best(self, key: int, prior: float = 0) -> tuple[Phrase, float] | None:
+        """``key``'s first phrase by :meth:`lookup` order with its probability (:meth:`lookup_scored`, same
+        ``prior``), or ``None`` for a key with no phrase. No counters touched."""
+        found = self.lookup_scored(key, 1, prior)
+        return found[0] if found else None
+
+    def count(self, key: int, phrase: Sequence[int]) -> int:
+        """How often ``phrase`` was inserted under ``key`` (its weights' sum; an LRU pool: 1), 0 when absent."""
+        phrases = self._table.get(int(key))
+        phrase = tuple(int(t) for t in phrase)
+        if phrases is None or phrase not in phrases:
+            return 0
+        return phrases[phrase] if self.scored else 1
+
     def phrases(self, key: int) -> list[Phrase]:
-        """All phrases of ``key``, oldest first (no counters touched)."""
+        """All phrases of ``key`` in stored order (no counters touched): LRU oldest first; scored in rank order,
+        lowest count first (ties oldest first), i.e. the order a full list evicts them."""
         return list(self._table.get(int(key), ()))
 
     def keys(self) -> list[int]:
@@ -281,11 +319,13 @@ class PhrasePool:
 
     # ---- persistence -------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Tensors + settings describing the pool exactly (key order and phrase order, oldest first)."""
+        """Tensors + settings describing the pool exactly (key order oldest first, each key's phrases in stored
+        order). An LRU pool writes :data:`POOL_FORMAT` (unchanged since v1); a scored one :data:`POOL_FORMAT_SCORED`
+        with ``"scored": True`` and ``"weights"``, the int64 counts aligned with the ``"phrases"`` rows."""
         keys = list(self._table)
         counts = [len(self._table[k]) for k in keys]
         rows = [p for k in keys for p in self._table[k]]
-        return {
+        state = {
             "format": POOL_FORMAT,
             "ngram": self.ngram,
             "guess_set": self.guess_set,
@@ -295,21 +335,35 @@ class PhrasePool:
             "counts": torch.tensor(counts, dtype=torch.int64),
             "phrases": torch.tensor(rows, dtype=torch.int64).reshape(len(rows), self.phrase_len),
         }
+        if self.scored:
+            weights = [c for k in keys for c in self._table[k].values()]
+            state.update(format=POOL_FORMAT_SCORED, scored=True, weights=torch.tensor(weights, dtype=torch.int64))
+        return state
 
     @classmethod
-    def from_state_dict(cls, state: dict) -> "PhrasePool":
-        """A pool equal to the one ``state`` describes; one saved with larger caps (or before byte budgets) keeps
-        its newest keys and phrases, as inserting it in order would."""
-        if state.get("format") != POOL_FORMAT:
-            raise ValueError(f"not an ouroboros phrase pool (format {state.get('format')!r}, expected {POOL_FORMAT!r})")
+    def from_state_dict(cls, state: dict) -> PhrasePool:
+        """A pool equal to the one ``state`` describes, in the mode the state says (v1: LRU, v2: scored); one saved
+        with larger caps (or before byte budgets) keeps its newest keys and, per key, its last phrases (LRU: newest;
+        scored: best ranked), as inserting it in order would. Raises ``ValueError`` for another format or an
+        inconsistent state."""
+        fmt = state.get("format")
+        if fmt not in POOL_FORMATS:
+            raise ValueError(f"not an ouroboros phrase pool (format {fmt!r}, expected one of {POOL_FORMATS})")
+        scored = fmt == POOL_FORMAT_SCORED
+        if bool(state.get("scored", scored)) != scored:
+            raise ValueError(f"pool state says scored={state['scored']!r} in format {fmt!r}")
+        weights = _state_weights(state) if scored else None
         pool = cls(ngram=int(state["ngram"]), guess_set=int(state["guess_set"]), max_keys=int(state["max_keys"]),
-                   max_bytes=int(state.get("max_bytes", DEFAULT_MAX_BYTES)))
-        keys, counts, rows = fit_state(state, pool.max_keys, pool.guess_set)
-        rows = rows.tolist()
+                   max_bytes=int(state.get("max_bytes", DEFAULT_MAX_BYTES)), scored=scored)
+        keys, counts, keep = fit_rows(state, pool.max_keys, pool.guess_set)
+        rows = state["phrases"].long().reshape(-1, pool.phrase_len)[keep].tolist()
+        values = weights[keep].tolist() if scored else None
         start = 0
         for key, count in zip(keys.tolist(), counts.tolist()):
-            pool._table[key] = OrderedDict((tuple(r), None) for r in rows[start:start + count])
-            start += count
+            end = start + count
+            chunk = values[start:end] if scored else repeat(None)
+            pool._table[key] = OrderedDict(zip(map(tuple, rows[start:end]), chunk))
+            start = end
         return pool
 
     def save(self, path: str | Path) -> None:
@@ -317,6 +371,6 @@ class PhrasePool:
         torch.save(self.state_dict(), str(path))
 
     @classmethod
-    def load(cls, path: str | Path) -> "PhrasePool":
+    def load(cls, path: str | Path) -> PhrasePool:
         """Read a pool written by :meth:`save` (or by the GPU pool's ``save``)."""
         return cls.from_state_dict(torch.load(str(path), weights_only=True))

@@ -35,6 +35,7 @@ class StepResult:
     bonus: int | None = None
     dist: torch.Tensor | None = None
     scores: list | None = None
+    topk: list[list[int]] | None = None     # the raw logits' top-k tokens at every node (``tree_step(topk=k)``)
 
     @property
     def tip(self) -> int:
@@ -55,14 +56,15 @@ class StepResult:
 
 def tree_step(runner, pending: Sequence[int], trunk: Sequence[int] = (),
               branches: Sequence[Sequence[int]] = (), *, sampler: TreeSampler | None = None,
-              context: Sequence[int] = (), trunk_q: Sequence[torch.Tensor] = ()) -> StepResult:
+              context: Sequence[int] = (), trunk_q: Sequence[torch.Tensor] = (), topk: int = 0) -> StepResult:
     """Run ``pending`` (uncached, decided tokens), then ``trunk``, then ``branches`` off the trunk's tip, as one trie.
 
     Without ``sampler``: the accepted path follows the raw argmax (``TokenTree.walk``). With one: the sampler walks
     the tree on the full logits; ``context`` is then the whole sequence up to and including ``pending``'s last token
     (the processors' history) and ``trunk_q`` the distributions the trunk tokens were sampled from (empty: the trunk
-    is a deterministic proposal). Guarantees: one forward; afterwards the runner's cache holds exactly the old
-    prefix + pending + accepted path.
+    is a deterministic proposal). ``topk`` > 0 also returns the raw logits' ``topk`` best tokens at every node
+    (``StepResult.topk``, best first; the same forward). Guarantees: one forward; afterwards the runner's cache holds
+    exactly the old prefix + pending + accepted path.
     """
     tree = TokenTree()
     given = tree.add_path(-1, pending)
@@ -70,8 +72,12 @@ def tree_step(runner, pending: Sequence[int], trunk: Sequence[int] = (),
     tip = trunk_ids[-1] if trunk_ids else given[-1]
     branch_ids = [tree.add_path(tip, b) for b in branches]
     prefix = runner.n_cached
-    if sampler is None:
+    if sampler is None and not topk:
         argmax = runner.forward_tree(tree)
+        result = StepResult(tree, argmax, given, trunk_ids, branch_ids, tree.walk(given[-1], argmax))
+    elif sampler is None:
+        logits = runner.forward_tree_logits(tree)
+        argmax = logits.argmax(-1).tolist()
         result = StepResult(tree, argmax, given, trunk_ids, branch_ids, tree.walk(given[-1], argmax))
     else:
         logits = runner.forward_tree_logits(tree)
@@ -79,5 +85,7 @@ def tree_step(runner, pending: Sequence[int], trunk: Sequence[int] = (),
         walk = sampler.walk(tree, logits, given[-1], context, dict(zip(trunk_ids, trunk_q)))
         result = StepResult(tree, argmax, given, trunk_ids, branch_ids, walk.path, walk.bonus, walk.dist,
                             walk.scores)
+    if topk:
+        result.topk = logits.topk(min(topk, logits.shape[-1]), dim=-1).indices.tolist()
     runner.keep(prefix, given + result.path)
     return result

@@ -2,44 +2,28 @@
 own history and, shared across requests, from every request's output; a row's chain follows the longest context that
 the pools know.
 
-A key of one token is the token id itself (what :class:`~ouroboros.drafting.host_drafter.HostDrafter` looks up, so
-draft mode reads the same pools); a longer context is hashed to a negative int (a fixed polynomial hash, the same in
-every process, so a saved pool stays valid)."""
+Keys are :func:`~ouroboros.drafting.contexts.context_key`: a one-token key is the token id itself (what
+:class:`~ouroboros.drafting.host_drafter.HostDrafter` looks up, so draft mode reads the same pools), a longer context
+a negative hash."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Sequence
 
+from ouroboros.drafting.contexts import context_key, context_phrases
 from ouroboros.drafting.pool import PhrasePool
 
 __all__ = ["context_key", "harvest", "MergedPool", "pool_chain", "HistoryPools", "OWN_POOL_BYTES"]
 
 OWN_POOL_BYTES = 4 << 20          # one request's own-history pool (the shared pool has its own budget)
-_MOD = (1 << 61) - 1
-
-
-def context_key(context: Sequence[int]) -> int:
-    """The pool key of ``context`` (1+ token ids): the id itself for one token, else a negative hash that differs
-    between orders."""
-    if len(context) == 1:
-        return int(context[0])
-    h = len(context)
-    for t in context:
-        h = (h * 1_000_003 + int(t) + 1) % _MOD
-    return -1 - h
 
 
 def harvest(pool: PhrasePool, tokens: Sequence[int], start: int, orders: int) -> int:
-    """Insert into ``pool`` every phrase of ``tokens`` whose key token sits at index >= ``start``: for a key token at
-    index i, the phrase ``tokens[i+1 : i+N]`` under the contexts ``tokens[i-o+1 : i+1]`` for o = 1..``orders`` (those
-    that fit), left to right. Returns the first key index not harvested yet (what ``start`` is next time)."""
-    n = pool.phrase_len
-    stop = len(tokens) - n
-    for i in range(max(start, 0), stop):
-        phrase = tokens[i + 1:i + 1 + n]
-        for o in range(1, min(orders, i + 1) + 1):
-            pool.insert(context_key(tokens[i - o + 1:i + 1]), phrase)
-    return max(start, stop)
+    """Insert into ``pool`` every phrase of ``tokens`` whose key token sits at index >= ``start``
+    (:func:`~ouroboros.drafting.contexts.context_phrases`: under the contexts of 1..``orders`` tokens before it), left
+    to right. Returns the first key index not harvested yet (what ``start`` is next time)."""
+    pool.insert_many(context_phrases(tokens, start, pool.phrase_len, orders))
+    return max(start, len(tokens) - pool.phrase_len)
 
 
 @dataclass
