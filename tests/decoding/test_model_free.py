@@ -34,14 +34,18 @@ def test_the_chain_follows_the_most_frequent_phrase_while_it_is_probable():
 def test_the_gate_weighs_measured_costs_and_learns_from_acceptance():
     gate = ModelFreeGate(floor=0.3)
     assert not gate.worth_it([0.9, 0.9])                # nothing measured yet
-    gate.observe_draft(tokens=3, draft_seconds=0.2, verify_seconds=0.4)   # 3 tokens per 0.6 s = 5/s
-    assert gate.worth_it([0.9, 0.9, 0.9])               # (1 + 2.7) / 0.4 = 9.25/s
-    assert not gate.worth_it([0.5])                     # 1.5 / 0.4 = 3.75/s
+    gate.observe_draft(tokens=6, draft_seconds=0.2, verify_seconds=0.4)   # 6 tokens per 0.6 s = 10/s
+    assert gate.worth_it([0.9, 0.9, 0.9])               # (1 + 2.7) / 0.4 = 9.25/s: >= half, never tried yet
+    assert not gate.worth_it([0.5])                     # 1.5 / 0.4 = 3.75/s: under half
     assert not gate.worth_it([])
-    for _ in range(10):                                 # the pool promised 2.7 tokens, the target took 0.3
+    gate.observe_free(accepted=3, probs=[0.9, 0.9, 0.9], verify_seconds=0.4)   # tried: 3 of 2.7 predicted
+    assert gate.calibration == pytest.approx(3 / 2.7)
+    assert gate.worth_it([0.9, 0.9, 0.9, 0.9])          # (1 + 1.11 * 3.6) / 0.4 = 12.5/s > 10/s
+    assert not gate.worth_it([0.9, 0.9, 0.9])           # (1 + 3) / 0.4 = 10/s: not above
+    for _ in range(10):                                 # the pool promised 2.7 tokens, the target took none
         gate.observe_free(accepted=0, probs=[0.9, 0.9, 0.9], verify_seconds=0.4)
-    assert gate.calibration == pytest.approx(0.1)
-    assert not gate.worth_it([0.9, 0.9, 0.9])           # 1.27 / 0.4 = 3.2/s: back to the draft model
+    assert gate.calibration < 0.15
+    assert not gate.worth_it([0.9] * 8)                 # (1 + 0.12 * 7.2) / 0.4 = 4.6/s: back to the draft model
 
 
 @pytest.mark.parametrize("value", [-0.1, 1.0, True, "0.5"])

@@ -5,8 +5,9 @@ the draft model and the target verifies the pooled chain directly; the draft mod
 is right so far stays above a floor (SuffixDecoding's rule: the draft length follows the confidence, not a fixed N).
 Each step looks the continuation up under the longest context the pool knows (the last ``ORDERS`` tokens down to one:
 :mod:`ouroboros.drafting.contexts` keys, written by :func:`remember` from the prompt and the emitted text). A phrase's
-probability is its count over its key's total plus one (one unseen alternative: a continuation seen once is a coin
-flip, not a certainty).
+probability is its count over its key's total plus 1/o for a context of o tokens (an unseen alternative: after one
+token a continuation seen once is a coin flip, after three tokens it is 3 in 4, as a longer match is better
+evidence).
 
 :class:`ModelFreeGate` decides per cycle from costs it measures as it goes: a model-free cycle is worth it when the
 tokens it is expected to emit per second of target forward beat what the last draft-model cycles emitted per second
@@ -33,9 +34,9 @@ def remember(pool, tokens: Sequence[int], start: int) -> None:
 
 
 def _best(pool, context: list[int]) -> tuple[tuple[int, ...], float] | None:
-    """The best phrase under the longest context the pool knows, with its probability (count / (total + 1))."""
+    """The best phrase under the longest context the pool knows, with its probability (count / (total + 1/o))."""
     for o in range(min(ORDERS, len(context)), 0, -1):
-        found = pool.lookup_scored(context_key(context[-o:]), 1, prior=1)
+        found = pool.lookup_scored(context_key(context[-o:]), 1, prior=1 / o)
         if found:
             return found[0]
     return None
@@ -72,6 +73,7 @@ class ModelFreeGate:
 
     floor: float = 0.3
     decay: float = 0.8
+    explore: float = 0.5            # before any model-free cycle (calibration unknown), try one at this fraction
     draft_tokens: float = 0.0       # running mean: tokens a draft-model cycle emitted
     draft_seconds: float = 0.0      # running mean: seconds of a draft-model cycle (draft + verify forwards)
     verify_seconds: float = 0.0     # running mean: seconds of a target verification forward
@@ -93,11 +95,13 @@ class ModelFreeGate:
     def worth_it(self, probs: list[float]) -> bool:
         """True when a model-free cycle verifying a chain with these ``probs`` is expected to emit more tokens per
         second than a draft-model cycle: (1 + c * sum(probs)) / t_verify > tokens_draft / t_draft_cycle, with c the
-        :attr:`calibration`."""
+        :attr:`calibration`; until one model-free cycle has been measured (c unknown), when it is expected to reach
+        ``explore`` of that rate (one try, then its outcome calibrates the next decisions)."""
         if not probs or self.draft_cycles == 0 or self.draft_seconds <= 0 or self.verify_seconds <= 0:
             return False
         expected = 1.0 + self.calibration * sum(probs)
-        return expected / self.verify_seconds > self.draft_tokens / self.draft_seconds
+        ratio = (expected / self.verify_seconds) / (self.draft_tokens / self.draft_seconds)
+        return ratio > (self.explore if self.free_cycles == 0 else 1.0)
 
     def observe_draft(self, tokens: int, draft_seconds: float, verify_seconds: float) -> None:
         """A draft-model cycle emitted ``tokens`` after these seconds of draft and target forwards."""
