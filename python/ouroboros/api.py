@@ -128,8 +128,10 @@ def _eos_set(target, eos_token_id) -> frozenset[int]:
     return frozenset(int(t) for t in eos_token_id)
 
 
-def _prepare(target, draft, prompts: list[list[int]], max_new_tokens, method, pool, params, pool_device=None):
-    """The resolved config and pool for a call on ``prompts`` (ValueError naming any bad input)."""
+def _prepare(target, draft, prompts: list[list[int]], max_new_tokens, method, pool, params, pool_device=None,
+             host_drafting: bool = False):
+    """The resolved config and pool for a call on ``prompts`` (ValueError naming any bad input); ``host_drafting``:
+    the call needs the host pool (a sampling draft)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -155,7 +157,7 @@ def _prepare(target, draft, prompts: list[list[int]], max_new_tokens, method, po
         params["ngram"] = pool.ngram
     cfg = resolve_config(target.device, method, **params)
     uses_pool = method in ("lookahead", "prompt_lookup", "ouroboros")
-    counts = cfg.scored or cfg.model_free > 0 or cfg.recycle > 0     # host-loop pool features (not on the device)
+    counts = cfg.scored or cfg.model_free > 0 or cfg.recycle > 0 or host_drafting   # host-loop pool features
     if method == "ouroboros" and pool is None and pool_device is None and target.device.type == "cuda" and not counts:
         pool_device = target.device              # the CUDA default: drafting and the pool on the device
     if uses_pool:
@@ -166,8 +168,9 @@ def _prepare(target, draft, prompts: list[list[int]], max_new_tokens, method, po
         elif pool.ngram != cfg.ngram:
             raise ValueError(f"the pool holds {pool.ngram}-grams but ngram={cfg.ngram} was asked for")
     if counts and not isinstance(pool, PhrasePool | None):
-        raise ValueError("scored, model_free and recycle need the host PhrasePool (the device pool keeps no counts, "
-                         "the device cycle runs none of them): pass pool_device=None and no GpuPhrasePool")
+        raise ValueError("scored, model_free, recycle and draft_sampling need the host PhrasePool (the device pool "
+                         "keeps no counts, the device cycle runs none of them): pass pool_device=None and no "
+                         "GpuPhrasePool")
     return cfg, (pool if uses_pool else None)
 
 
@@ -206,7 +209,8 @@ def stream(target, draft=None, input_ids=None, attention_mask=None, *, max_new_t
     prompts = batch_prompts(input_ids, attention_mask)[0] if batch else [_prompt_list(input_ids)]
     params = dict(gamma=gamma, ngram=ngram, window=window, guess_set=guess_set, topk=topk, adaptive=adaptive,
                   scored=scored, model_free=model_free, recycle=recycle)
-    cfg, pool = _prepare(target, draft, prompts, max_new_tokens, method, pool, params, pool_device)
+    cfg, pool = _prepare(target, draft, prompts, max_new_tokens, method, pool, params, pool_device,
+                         host_drafting=draft_sampling and do_sample and method == "ouroboros")
     if scores_out is not None and not isinstance(scores_out, list):
         raise ValueError(f"scores_out must be a list or None, got {type(scores_out).__name__}")
     many = len(prompts) > 1
@@ -306,8 +310,9 @@ def generate(target, draft=None, input_ids=None, attention_mask=None, *, max_new
         that node's own token history, in HF's order: repetition penalty, ``logits_processor``, the warpers.
     generator : draws come from it (same seed, same output); default: torch's global RNG.
     logits_processor : a ``LogitsProcessorList`` applied to every step's scores (history-dependent ones included).
-    draft_sampling : method "speculative" only: the draft samples its tokens from its own processed distribution q
-        (accepted with min(1, r/q)) instead of proposing its greedy tokens. Ignored when greedy.
+    draft_sampling : methods "speculative" and "ouroboros": the draft samples its tokens from its own processed
+        distribution q (accepted with min(1, r/q)) instead of proposing its greedy tokens; ouroboros' pooled guesses
+        are kept where the draft's draw takes them, its suffixes stay deterministic siblings. Ignored when greedy.
     scores_out : a list that receives, per emitted token, ``(processed_scores, raw_logits)``, each (1, V) float32
         (what HF's ``output_scores`` / ``output_logits`` return).
 

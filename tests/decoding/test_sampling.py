@@ -324,6 +324,8 @@ E2E_CASES = {   # method, sampling arguments, engine parameters, draft_sampling
     "lookahead-rp1.3-topk6": ("lookahead", dict(repetition_penalty=1.3, top_k=6), {}, False),
     "prompt_lookup-minp0.05-t0.8": ("prompt_lookup", dict(min_p=0.05, temperature=0.8), {}, False),
     "ouroboros-default": ("ouroboros", {}, dict(gamma=3, topk=2), False),
+    "ouroboros-draft_sampling-t0.8-topp0.9": ("ouroboros", dict(temperature=0.8, top_p=0.9), dict(gamma=3, topk=2),
+                                              True),
 }
 E2E_RUNS = 400
 POWER_RUNS = 300
@@ -342,7 +344,7 @@ def test_every_method_samples_the_target_distribution(small_pair, case):
         assert 0 < stats.trunk_accepted < stats.draft_tokens
     if method in ("prompt_lookup", "ouroboros"):
         assert stats.branch_accepted > 0
-    if method == "lookahead":
+    if method == "lookahead" or (method == "ouroboros" and draft_sampling):    # pooled guesses the draw took
         assert stats.guess_accepted > 0
     assert stats.target_forwards < 3 * E2E_RUNS or method == "greedy"
 
@@ -353,6 +355,27 @@ def test_a_lossy_rule_fails_the_end_to_end_test(small_pair, method):
     _, args, params, _ = E2E_CASES[next(k for k in E2E_CASES if k.startswith(method))]
     sampler = make_sampler(do_sample=True, generator=torch.Generator().manual_seed(7), accept=lossy_accept, **args)
     samples, _ = sample_runs(target, draft, method, sampler, POWER_RUNS, **params)
+    pvalues = three_token_pvalues(samples, *exact_three(target, PROMPT, sampler.processors))
+    assert min(pvalues.values()) < POWER, pvalues
+
+
+def test_a_sampled_ouroboros_draft_verified_with_the_wrong_q_fails_the_end_to_end_test(small_pair, monkeypatch):
+    """The lossy variant of draft sampling: the verifier is told a wrong q for the draft's tokens (q at a quarter of
+    the temperature it was drawn at, q^4 renormalised: the slip of recording the distribution before the warpers),
+    so min(1, p/q) and the residual are off. (Dropping q altogether would stay exact: a sampled token verified as a deterministic proposal
+    is accepted with p(x), which is lossless for any candidate, only slower.)"""
+    from ouroboros.drafting.host_drafter import HostDrafter
+    end = HostDrafter._end
+
+    def wrong_q(self, phase):
+        out = end(self, phase)
+        out.qs = [q ** 4 / (q ** 4).sum() for q in out.qs]
+        return out
+    monkeypatch.setattr(HostDrafter, "_end", wrong_q)
+    target, draft = small_pair
+    _, args, params, _ = E2E_CASES["ouroboros-draft_sampling-t0.8-topp0.9"]
+    sampler = make_sampler(do_sample=True, generator=torch.Generator().manual_seed(7), **args)
+    samples, _ = sample_runs(target, draft, "ouroboros", sampler, 3 * POWER_RUNS, True, **params)
     pvalues = three_token_pvalues(samples, *exact_three(target, PROMPT, sampler.processors))
     assert min(pvalues.values()) < POWER, pvalues
 
@@ -466,7 +489,7 @@ def test_bad_sampling_arguments_raise_value_errors(small_pair):
     for kw, name in ((dict(temperature=-1.0), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_k=-2), "top_k"),
                      (dict(min_p=3.0), "min_p"), (dict(repetition_penalty=-1.0), "repetition_penalty"),
                      (dict(generator="seed"), "generator"), (dict(scores_out=()), "scores_out"),
-                     (dict(draft_sampling=True, method="ouroboros"), "draft_sampling")):
+                     (dict(draft_sampling=True, method="lookahead"), "draft_sampling")):
         kw = {"do_sample": True, "method": "speculative", **kw}
         with pytest.raises(ValueError, match=name):
             ouroboros.generate(target, draft, ids, max_new_tokens=2, **kw)

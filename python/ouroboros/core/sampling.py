@@ -153,13 +153,15 @@ class WalkResult:
 
     ``path``: accepted nodes; ``bonus``: the token drawn (or argmax-chosen) at the last visited node; ``dist``: the
     distribution ``bonus`` was drawn from (None when greedy); ``scores``: per emitted token, (processed (1, V),
-    raw (1, V)) of the node that produced it, when the sampler keeps scores.
+    raw (1, V)) of the node that produced it, when the sampler keeps scores; ``dists``: per emitted token, the
+    processed distribution (V,) of the node before it (what the token is distributed as), when asked for.
     """
 
     path: list[int]
     bonus: int
     dist: torch.Tensor | None = None
     scores: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    dists: list[torch.Tensor] | None = None
 
 
 @dataclass
@@ -237,7 +239,7 @@ class TreeSampler:
 
     # ---- the walk ----------------------------------------------------------------------------------------------
     def walk(self, tree, logits: torch.Tensor, start: int, context: Sequence[int],
-             proposal_q: Mapping[int, torch.Tensor] | None = None) -> WalkResult:
+             proposal_q: Mapping[int, torch.Tensor] | None = None, keep_dists: bool = False) -> WalkResult:
         """Choose the accepted nodes below ``start`` and the bonus token.
 
         ``tree``: a :class:`~ouroboros.core.tokentree.TokenTree`; ``logits`` (T, V): raw logits of every node;
@@ -245,12 +247,14 @@ class TreeSampler:
         the distribution (V,) that node's token was sampled from (nodes not in it are deterministic proposals).
         Only visited nodes are processed. Guarantees: with ``do_sample`` the emitted tokens (path tokens + bonus)
         are distributed as plain sampling from the processed target distributions; greedy: each emitted token is
-        the argmax of the processed scores of the node before it.
+        the argmax of the processed scores of the node before it. ``keep_dists`` (sampling): also return, per
+        emitted token, the processed distribution it is distributed as (a sampling draft's q for each token).
         """
         proposal_q = proposal_q or {}
         history = torch.as_tensor(list(context), dtype=torch.long, device=logits.device)
         path: list[int] = []
         kept: list | None = [] if self.keep_scores else None
+        dists: list | None = [] if keep_dists and self.do_sample else None
         node = start
         while True:
             raw = logits[node]
@@ -260,6 +264,8 @@ class TreeSampler:
             children = tree.children(node)
             if self.do_sample:
                 r = torch.softmax(scores, dim=-1)
+                if dists is not None:
+                    dists.append(r)
                 child, r = self._choose(r, children, proposal_q)
             else:
                 r = None
@@ -267,7 +273,7 @@ class TreeSampler:
                 child = next((n for n, tok in children if tok == best), None)
             if child is None:
                 bonus = self._draw(r) if r is not None else best
-                return WalkResult(path, bonus, r, kept)
+                return WalkResult(path, bonus, r, kept, dists)
             path.append(child)
             node = child
             history = torch.cat([history, history.new_tensor([tree.tokens[child]])])

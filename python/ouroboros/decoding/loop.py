@@ -147,11 +147,12 @@ class _Loop:
 
 
 def draft_sampler_for(method: str, sampler: TreeSampler | None, draft_sampling: bool) -> TreeSampler | None:
-    """The draft's own sampler for ``draft_sampling`` (speculative only), or None: the draft proposes its argmax."""
+    """The draft's own sampler for ``draft_sampling`` (speculative and ouroboros), or None: the draft proposes its
+    argmax."""
     if not draft_sampling:
         return None
-    if method != "speculative":
-        raise ValueError(f"draft_sampling=True needs method='speculative', got method={method!r}")
+    if method not in DRAFT_METHODS:
+        raise ValueError(f"draft_sampling=True needs a draft method ({', '.join(DRAFT_METHODS)}), got {method!r}")
     return sampler.for_draft() if sampler is not None and sampler.do_sample else None
 
 

@@ -25,15 +25,17 @@ class HostDrafter(Drafter):
     :class:`PhrasePool`: the chains go into one trie (shared prefixes merged, absent guesses left out), so the tree
     is no larger than it must be, which is what a CPU forward pays for.
 
-    ``sampler`` (a sampling draft, speculative only): each forward's token is drawn from the draft's processed
-    distribution instead of its argmax; the q it was drawn from is kept per draft token.
+    ``sampler`` (a sampling draft): each forward's tokens are drawn from the draft's processed distribution instead
+    of following its argmax, pooled guesses included (a guess token is kept when the draft's own draw takes it, by
+    the sampler's walk over the forward's trie, so every drafted token is distributed as the draft's q at its
+    position); the q of every draft token is kept, for verification with min(1, p/q).
     """
 
     def __init__(self, runner, eos: frozenset[int], window: LookaheadWindow | None = None,
                  pool: PhrasePool | None = None, guess_set: int = 0, topk: int = 0,
                  sampler: TreeSampler | None = None) -> None:
-        if sampler is not None and (window is not None or guess_set):
-            raise ValueError("a sampling draft drafts one token per forward: no window or guesses")
+        if sampler is not None and window is not None:
+            raise ValueError("a sampling draft has no Jacobi window (window=0)")
         if pool is None and (window is not None or guess_set or topk):
             raise ValueError("a window, guesses or suffixes need a phrase pool")
         self.runner, self.eos, self.window, self.pool = runner, eos, window, pool
@@ -47,12 +49,13 @@ class HostDrafter(Drafter):
         pending = seq[self.runner.n_cached:]
         guesses = self.pool.lookup(pending[-1], self.guess_set) if self.guess_set else []
         columns = self.window.columns if self.window is not None else []
-        result = tree_step(self.runner, pending, branches=[*columns, *guesses], sampler=self.sampler, context=seq)
+        result = tree_step(self.runner, pending, branches=[*columns, *guesses], sampler=self.sampler, context=seq,
+                           dists=self.sampler is not None)
         if self.window is not None:
             self.window.advance(result, self.pool)
         new = result.emitted
-        if result.dist is not None:
-            out.qs.append(result.dist)
+        if result.dists is not None:
+            out.qs.extend(result.dists)
         out.forwards += 1
         out.drafted += len(new)
         out.guessed += len(new) - 1

@@ -36,6 +36,7 @@ class StepResult:
     dist: torch.Tensor | None = None
     scores: list | None = None
     topk: list[list[int]] | None = None     # the raw logits' top-k tokens at every node (``tree_step(topk=k)``)
+    dists: list[torch.Tensor] | None = None  # sampling, ``tree_step(dists=True)``: per emitted token, its distribution
 
     @property
     def tip(self) -> int:
@@ -56,14 +57,16 @@ class StepResult:
 
 def tree_step(runner, pending: Sequence[int], trunk: Sequence[int] = (),
               branches: Sequence[Sequence[int]] = (), *, sampler: TreeSampler | None = None,
-              context: Sequence[int] = (), trunk_q: Sequence[torch.Tensor] = (), topk: int = 0) -> StepResult:
+              context: Sequence[int] = (), trunk_q: Sequence[torch.Tensor] = (), topk: int = 0,
+              dists: bool = False) -> StepResult:
     """Run ``pending`` (uncached, decided tokens), then ``trunk``, then ``branches`` off the trunk's tip, as one trie.
 
     Without ``sampler``: the accepted path follows the raw argmax (``TokenTree.walk``). With one: the sampler walks
     the tree on the full logits; ``context`` is then the whole sequence up to and including ``pending``'s last token
     (the processors' history) and ``trunk_q`` the distributions the trunk tokens were sampled from (empty: the trunk
     is a deterministic proposal). ``topk`` > 0 also returns the raw logits' ``topk`` best tokens at every node
-    (``StepResult.topk``, best first; the same forward). Guarantees: one forward; afterwards the runner's cache holds
+    (``StepResult.topk``, best first; the same forward); ``dists`` (with a sampling ``sampler``) the processed
+    distribution each emitted token is distributed as (``StepResult.dists``). Guarantees: one forward; afterwards the runner's cache holds
     exactly the old prefix + pending + accepted path.
     """
     tree = TokenTree()
@@ -82,9 +85,9 @@ def tree_step(runner, pending: Sequence[int], trunk: Sequence[int] = (),
     else:
         logits = runner.forward_tree_logits(tree)
         argmax = logits.argmax(-1).tolist()
-        walk = sampler.walk(tree, logits, given[-1], context, dict(zip(trunk_ids, trunk_q)))
+        walk = sampler.walk(tree, logits, given[-1], context, dict(zip(trunk_ids, trunk_q)), keep_dists=dists)
         result = StepResult(tree, argmax, given, trunk_ids, branch_ids, walk.path, walk.bonus, walk.dist,
-                            walk.scores)
+                            walk.scores, dists=walk.dists)
     if topk:
         result.topk = logits.topk(min(topk, logits.shape[-1]), dim=-1).indices.tolist()
     runner.keep(prefix, given + result.path)
