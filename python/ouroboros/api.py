@@ -185,6 +185,18 @@ def _batch_on_device(asked: bool | None, method: str, cfg, pool, sampler, stop_r
     return ok
 
 
+def _check_stream_args(rows: int, scores_out, compile, row_logits_processors, stop_rows, logits_processor) -> None:
+    """ValueError for :func:`stream` arguments that do not fit a call on ``rows`` prompts."""
+    if scores_out is not None and not isinstance(scores_out, list):
+        raise ValueError(f"scores_out must be a list or None, got {type(scores_out).__name__}")
+    if rows > 1 and (scores_out is not None or compile):
+        raise ValueError("compile=True and scores_out need one prompt (a batch runs without them)")
+    if (row_logits_processors is not None or stop_rows is not None) and rows == 1:
+        raise ValueError("row_logits_processors and stop_rows are for a batch of several prompts")
+    if row_logits_processors is not None and (len(row_logits_processors) != rows or logits_processor):
+        raise ValueError(f"row_logits_processors needs one list per row ({rows}) and no logits_processor")
+
+
 def stream(target, draft=None, input_ids=None, attention_mask=None, *, max_new_tokens: int, method: str = "ouroboros",
            pool: PhrasePool | None = None, gamma: int | None = None, ngram: int | None = None,
            window: int | None = None, guess_set: int | None = None, topk: int | None = None,
@@ -211,15 +223,8 @@ def stream(target, draft=None, input_ids=None, attention_mask=None, *, max_new_t
                   scored=scored, model_free=model_free, recycle=recycle)
     cfg, pool = _prepare(target, draft, prompts, max_new_tokens, method, pool, params, pool_device,
                          host_drafting=draft_sampling and do_sample and method == "ouroboros")
-    if scores_out is not None and not isinstance(scores_out, list):
-        raise ValueError(f"scores_out must be a list or None, got {type(scores_out).__name__}")
+    _check_stream_args(len(prompts), scores_out, compile, row_logits_processors, stop_rows, logits_processor)
     many = len(prompts) > 1
-    if many and (scores_out is not None or compile):
-        raise ValueError("compile=True and scores_out need one prompt (a batch runs without them)")
-    if (row_logits_processors is not None or stop_rows is not None) and not many:
-        raise ValueError("row_logits_processors and stop_rows are for a batch of several prompts")
-    if row_logits_processors is not None and (len(row_logits_processors) != len(prompts) or logits_processor):
-        raise ValueError(f"row_logits_processors needs one list per row ({len(prompts)}) and no logits_processor")
     sampling = (do_sample, temperature, top_k, top_p, min_p, repetition_penalty)
     sampler = make_sampler(*sampling, logits_processor, generator, keep_scores=scores_out is not None)
     if row_logits_processors is not None:

@@ -164,8 +164,8 @@ def test_drafters_refuse_bad_input(model):
         DeviceDrafter(static, pool, N + 1, W, G, [3, 4])
     with pytest.raises(ValueError, match="window \\+ guess_set"):
         DeviceDrafter(static, pool, N, 0, 0, [3, 4])
-    with pytest.raises(ValueError, match="sampling draft"):
-        HostDrafter(runner, frozenset(), guess_set=2, pool=PhrasePool(ngram=N), sampler=object())
+    with pytest.raises(ValueError, match="sampling draft has no Jacobi window"):
+        HostDrafter(runner, frozenset(), LookaheadWindow(N, 2, [3, 4]), pool=PhrasePool(ngram=N), sampler=object())
     host = HostDrafter(runner, frozenset())
     with pytest.raises(ValueError, match="gamma"):
         host.draft([3, 4], 0)
