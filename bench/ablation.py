@@ -67,9 +67,10 @@ def main(argv=None) -> None:
     p.add_argument("inputs", nargs="+", help="bench.e2e JSON files")
     p.add_argument("--out", default=None, help="write the rows here (JSON)")
     args = p.parse_args(argv)
-    rows = [r for path in args.inputs for r in rows_of(path)]
+    runs = [p for p in args.inputs if "per_method" in json.loads(Path(p).read_text())]   # e2e runs (not this table)
+    rows = [r for path in runs for r in rows_of(path)]
     if args.out:
-        write_json(args.out, {"date_utc": utc_now(), "inputs": [str(x) for x in args.inputs], "rows": rows})
+        write_json(args.out, {"date_utc": utc_now(), "inputs": [str(x) for x in runs], "rows": rows})
     print(table(rows))
 
 

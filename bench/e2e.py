@@ -16,6 +16,7 @@ Methods (``--methods``, comma separated; default: every greedy method, or with s
   hf_prompt_lookup HF prompt-lookup decoding (``prompt_lookup_num_tokens=10``)
   greedy, speculative, lookahead, prompt_lookup, ouroboros   ``ouroboros.generate(method=...)``
   speculative_ds   speculative with ``draft_sampling=True`` (the draft samples its proposals)
+  ouroboros_ds     ouroboros with ``draft_sampling=True`` (the draft samples its trunk, pooled guesses included)
   ouroboros_warm   ouroboros with one PhrasePool carried across all prompts (history reuse)
 
 Sampling (``--do-sample``, or ``--temperatures`` for a sweep; temperature 0 is greedy, ``do_sample=False``): every

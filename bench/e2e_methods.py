@@ -87,7 +87,7 @@ def our_run(method: str, target, draft, ids, max_new: int, eos: list[int], param
 
     m = ENGINE_METHOD.get(method, method)
     extra = sampling.generate_kwargs() if sampling is not None else {}
-    if method == "speculative_ds" and extra:
+    if method in ("speculative_ds", "ouroboros_ds") and extra:
         extra["draft_sampling"] = True
     if device_cycle and m == "ouroboros":          # the GPU path: whole cycles on the device (DeviceCycle)
         extra["fast"] = True

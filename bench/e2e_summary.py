@@ -6,12 +6,15 @@ Plain data in, plain data out (no torch at import): the report step uses the nam
 from __future__ import annotations
 
 HF_METHODS = ("hf_greedy", "hf_sample", "hf_assisted", "hf_prompt_lookup")
-OUR_METHODS = ("greedy", "speculative", "speculative_ds", "lookahead", "prompt_lookup", "ouroboros", "ouroboros_warm")
+OUR_METHODS = ("greedy", "speculative", "speculative_ds", "lookahead", "prompt_lookup", "ouroboros", "ouroboros_warm",
+               "ouroboros_ds")
 ALL_METHODS = HF_METHODS + OUR_METHODS
-GREEDY_METHODS = tuple(m for m in ALL_METHODS if m not in ("hf_sample", "speculative_ds"))
-SAMPLE_METHODS = ("hf_sample", "hf_assisted", "speculative", "speculative_ds", "ouroboros", "ouroboros_warm")
+GREEDY_METHODS = tuple(m for m in ALL_METHODS if m not in ("hf_sample", "speculative_ds", "ouroboros_ds"))
+SAMPLE_METHODS = ("hf_sample", "hf_assisted", "speculative", "speculative_ds", "ouroboros", "ouroboros_warm",
+                  "ouroboros_ds")
 BASELINES = {"hf_greedy": "HF generate greedy", "hf_sample": "HF generate sampling"}   # speed (and greedy: exactness)
-ENGINE_METHOD = {"ouroboros_warm": "ouroboros", "speculative_ds": "speculative"}    # label -> ouroboros.generate method
+# label -> ouroboros.generate method
+ENGINE_METHOD = {"ouroboros_warm": "ouroboros", "speculative_ds": "speculative", "ouroboros_ds": "ouroboros"}
 PARAM_NAMES = ("gamma", "ngram", "window", "guess_set", "topk", "scored", "model_free", "recycle")
 PLD_TOKENS = 10
 
