@@ -338,10 +338,9 @@ def generate(target, draft=None, input_ids=None, attention_mask=None, *, max_new
     call = dict(max_new_tokens=max_new_tokens, method=method, pool=pool, gamma=gamma, ngram=ngram, window=window,
                 guess_set=guess_set, topk=topk, eos_token_id=eos_token_id, fast=fast, pool_device=pool_device,
                 adaptive=adaptive, scored=scored, model_free=model_free, recycle=recycle, compile=compile,
-                stats=stats,
-                do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                repetition_penalty=repetition_penalty, generator=generator,
-                logits_processor=logits_processor, draft_sampling=draft_sampling, scores_out=scores_out)
+                stats=stats, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                repetition_penalty=repetition_penalty, generator=generator, logits_processor=logits_processor,
+                draft_sampling=draft_sampling, scores_out=scores_out)
     for item in stream(target, draft, prompts if len(prompts) > 1 else prompts[0], **call):
         row, new = item if len(prompts) > 1 else (0, item)
         out[row].extend(new)

@@ -22,8 +22,9 @@ from ouroboros.decoding.recycle import Recycler
 from ouroboros.decoding.stats import GenerationStats, record_pool_stats
 from ouroboros.decoding.verify import mine_verification
 from ouroboros.drafting.base import Draft, Drafter
+from ouroboros.drafting.contexts import context_phrases
 from ouroboros.drafting.gpu_pool import GpuPhrasePool
-from ouroboros.drafting.model_free import ModelFreeGate, pooled_chain, remember
+from ouroboros.drafting.model_free import ORDERS, ModelFreeGate, pooled_chain, remember
 from ouroboros.drafting.pool import PhrasePool
 from ouroboros.drafting.select import make_drafter
 from ouroboros.drafting.window import LookaheadWindow
@@ -91,7 +92,7 @@ class _Loop:
         self.free_probs = probs
         return Draft(chain, list(x))
 
-    def observe(self, drafted: Draft, result: StepResult, draft_seconds: float, verify_seconds: float) -> None:
+    def observe(self, result: StepResult, draft_seconds: float, verify_seconds: float) -> None:
         """Feed the gate this cycle's measured outcome."""
         if self.gate is None:
             return
@@ -140,10 +141,9 @@ class _Loop:
         if self.drf is not None:
             self.drf.rollback(min(common_prefix(drafted.seq, x, old_len - 1), len(x) - 1))
         if self.pool is not None:
+            orders = ORDERS if self.gate is not None else 1        # model-free chains read longer contexts too
             n = self.cfg.ngram
-            self.pool.insert_many((x[i], x[i + 1:i + n]) for i in range(max(0, old_len - n + 1), len(x) - n + 1))
-            if self.gate is not None:
-                remember(self.pool, x, max(0, old_len - n + 1))
+            self.pool.insert_many(context_phrases(x, max(0, old_len - n + 1), n - 1, orders))
 
 
 def draft_sampler_for(method: str, sampler: TreeSampler | None, draft_sampling: bool) -> TreeSampler | None:
@@ -229,7 +229,7 @@ def decode_on(tgt, drf, prompt: Sequence[int], *, method: str, cfg: DecodeConfig
         stats.trunk_accepted += result.trunk_accepted
         stats.cycles, stats.tokens = stats.cycles + 1, produced
         draft_dt, verify_dt = (drf.forward_time - d0) if drf else 0.0, tgt.forward_time - v0
-        loop.observe(drafted, result, draft_dt, verify_dt)
+        loop.observe(result, draft_dt, verify_dt)
         stats.time_draft += draft_dt
         stats.time_verify += verify_dt
         stats.trace.append({"tree_size": len(result.tree), "accepted": len(new), "verified": len(result.emitted),

@@ -66,8 +66,8 @@ def tree_step(runner, pending: Sequence[int], trunk: Sequence[int] = (),
     (the processors' history) and ``trunk_q`` the distributions the trunk tokens were sampled from (empty: the trunk
     is a deterministic proposal). ``topk`` > 0 also returns the raw logits' ``topk`` best tokens at every node
     (``StepResult.topk``, best first; the same forward); ``dists`` (with a sampling ``sampler``) the processed
-    distribution each emitted token is distributed as (``StepResult.dists``). Guarantees: one forward; afterwards the runner's cache holds
-    exactly the old prefix + pending + accepted path.
+    distribution each emitted token is distributed as (``StepResult.dists``). Guarantees: one forward; afterwards
+    the runner's cache holds exactly the old prefix + pending + accepted path.
     """
     tree = TokenTree()
     given = tree.add_path(-1, pending)
@@ -78,16 +78,15 @@ def tree_step(runner, pending: Sequence[int], trunk: Sequence[int] = (),
     if sampler is None and not topk:
         argmax = runner.forward_tree(tree)
         result = StepResult(tree, argmax, given, trunk_ids, branch_ids, tree.walk(given[-1], argmax))
-    elif sampler is None:
-        logits = runner.forward_tree_logits(tree)
-        argmax = logits.argmax(-1).tolist()
-        result = StepResult(tree, argmax, given, trunk_ids, branch_ids, tree.walk(given[-1], argmax))
     else:
         logits = runner.forward_tree_logits(tree)
         argmax = logits.argmax(-1).tolist()
-        walk = sampler.walk(tree, logits, given[-1], context, dict(zip(trunk_ids, trunk_q)), keep_dists=dists)
-        result = StepResult(tree, argmax, given, trunk_ids, branch_ids, walk.path, walk.bonus, walk.dist,
-                            walk.scores, dists=walk.dists)
+        if sampler is None:
+            result = StepResult(tree, argmax, given, trunk_ids, branch_ids, tree.walk(given[-1], argmax))
+        else:
+            walk = sampler.walk(tree, logits, given[-1], context, dict(zip(trunk_ids, trunk_q)), keep_dists=dists)
+            result = StepResult(tree, argmax, given, trunk_ids, branch_ids, walk.path, walk.bonus, walk.dist,
+                                walk.scores, dists=walk.dists)
     if topk:
         result.topk = logits.topk(min(topk, logits.shape[-1]), dim=-1).indices.tolist()
     runner.keep(prefix, given + result.path)

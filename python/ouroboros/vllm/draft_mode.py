@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from ouroboros.core.tokentree import TokenTree
 from ouroboros.decoding.batch import BatchScheduler, RowRunner
+from ouroboros.decoding.loop import common_prefix
 from ouroboros.drafting.host_drafter import HostDrafter
 from ouroboros.hf.batch_model import BatchModel
 from ouroboros.hf.quantize import quantize_draft, resolve_draft_quant
@@ -110,9 +111,7 @@ class BatchDraft:
     def _sync(self, request: DraftRequest, history: list[int]) -> None:
         """Roll a request's rows back to the longest prefix its history agrees with (one token left uncached)."""
         n = min(self.batch.length[request.row], len(history) - 1)
-        same = 0
-        while same < n and request.cached[same] == history[same]:
-            same += 1
+        same = common_prefix(request.cached[:n], history, 0)
         self.batch.rollback(request.row, same)
         request.cached = request.cached[:same]
 
@@ -123,7 +122,7 @@ class BatchDraft:
             return self._propose(jobs)
 
     def _propose(self, jobs: Sequence[tuple[DraftRequest, list[int], int]]) -> list[list[int]]:
-        ready = []
+        by_row = {}
         for request, history, k in jobs:
             request.adapt(history)
             if len(history) < 2:
@@ -132,8 +131,7 @@ class BatchDraft:
                 self._sync(request, history)
             else:
                 self._join(request, history)
-            ready.append((request, history, max(1, min(request.gamma, k))))
-        by_row = {request.row: (request, history, gamma) for request, history, gamma in ready}
+            by_row[request.row] = (request, history, max(1, min(request.gamma, k)))
         scheduler = BatchScheduler([self.batch], keep_rows=True)
 
         def draft_row(row: int):

@@ -30,17 +30,23 @@ SETTINGS = {
 }
 
 
-def _int(env: Mapping[str, str], name: str, default: int, low: int) -> int:
+def _number(env: Mapping[str, str], name: str, default, low, kind: type, what: str):
+    """The variable ``name`` parsed by ``kind`` (``default`` when unset or empty); ``ValueError`` naming it when it
+    is not ``what`` or is below ``low``."""
     text = env.get(PREFIX + name)
     if text is None or text == "":
         return default
     try:
-        value = int(text)
+        value = kind(text)
     except ValueError:
-        raise ValueError(f"{PREFIX}{name}={text!r} is not an integer") from None
-    if value < low:
+        raise ValueError(f"{PREFIX}{name}={text!r} is not {what}") from None
+    if not value >= low:                              # also refuses a float NaN
         raise ValueError(f"{PREFIX}{name}={value} must be >= {low}")
     return value
+
+
+def _int(env: Mapping[str, str], name: str, default: int, low: int) -> int:
+    return _number(env, name, default, low, int, "an integer")
 
 
 def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
@@ -51,16 +57,7 @@ def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str,
 
 
 def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
-    text = env.get(PREFIX + name)
-    if text is None or text == "":
-        return default
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"{PREFIX}{name}={text!r} is not a number of seconds") from None
-    if not value >= 0:
-        raise ValueError(f"{PREFIX}{name}={value} must be >= 0")
-    return value
+    return _number(env, name, default, 0, float, "a number of seconds")
 
 
 @dataclass(frozen=True)
