@@ -17,6 +17,8 @@ Methods (``--methods``, comma separated; default: every greedy method, or with s
   greedy, speculative, lookahead, prompt_lookup, ouroboros   ``ouroboros.generate(method=...)``
   speculative_ds   speculative with ``draft_sampling=True`` (the draft samples its proposals)
   ouroboros_ds     ouroboros with ``draft_sampling=True`` (the draft samples its trunk, pooled guesses included)
+  ouroboros_onehot ouroboros with ``draft_sampling=False`` (one-hot proposals; sampling ``ouroboros`` takes the
+                   library default: a sampling draft on a CPU)
   ouroboros_warm   ouroboros with one PhrasePool carried across all prompts (history reuse)
 
 Sampling (``--do-sample``, or ``--temperatures`` for a sweep; temperature 0 is greedy, ``do_sample=False``): every

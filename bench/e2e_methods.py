@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from bench.common import loadavg
-from bench.e2e_summary import ENGINE_METHOD, HF_METHODS, PLD_TOKENS, base_method, build_summary
+from bench.e2e_summary import DRAFT_SAMPLING, ENGINE_METHOD, HF_METHODS, PLD_TOKENS, base_method, build_summary
 from bench.report.e2e import table
 
 
@@ -87,8 +87,8 @@ def our_run(method: str, target, draft, ids, max_new: int, eos: list[int], param
 
     m = ENGINE_METHOD.get(method, method)
     extra = sampling.generate_kwargs() if sampling is not None else {}
-    if method in ("speculative_ds", "ouroboros_ds") and extra:
-        extra["draft_sampling"] = True
+    if method in DRAFT_SAMPLING and extra:
+        extra["draft_sampling"] = DRAFT_SAMPLING[method]
     if device_cycle and m == "ouroboros":          # the GPU path: whole cycles on the device (DeviceCycle)
         extra["fast"] = True
         if pool is None:

@@ -7,14 +7,17 @@ from __future__ import annotations
 
 HF_METHODS = ("hf_greedy", "hf_sample", "hf_assisted", "hf_prompt_lookup")
 OUR_METHODS = ("greedy", "speculative", "speculative_ds", "lookahead", "prompt_lookup", "ouroboros", "ouroboros_warm",
-               "ouroboros_ds")
+               "ouroboros_ds", "ouroboros_onehot")
 ALL_METHODS = HF_METHODS + OUR_METHODS
-GREEDY_METHODS = tuple(m for m in ALL_METHODS if m not in ("hf_sample", "speculative_ds", "ouroboros_ds"))
+# sampling-only labels: a draft told to sample (_ds) or not to (_onehot; unlabelled methods take the library default)
+DRAFT_SAMPLING = {"speculative_ds": True, "ouroboros_ds": True, "ouroboros_onehot": False}
+GREEDY_METHODS = tuple(m for m in ALL_METHODS if m != "hf_sample" and m not in DRAFT_SAMPLING)
 SAMPLE_METHODS = ("hf_sample", "hf_assisted", "speculative", "speculative_ds", "ouroboros", "ouroboros_warm",
-                  "ouroboros_ds")
+                  "ouroboros_onehot")
 BASELINES = {"hf_greedy": "HF generate greedy", "hf_sample": "HF generate sampling"}   # speed (and greedy: exactness)
 # label -> ouroboros.generate method
-ENGINE_METHOD = {"ouroboros_warm": "ouroboros", "speculative_ds": "speculative", "ouroboros_ds": "ouroboros"}
+ENGINE_METHOD = {"ouroboros_warm": "ouroboros", "speculative_ds": "speculative", "ouroboros_ds": "ouroboros",
+                 "ouroboros_onehot": "ouroboros"}
 PARAM_NAMES = ("gamma", "ngram", "window", "guess_set", "topk", "scored", "model_free", "recycle")
 PLD_TOKENS = 10
 

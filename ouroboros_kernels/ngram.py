@@ -1,8 +1,9 @@
 """N-gram phrase pool ops on the device: ``ngram_lookup`` and ``ngram_insert`` (SPEC §2 "Phrase pool", §3).
 
-The pool is a bounded two-level LRU: key token -> at most ``G`` phrases of ``P = N - 1`` tokens (LRU per key), and at
-most ``S`` keys (global LRU over keys, refreshed only by inserts). It is the device twin of the CPU
-``ouroboros.pool.PhrasePool`` and must stay exactly equivalent to it (same phrase order, same key eviction order).
+The pool is a bounded two-level LRU: key token -> at most ``G`` phrases of ``P = N - 1`` tokens (LRU per key, or a
+scored list with a count per phrase when an insert is given ``scores``), and at most ``S`` keys (global LRU over keys,
+refreshed only by inserts). It is the device twin of the CPU ``ouroboros.drafting.pool.PhrasePool`` (LRU or
+``scored=True``) and must stay exactly equivalent to it (same phrase order, same key eviction order).
 
 Pool layout — the contract every backend (reference, Triton, CUDA) implements
 -----------------------------------------------------------------------------
@@ -33,7 +34,7 @@ field           shape        meaning
     the op adds (number of keys ``>= 0``, number of those with at least one phrase) — the CPU pool's ``lookups`` /
     ``hits`` counters, kept on the device.
 
-``ngram_insert(pool, keys, phrases, old=None)``
+``ngram_insert(pool, keys, phrases, old=None, *, scores=None, weights=None)``
     ``keys``: ``(B,)``, ``phrases``: ``(B, P)``, ``old``: ``None`` or ``(B, P)``; any integer dtypes. Modifies the pool
     in place so that the result equals applying the items ``b = 0..B-1`` one by one, in order:
 
@@ -53,6 +54,25 @@ field           shape        meaning
        - ``mo >= 0`` and ``mn >= 0``: row ``mo`` is deleted (rows ``mo+1..c-1`` shift down, ``c -= 1``).
        - ``mo >= 0`` and ``mn < 0``: row ``mo`` is overwritten with ``phrases[b]`` (it keeps its recency).
 
+    Scored lists (``ngram_insert(..., scores=...)``): the device twin of ``PhrasePool(scored=True)``. ``scores`` is an
+    int32 ``(S, G)`` tensor row-aligned with ``phrases``: ``scores[s, j]`` is the count of stored row ``j`` of slot
+    ``s``. A scored list is STORED in rank order, count ascending, ties oldest first, so ``ngram_lookup`` (newest-first
+    reading of the rows) returns it best first: highest count first, ties newest first, and needs no change. Step 2
+    is the same; a fresh key's slot starts with no phrases (its old scores are never read). Step 3 for item ``b``,
+    ``w = weights[b]`` (default 1):
+
+       - ``old`` given, ``mo >= 0`` and ``old[b] != phrases[b]``: row ``mo`` is dropped and its count ``x`` added to
+         the weight (``w += x``: the replaced guess's observations become the phrase's, plus this one).
+       - ``mn >= 0``: row ``mn`` is dropped and the phrase re-enters with count ``count(mn) + w``; else, when the list
+         (after the drop above) holds ``G`` rows, row 0 (the lowest ranked) is dropped and the phrase enters with
+         count ``w``.
+       - The phrase is placed after every remaining row whose count is ``<=`` its count (the newest of its count);
+         the rows after it move up one. The list gains one row net of the drops.
+
+    Counts saturate at ``MAX_SCORE = 2**31 - 1`` (int32; the host pool's saturate at ``2**60 - 1``); weights are
+    clamped into ``[1, MAX_SCORE]`` on the device (their values are never read on the host). ``weights`` without
+    ``scores`` is checked and ignored (an LRU list has no counts), as the host pool ignores an LRU insert's weight.
+
     No host synchronisation and no data-dependent shapes: both ops can be captured in a CUDA graph.
     Tokens are stored as int32 (token ids must be < 2**31).
 
@@ -63,7 +83,8 @@ one program per touched slot applying that slot's items in order.
 CUDA backend: a module ``ouroboros_kernels.cuda_ops`` that defines ``ngram_lookup(pool, keys, k, stats)`` and
 ``ngram_insert(pool, keys, phrases, old)`` (``pool`` an :class:`NgramPool`, ``stats`` / ``old`` possibly ``None``,
 inputs already checked by the public ops here) is picked up automatically; without them "cuda" is not offered for
-these ops and the dispatch falls back to Triton.
+these ops and the dispatch falls back to Triton. It has no scored insert: a scored ``ngram_insert`` whose backend
+resolves to "cuda" runs on Triton (on the reference when Triton is unavailable); lookups are the same for every list.
 """
 from __future__ import annotations
 
@@ -74,11 +95,12 @@ from typing import NamedTuple
 
 import torch
 
-from . import reference
-from .backend import select_backend
+from . import ngram_reference as reference
+from .backend import backend_status, select_backend
+from .ngram_reference import MAX_SCORE
 
-__all__ = ["NgramPool", "ngram_pool_empty", "ngram_lookup", "ngram_insert", "check_ngram_pool", "cuda_ngram_ops",
-           "ngram_backend"]
+__all__ = ["MAX_SCORE", "NgramPool", "ngram_pool_empty", "ngram_lookup", "ngram_insert", "check_ngram_pool",
+           "cuda_ngram_ops", "ngram_backend", "ngram_insert_backend", "ngram_pool_contents", "ngram_pool_from_contents"]
 
 
 class NgramPool(NamedTuple):
@@ -219,8 +241,33 @@ def ngram_lookup(pool: NgramPool, keys: torch.Tensor, k: int, stats: torch.Tenso
     return cuda_ngram_ops().ngram_lookup(pool, keys, k, stats)
 
 
+def ngram_insert_backend(device: torch.device, backend: str | None = None, scored: bool = False) -> str:
+    """The backend ``ngram_insert`` runs on: :func:`ngram_backend`, except that a scored insert (``scored``) whose
+    backend is "cuda" runs on "triton" (the CUDA extension has no scored insert), or on "reference" without Triton."""
+    name = ngram_backend(device, backend)
+    if scored and name == "cuda":
+        return "triton" if backend_status()["triton"] == "available" else "reference"
+    return name
+
+
+def _check_scored(scores: torch.Tensor | None, weights: torch.Tensor | None, pool: NgramPool, b: int) -> None:
+    """Raise ``ValueError`` unless ``scores`` is ``None`` or a contiguous int32 ``(S, G)`` tensor and ``weights``
+    ``None`` or an integer ``(B,)`` tensor, both on the pool's device (no data read)."""
+    dev, shape = pool.key_to_slot.device, (pool.num_slots, pool.guess_set)
+    if scores is not None and (not isinstance(scores, torch.Tensor) or scores.dtype != torch.int32
+                               or tuple(scores.shape) != shape or scores.device != dev or not scores.is_contiguous()):
+        got = f"{scores.dtype} {tuple(scores.shape)} on {scores.device}" if isinstance(scores, torch.Tensor) else \
+            type(scores).__name__
+        raise ValueError(f"scores: expected a contiguous int32 tensor of shape {shape} on {dev}, got {got}")
+    if weights is not None:
+        if not isinstance(weights, torch.Tensor):
+            raise ValueError(f"weights: expected an integer tensor of shape ({b},), got {type(weights).__name__}")
+        _check_tokens("weights", weights, (b,), dev)
+
+
 def ngram_insert(pool: NgramPool, keys: torch.Tensor, phrases: torch.Tensor, old: torch.Tensor | None = None,
-                 backend: str | None = None) -> None:
+                 backend: str | None = None, *, scores: torch.Tensor | None = None,
+                 weights: torch.Tensor | None = None) -> None:
     """Insert (or, with ``old``, replace) a batch of phrases in order, in place (contract: module docstring).
 
     Parameters
@@ -235,7 +282,13 @@ def ngram_insert(pool: NgramPool, keys: torch.Tensor, phrases: torch.Tensor, old
         ``(B, P)``: item ``b`` is ``replace(keys[b], old[b], phrases[b])``; an ``old`` row that is not in the key's
         list (e.g. all ``-1``) makes the item a plain insert.
     backend : str, optional
-        "cuda", "triton" or "reference" (default: best available, or ``OUROBOROS_BACKEND``).
+        "cuda", "triton" or "reference" (default: best available, or ``OUROBOROS_BACKEND``); a scored insert asked
+        to run on "cuda" runs on Triton (:func:`ngram_insert_backend`).
+    scores : torch.Tensor, optional
+        int32 ``(S, G)``, the pool's counts, modified in place: the lists are scored (module docstring).
+    weights : torch.Tensor, optional
+        ``(B,)`` integer weights added to the counts of a scored insert (default 1; clamped into
+        ``[1, MAX_SCORE]``); checked and ignored without ``scores``.
     """
     check_ngram_pool(pool)
     dev = pool.key_to_slot.device
@@ -246,13 +299,69 @@ def ngram_insert(pool: NgramPool, keys: torch.Tensor, phrases: torch.Tensor, old
     _check_tokens("phrases", phrases, (b, p), dev)
     if old is not None:
         _check_tokens("old", old, (b, p), dev)
+    _check_scored(scores, weights, pool, b)
     if b == 0:
         return
-    name = ngram_backend(dev, backend)
+    weights = None if scores is None else weights
+    name = ngram_insert_backend(dev, backend, scores is not None)
     if name == "reference":
-        reference.ngram_insert(pool, keys, phrases, old)
+        reference.ngram_insert(pool, keys, phrases, old, scores, weights)
     elif name == "triton":
         from .triton.ngram import ngram_insert as fn  # optional: triton
-        fn(pool, keys, phrases, old)
+        fn(pool, keys, phrases, old, scores, weights)
     else:
         cuda_ngram_ops().ngram_insert(pool, keys, phrases, old)
+
+
+# ---- host-side conversion (syncs): the pool's contents as lists, and a pool built from them --------------------------
+def ngram_pool_contents(pool: NgramPool, scores: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(keys, counts, rows, row_scores)`` of ``pool`` on the host, all int64: the keys least recently inserted-into
+    first, each key's number of phrases, its phrase rows ``(sum(counts), P)`` in stored order, key after key, and
+    (``scores`` given) each row's score, else ``None``. Copies the pool to the host (a sync)."""
+    host = NgramPool(*(x.cpu() for x in pool))
+    nxt = host.lru_next.tolist()
+    order, s = [], nxt[host.num_slots]
+    while s != host.num_slots:
+        order.append(s)
+        s = nxt[s]
+    idx = torch.tensor(order, dtype=torch.int64)
+    counts = host.counts[idx].long()
+    keep = torch.arange(host.guess_set)[None, :] < counts[:, None]
+    row_scores = None if scores is None else scores.cpu()[idx][keep].long()
+    return host.slot_key[idx].long(), counts, host.phrases[idx][keep].long(), row_scores
+
+
+def ngram_pool_from_contents(vocab_size: int, num_slots: int, guess_set: int, keys: torch.Tensor, counts: torch.Tensor,
+                             rows: torch.Tensor, row_scores: torch.Tensor | None = None,
+                             device: torch.device | str = "cpu") -> tuple[NgramPool, torch.Tensor | None]:
+    """The pool holding ``keys`` (distinct, least recently inserted-into first) with ``counts[i]`` phrases each, taken
+    in order from ``rows`` ``(sum(counts), P)`` (stored order), and (``row_scores`` given) its int32 ``(S, G)`` scores,
+    each row's score clamped to ``MAX_SCORE`` (else ``None``): the inverse of :func:`ngram_pool_contents`. Raises
+    ``ValueError`` for more keys than slots, keys outside ``[0, vocab_size)`` or counts above ``guess_set``."""
+    n, p = keys.numel(), rows.shape[1]
+    if n > num_slots:
+        raise ValueError(f"pool state holds {n} keys, more than the {num_slots} slots (vocab_size = {vocab_size})")
+    if n and (int(keys.min()) < 0 or int(keys.max()) >= vocab_size):
+        raise ValueError(f"pool state has keys outside [0, {vocab_size})")
+    if n and int(counts.max()) > guess_set:
+        raise ValueError(f"pool state has a key with more than guess_set = {guess_set} phrases")
+    pool = ngram_pool_empty(vocab_size, num_slots, guess_set, p)
+    pool.key_to_slot[keys] = torch.arange(n, dtype=torch.int32)
+    pool.slot_key[:n] = keys.to(torch.int32)
+    pool.counts[:n] = counts.to(torch.int32)
+    slot_of_row = torch.repeat_interleave(torch.arange(n), counts)
+    row_in_slot = torch.arange(rows.shape[0]) - (torch.cumsum(counts, 0) - counts)[slot_of_row]
+    pool.phrases[slot_of_row, row_in_slot] = rows.to(torch.int32)
+    scores = None
+    if row_scores is not None:
+        scores = torch.zeros((num_slots, guess_set), dtype=torch.int32)
+        scores[slot_of_row, row_in_slot] = row_scores.clamp(max=MAX_SCORE).to(torch.int32)
+        scores = scores.to(device)
+    if n:
+        order = torch.arange(n, dtype=torch.int32)
+        pool.lru_prev[1:n], pool.lru_next[:n - 1] = order[:-1], order[1:]
+        pool.lru_prev[0], pool.lru_next[n - 1] = num_slots, num_slots
+        pool.lru_next[num_slots], pool.lru_prev[num_slots] = 0, n - 1
+        pool.num_keys[0] = n
+    return NgramPool(*(x.to(device) for x in pool)), scores

@@ -1,6 +1,7 @@
 """Plain-PyTorch twins of every kernel: the definition of correct.
 
-Every op here matches the contract of SPEC §3 and is what the Triton and CUDA kernels are tested against.
+Every op here matches the contract of SPEC §3 and is what the Triton and CUDA kernels are tested against. The n-gram
+phrase pool ops live in :mod:`ouroboros_kernels.ngram_reference` and are re-exported here.
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import numbers
 
 import torch
 
+from .ngram_reference import ngram_insert, ngram_lookup  # re-exported
 from .tree import check_tree_mask, unpack_mask
 
 __all__ = ["tree_attention", "check_tree_attention_args", "prefix_lengths", "tree_visibility", "ngram_lookup",
@@ -149,108 +151,6 @@ def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len
         scores = softcap * torch.tanh(scores / softcap)
     scores = scores.masked_fill(~visible[:, None], float("-inf"))
     return torch.matmul(torch.softmax(scores, dim=-1), vf).to(q.dtype)
-
-
-# ---- n-gram phrase pool (layout and contract: ouroboros_kernels/ngram.py) --------------------------------------------
-def _one(x: torch.Tensor) -> torch.Tensor:
-    """A 1-element int64 index tensor (1-D, so indexing never turns it into a Python int: no host sync)."""
-    return x.reshape(1).long()
-
-
-def _put(t: torch.Tensor, idx: torch.Tensor, val: torch.Tensor, cond: torch.Tensor) -> None:
-    """``t[idx] = val`` where ``cond`` (1-element tensors), without a host sync."""
-    cur = t.index_select(0, idx)
-    t.index_copy_(0, idx, torch.where(cond, val.to(t.dtype), cur))
-
-
-def ngram_lookup(pool, keys: torch.Tensor, k: int,
-                 stats: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Up to ``k`` phrases of each key, newest first: ``(phrases (B, k, P) int64, valid (B, k) bool)``.
-
-    Rows that are not valid are 0. Keys outside ``[0, V)`` or absent from the pool find nothing. The pool is not
-    modified; ``stats`` (int64 ``(2,)``), when given, gets ``+= (#keys >= 0, #those with >= 1 phrase)``.
-    """
-    v, g = pool.key_to_slot.shape[0], pool.phrases.shape[1]
-    keys = keys.long()
-    in_range = (keys >= 0) & (keys < v)
-    slot = pool.key_to_slot.index_select(0, keys.clamp(0, v - 1)).long()
-    present = in_range & (slot >= 0)
-    slot = slot.clamp(min=0)
-    count = torch.where(present, pool.counts.index_select(0, slot).long(), 0)
-    i = torch.arange(k, device=keys.device)
-    valid = i[None, :] < count[:, None]
-    row = (count[:, None] - 1 - i[None, :]).clamp(0, g - 1)
-    out = pool.phrases[slot[:, None], row].long()
-    if stats is not None:
-        counted = keys >= 0
-        stats += torch.stack([counted.sum(), (counted & (count > 0)).sum()])
-    return out.masked_fill(~valid[..., None], 0), valid
-
-
-def ngram_insert(pool, keys: torch.Tensor, phrases: torch.Tensor, old: torch.Tensor | None = None) -> None:
-    """Apply ``insert(keys[b], phrases[b])`` (or ``replace(keys[b], old[b], phrases[b])``) for ``b = 0..B-1`` in order,
-    in place. One Python iteration of device ops per item: slow, obviously sequential, and free of host syncs."""
-    v, s_n, g = pool.key_to_slot.shape[0], pool.slot_key.shape[0], pool.phrases.shape[1]
-    dev = keys.device
-    sent = torch.full((1,), s_n, dtype=torch.long, device=dev)
-    rows_i = torch.arange(g, device=dev)
-    new_all = phrases.to(torch.int32)
-    old_all = None if old is None else old.to(torch.int32)
-    keys = keys.long()
-    for b in range(keys.shape[0]):
-        key = keys[b:b + 1]
-        ok = (key >= 0) & (key < v)
-        kc = key.clamp(0, v - 1)
-        # 2. key recency and slot
-        s0 = pool.key_to_slot.index_select(0, kc).long()
-        present = ok & (s0 >= 0)
-        is_new = ok & (s0 < 0)
-        n = pool.num_keys.long()
-        full = n >= s_n
-        head = pool.lru_next.index_select(0, sent).long()
-        slot = torch.where(present, s0, torch.where(full, head, n)).clamp(0, s_n - 1)
-        evict = is_new & full
-        move = present | evict
-        prv = pool.lru_prev.index_select(0, slot).long()
-        nxt = pool.lru_next.index_select(0, slot).long()
-        _put(pool.lru_next, prv, nxt, move)
-        _put(pool.lru_prev, nxt, prv, move)
-        old_key = pool.slot_key.index_select(0, slot).long().clamp(0, v - 1)
-        _put(pool.key_to_slot, old_key, torch.full_like(old_key, -1), evict)
-        tail = pool.lru_prev.index_select(0, sent).long()
-        _put(pool.lru_next, tail, slot, ok)
-        _put(pool.lru_prev, slot, tail, ok)
-        _put(pool.lru_next, slot, sent, ok)
-        _put(pool.lru_prev, sent, slot, ok)
-        _put(pool.key_to_slot, kc, slot, is_new)
-        _put(pool.slot_key, slot, key, is_new)
-        pool.num_keys.add_((is_new & ~full).to(torch.int32))
-        # 3. the slot's phrase list
-        c = torch.where(is_new, 0, pool.counts.index_select(0, slot).long())
-        rows = pool.phrases.index_select(0, slot)[0]  # (G, P)
-        new = new_all[b]
-        inlist = rows_i < c
-        hit_new = (rows == new).all(-1) & inlist
-        mn = torch.where(hit_new.any(), hit_new.int().argmax(), -1)
-        if old_all is None:
-            mo = torch.full_like(mn, -1)
-            same = torch.zeros((), dtype=torch.bool, device=dev)
-        else:
-            hit_old = (rows == old_all[b]).all(-1) & inlist
-            mo = torch.where(hit_old.any(), hit_old.int().argmax(), -1)
-            same = (old_all[b] == new).all()
-        c1 = c[0]
-        ins = mo < 0
-        # (lo, hi): rows lo..hi-1 take row r+1; row w takes `new`; count becomes c_new
-        lo = torch.where(ins, torch.where(mn >= 0, mn, torch.where(c1 < g, c1, 0)), torch.where(same | (mn < 0), 0, mo))
-        hi = torch.where(ins, torch.where(mn >= 0, c1 - 1, torch.clamp(c1 + 1, max=g) - 1),
-                         torch.where(same | (mn < 0), 0, c1 - 1))
-        w = torch.where(ins, hi, torch.where(same | (mn >= 0), -1, mo))
-        c_new = torch.where(ins, hi + 1, torch.where(~same & (mn >= 0), c1 - 1, c1))
-        src = torch.where((rows_i >= lo) & (rows_i < hi), rows_i + 1, rows_i).clamp(max=g - 1)
-        upd = torch.where((rows_i == w)[:, None], new[None, :], rows[src])
-        _put(pool.phrases, slot, upd[None], ok)
-        _put(pool.counts, slot, c_new.reshape(1), ok)
 
 
 # ---- fused glue: RMSNorm, rotary embedding, SwiGLU (kernels: ouroboros_kernels/triton/glue.py) ----------------------

@@ -9,7 +9,10 @@
      (so the slot's list must be emptied first), whether it is the first item of the batch in that slot, and the
      next item of the batch in the same slot (a chain).
   2. ``_apply_kernel``: one program per item; the program of the first item of each slot follows that slot's chain
-     and applies its items to the slot's ``(G, P)`` tile in order. Distinct slots are independent: parallel.
+     and applies its items to the slot's ``(G, P)`` tile in order. Distinct slots are independent: parallel. With
+     ``SCORED`` (a scored pool: ``scores`` given) it also loads the slot's ``(G,)`` scores, drops the replaced / re-
+     inserted / evicted row, ranks the phrase by its count (a cumulative sum gives each kept row its place) and
+     writes rows and scores back; without it the LRU rule of the contract.
 Cost model (not yet measured on a GPU): step 1 keeps the chunk's keys, their slots and the list ends in registers,
 leaving one dependent global round trip per item (the moved slot's list neighbours; none when the key is already the
 newest); step 2 costs about two round trips per item of the longest chain. The batch size is a runtime argument: the
@@ -160,8 +163,51 @@ def _resolve_kernel(keys_ptr, key_to_slot_ptr, slot_key_ptr, prev_ptr, next_ptr,
 
 
 @triton.jit
-def _apply_kernel(new_ptr, old_ptr, counts_ptr, phrases_ptr, item_ptr, B, G: tl.constexpr, P: tl.constexpr,
-                  HAS_OLD: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr):
+def _row_of(rows, vec, pm, inlist, r):
+    """The row of the tile ``rows`` among ``inlist`` equal to the phrase ``vec``, or -1."""
+    hit = (tl.min(tl.where(pm[None, :], (rows == vec[None, :]).to(tl.int32), 1), axis=1) > 0) & inlist
+    return tl.max(tl.where(hit, r, -1), axis=0)
+
+
+@triton.jit
+def _lru_plan(r, c, mn, mo, same, G: tl.constexpr):
+    """An LRU list's contract step 3 as ``(src, w, c_new)``: new row ``j`` is old row ``src[j]``, except row ``w``
+    (-1: none), which takes the inserted phrase; the list then has ``c_new`` rows."""
+    ins = mo < 0
+    keep = same | (mn < 0)
+    lo = tl.where(ins, tl.where(mn >= 0, mn, tl.where(c < G, c, 0)), tl.where(keep, 0, mo))
+    hi = tl.where(ins, tl.where(mn >= 0, c - 1, tl.minimum(c + 1, G) - 1), tl.where(keep, 0, c - 1))
+    w = tl.where(ins, hi, tl.where(same | (mn >= 0), -1, mo))
+    c_new = tl.where(ins, hi + 1, tl.where(~same & (mn >= 0), c - 1, c))
+    src = tl.where((r >= lo) & (r < hi), r + 1, r)
+    return tl.minimum(src, G - 1), w, c_new
+
+
+@triton.jit
+def _scored_plan(r, c, mn, mo, sc, weight, G: tl.constexpr):
+    """A scored list's step 3 as ``(src, pos, c_new, scores)`` (rows as in :func:`_lru_plan`, ``pos`` the inserted
+    phrase's row, ``scores`` the new int64 scores): drop ``mo`` (a replaced ``old`` other than the phrase, -1: none),
+    the phrase's own row ``mn`` and, for a new phrase on a full list, row 0; place the phrase, its count the sum of
+    the dropped counts of ``mn`` / ``mo`` and ``weight`` (saturating), after every row of count <= its count."""
+    evict = (mn < 0) & (mo < 0) & (c >= G)
+    keep = (r < c) & (r != mn) & (r != mo) & ~((r == 0) & evict)
+    count = tl.sum(tl.where((r == mn) | (r == mo), sc, 0), axis=0) + weight
+    count = tl.minimum(count, 2147483647)
+    pos = tl.sum((keep & (sc <= count)).to(tl.int32), axis=0)
+    k = keep.to(tl.int32)
+    rank = tl.cumsum(k, axis=0) - k                                   # index among the kept rows
+    dest = tl.where(keep, rank + (rank >= pos).to(tl.int32), -1)
+    moved = dest[None, :] == r[:, None]                               # (new row j, old row i): i lands on j
+    has = tl.sum(moved.to(tl.int32), axis=1) > 0
+    src = tl.where(has, tl.sum(tl.where(moved, r[None, :], 0), axis=1), r)
+    gathered = tl.where(has, tl.sum(tl.where(moved, sc[None, :], 0), axis=1), sc)
+    return tl.minimum(src, G - 1), pos, tl.sum(k, axis=0) + 1, tl.where(r == pos, count, gathered)
+
+
+@triton.jit
+def _apply_kernel(new_ptr, old_ptr, counts_ptr, phrases_ptr, item_ptr, scores_ptr, weights_ptr, B,
+                  G: tl.constexpr, P: tl.constexpr, HAS_OLD: tl.constexpr, SCORED: tl.constexpr,
+                  HAS_WEIGHTS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr):
     b0 = tl.program_id(0)
     slot = tl.load(item_ptr + b0)
     item_fresh_ptr = item_ptr + B
@@ -172,6 +218,7 @@ def _apply_kernel(new_ptr, old_ptr, counts_ptr, phrases_ptr, item_ptr, B, G: tl.
         pm = p < P
         tile_mask = (r[:, None] < G) & pm[None, :]
         base = phrases_ptr + slot.to(tl.int64) * (G * P)
+        sbase = scores_ptr + slot.to(tl.int64) * G
         c = tl.load(counts_ptr + slot)
         b = b0
         while b >= 0:
@@ -181,28 +228,29 @@ def _apply_kernel(new_ptr, old_ptr, counts_ptr, phrases_ptr, item_ptr, B, G: tl.
             new = tl.load(new_ptr + b * P + p, mask=pm, other=0).to(tl.int32)
             rows = tl.load(base + r[:, None] * P + p[None, :], mask=tile_mask, other=-1)
             inlist = r < c
-            hit_new = (tl.min(tl.where(pm[None, :], (rows == new[None, :]).to(tl.int32), 1), axis=1) > 0) & inlist
-            mn = tl.max(tl.where(hit_new, r, -1), axis=0)
+            mn = _row_of(rows, new, pm, inlist, r)
             if HAS_OLD:
                 old = tl.load(old_ptr + b * P + p, mask=pm, other=0).to(tl.int32)
-                hit_old = (tl.min(tl.where(pm[None, :], (rows == old[None, :]).to(tl.int32), 1), axis=1) > 0) & inlist
-                mo = tl.max(tl.where(hit_old, r, -1), axis=0)
+                mo = _row_of(rows, old, pm, inlist, r)
                 same = tl.min(tl.where(pm, (old == new).to(tl.int32), 1), axis=0) > 0
             else:
                 mo = mn * 0 - 1
                 same = mn < -1
-            ins = mo < 0
-            keep = same | (mn < 0)
-            lo = tl.where(ins, tl.where(mn >= 0, mn, tl.where(c < G, c, 0)), tl.where(keep, 0, mo))
-            hi = tl.where(ins, tl.where(mn >= 0, c - 1, tl.minimum(c + 1, G) - 1), tl.where(keep, 0, c - 1))
-            w = tl.where(ins, hi, tl.where(same | (mn >= 0), -1, mo))
-            c = tl.where(ins, hi + 1, tl.where(~same & (mn >= 0), c - 1, c))
-            src = tl.where((r >= lo) & (r < hi), r + 1, r)
-            src = tl.minimum(src, G - 1)
+            if SCORED:
+                if HAS_WEIGHTS:
+                    weight = tl.minimum(tl.maximum(tl.load(weights_ptr + b).to(tl.int64), 1), 2147483647)
+                else:
+                    weight = tl.full([], 1, tl.int64)
+                sc = tl.load(sbase + r, mask=r < G, other=0).to(tl.int64)
+                src, w, c, sc = _scored_plan(r, c, mn, tl.where(same, -1, mo), sc, weight, G)
+            else:
+                src, w, c = _lru_plan(r, c, mn, mo, same, G)
             shifted = tl.load(base + src[:, None] * P + p[None, :], mask=tile_mask, other=0)
             upd = tl.where((r == w)[:, None], new[None, :], shifted)
             tl.debug_barrier()
             tl.store(base + r[:, None] * P + p[None, :], upd, mask=tile_mask)
+            if SCORED:
+                tl.store(sbase + r, sc.to(tl.int32), mask=r < G)
             tl.debug_barrier()
             b = b_next
         tl.store(counts_ptr + slot, c)
@@ -225,8 +273,10 @@ def _static_batch(b: int, device: torch.device) -> int:
     return b if device.type == "cpu" else 0
 
 
-def ngram_insert(pool, keys: torch.Tensor, phrases: torch.Tensor, old: torch.Tensor | None = None) -> None:
-    """Triton twin of :func:`ouroboros_kernels.reference.ngram_insert` (in place, no host sync)."""
+def ngram_insert(pool, keys: torch.Tensor, phrases: torch.Tensor, old: torch.Tensor | None = None,
+                 scores: torch.Tensor | None = None, weights: torch.Tensor | None = None) -> None:
+    """Triton twin of :func:`ouroboros_kernels.reference.ngram_insert` (in place, no host sync; scored lists when
+    ``scores`` is given)."""
     b = keys.shape[0]
     if b == 0:
         return
@@ -239,5 +289,8 @@ def ngram_insert(pool, keys: torch.Tensor, phrases: torch.Tensor, old: torch.Ten
                           BLOCK_B=_block_b(b), num_warps=1)
     new = phrases.contiguous()
     old_t = new if old is None else old.contiguous()
-    _apply_kernel[(b,)](new, old_t, pool.counts, pool.phrases, items, b, G=g, P=p, HAS_OLD=old is not None,
-                        BLOCK_G=triton.next_power_of_2(g), BLOCK_P=triton.next_power_of_2(p), num_warps=1)
+    scored, has_weights = scores is not None, scores is not None and weights is not None
+    _apply_kernel[(b,)](new, old_t, pool.counts, pool.phrases, items, scores if scored else pool.counts,
+                        weights.contiguous() if has_weights else new, b, G=g, P=p, HAS_OLD=old is not None,
+                        SCORED=scored, HAS_WEIGHTS=has_weights, BLOCK_G=triton.next_power_of_2(g),
+                        BLOCK_P=triton.next_power_of_2(p), num_warps=1)

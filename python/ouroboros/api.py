@@ -10,7 +10,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from transformers import LogitsProcessorList
 
-from ouroboros.core.config import DRAFT_METHODS, METHODS, resolve_config
+from ouroboros.core.config import DRAFT_METHODS, METHODS, default_draft_sampling, resolve_config
 from ouroboros.core.guard import acquire
 from ouroboros.core.sampling import make_sampler
 from ouroboros.decoding.batch import (
@@ -157,20 +157,24 @@ def _prepare(target, draft, prompts: list[list[int]], max_new_tokens, method, po
         params["ngram"] = pool.ngram
     cfg = resolve_config(target.device, method, **params)
     uses_pool = method in ("lookahead", "prompt_lookup", "ouroboros")
-    counts = cfg.scored or cfg.model_free > 0 or cfg.recycle > 0 or host_drafting   # host-loop pool features
-    if method == "ouroboros" and pool is None and pool_device is None and target.device.type == "cuda" and not counts:
+    host_only = cfg.model_free > 0 or host_drafting             # pool features of the host loop alone
+    if method == "ouroboros" and pool is None and pool_device is None and target.device.type == "cuda" \
+            and not host_only:
         pool_device = target.device              # the CUDA default: drafting and the pool on the device
     if uses_pool:
         if pool is None and pool_device is not None:
-            pool = GpuPhrasePool(ngram=cfg.ngram, guess_set=cfg.pool_capacity, vocab_size=vocab, device=pool_device)
+            pool = GpuPhrasePool(ngram=cfg.ngram, guess_set=cfg.pool_capacity, vocab_size=vocab, device=pool_device,
+                                 scored=cfg.scored)
         elif pool is None:
             pool = PhrasePool(ngram=cfg.ngram, guess_set=cfg.pool_capacity, scored=cfg.scored)
         elif pool.ngram != cfg.ngram:
             raise ValueError(f"the pool holds {pool.ngram}-grams but ngram={cfg.ngram} was asked for")
-    if counts and not isinstance(pool, PhrasePool | None):
-        raise ValueError("scored, model_free, recycle and draft_sampling need the host PhrasePool (the device pool "
-                         "keeps no counts, the device cycle runs none of them): pass pool_device=None and no "
-                         "GpuPhrasePool")
+    if host_only and not isinstance(pool, PhrasePool | None):
+        raise ValueError("model_free and draft_sampling need the host PhrasePool (the device cycle runs neither): "
+                         "pass pool_device=None and no GpuPhrasePool")
+    if cfg.recycle and len(prompts) > 1 and isinstance(pool, GpuPhrasePool):
+        raise ValueError("recycle with a device pool runs on the single-prompt device cycle; a batch recycles "
+                         "with the host PhrasePool: pass pool_device=None and no GpuPhrasePool")
     return cfg, (pool if uses_pool else None)
 
 
@@ -207,7 +211,7 @@ def stream(target, draft=None, input_ids=None, attention_mask=None, *, max_new_t
            temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
            min_p: float | None = None, repetition_penalty: float | None = None,
            generator: torch.Generator | None = None, logits_processor: LogitsProcessorList | None = None,
-           draft_sampling: bool = False, scores_out: list | None = None,
+           draft_sampling: bool | None = None, scores_out: list | None = None,
            row_logits_processors: Sequence[LogitsProcessorList] | None = None,
            stop_rows: set[int] | None = None) -> Iterator[list[int]]:
     """Like :func:`generate`, but yield the new tokens as each cycle emits them (fills ``stats`` if given).
@@ -221,6 +225,9 @@ def stream(target, draft=None, input_ids=None, attention_mask=None, *, max_new_t
     prompts = batch_prompts(input_ids, attention_mask)[0] if batch else [_prompt_list(input_ids)]
     params = dict(gamma=gamma, ngram=ngram, window=window, guess_set=guess_set, topk=topk, adaptive=adaptive,
                   scored=scored, model_free=model_free, recycle=recycle)
+    if draft_sampling is None:
+        device_pool = isinstance(pool, GpuPhrasePool) or pool_device is not None
+        draft_sampling = do_sample and default_draft_sampling(target.device, method, device_pool)
     cfg, pool = _prepare(target, draft, prompts, max_new_tokens, method, pool, params, pool_device,
                          host_drafting=draft_sampling and do_sample and method == "ouroboros")
     _check_stream_args(len(prompts), scores_out, compile, row_logits_processors, stop_rows, logits_processor)
@@ -271,7 +278,7 @@ def generate(target, draft=None, input_ids=None, attention_mask=None, *, max_new
              compile: bool | None = None, do_sample: bool = False, temperature: float | None = None,
              top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
              repetition_penalty: float | None = None, generator: torch.Generator | None = None,
-             logits_processor: LogitsProcessorList | None = None, draft_sampling: bool = False,
+             logits_processor: LogitsProcessorList | None = None, draft_sampling: bool | None = None,
              scores_out: list | None = None):
     """Generation that is lossless: greedy returns exactly the target's own greedy tokens; sampling
     (``do_sample=True``) returns text distributed exactly as plain sampling from the target with the same processors.
@@ -288,11 +295,13 @@ def generate(target, draft=None, input_ids=None, attention_mask=None, *, max_new
     pool : a :class:`PhrasePool` to use and keep warm across calls (history reuse); a fresh one if None.
     gamma, ngram, window, guess_set, topk : SPEC §2 parameters; None picks the device default (``ouroboros.core.config``).
     adaptive : draft length follows acceptance, starting at ``gamma`` (default True; False keeps it fixed).
-    scored : a fresh pool ranks phrases by their counts (:class:`PhrasePool` ``scored``); default off.
+    scored : a fresh pool ranks phrases by their counts (:class:`PhrasePool` ``scored``, or a scored
+        :class:`GpuPhrasePool` on the device); default off.
     model_free : > 0: "ouroboros" cycles skip the draft model when the pool's chain is probable enough (this floor)
         and the measured costs say it pays (:mod:`ouroboros.drafting.model_free`); default off. Host pool only.
     recycle : k > 0: "ouroboros" keeps the target's top-k alternatives at every verified position as pooled
-        phrases (:mod:`ouroboros.decoding.recycle`); default off. Host pool only.
+        phrases (:mod:`ouroboros.decoding.recycle`; on the device cycle :mod:`ouroboros.decoding.device_recycle`,
+        inside the captured cycle); default off. A batch with a device pool refuses it.
     eos_token_id : stop after this token (or any of these); default: the target's ``generation_config``.
     on_tokens : called with each cycle's new tokens (streaming); for a batch with ``(row, tokens)``.
     fast : the static-cache step path with CUDA graphs per tree-size bucket (default: on for CUDA models). A batch
@@ -318,6 +327,8 @@ def generate(target, draft=None, input_ids=None, attention_mask=None, *, max_new
     draft_sampling : methods "speculative" and "ouroboros": the draft samples its tokens from its own processed
         distribution q (accepted with min(1, r/q)) instead of proposing its greedy tokens; ouroboros' pooled guesses
         are kept where the draft's draw takes them, its suffixes stay deterministic siblings. Ignored when greedy.
+        None (default): on for "ouroboros" on a CPU with the host pool, where it measured faster
+        (:func:`ouroboros.core.config.default_draft_sampling`), off elsewhere.
     scores_out : a list that receives, per emitted token, ``(processed_scores, raw_logits)``, each (1, V) float32
         (what HF's ``output_scores`` / ``output_logits`` return).
 

@@ -139,7 +139,7 @@ class _AsInHF(LogitsProcessor):
 
 
 def _sampling_kwargs(generation_config: GenerationConfig, processors: LogitsProcessorList,
-                     pads: list[torch.Tensor], scores_out: list | None, draft_sampling: bool) -> dict:
+                     pads: list[torch.Tensor], scores_out: list | None, draft_sampling: bool | None) -> dict:
     """The sampling arguments of :func:`ouroboros.stream` for this call (none for plain greedy without extras).
 
     ``processors`` is generate's prepared list, which already holds the temperature / top-k / top-p warpers when
@@ -203,7 +203,7 @@ def custom_generate(model, input_ids: torch.LongTensor, logits_processor: Logits
                     draft=None, method: str = "ouroboros", gamma: int | None = None, ngram: int | None = None,
                     window: int | None = None, guess_set: int | None = None, topk: int | None = None,
                     pool: PhrasePool | None = None, adaptive: bool | None = None, fast: bool | None = None,
-                    draft_sampling: bool = False, stats: GenerationStats | None = None,
+                    draft_sampling: bool | None = None, stats: GenerationStats | None = None,
                     stop_strings: str | list[str] | None = None, tokenizer=None, **model_kwargs):
     """Decode with ouroboros inside ``model.generate(..., custom_generate=ouroboros.custom_generate)``, batches too.
 
@@ -225,8 +225,8 @@ def custom_generate(model, input_ids: torch.LongTensor, logits_processor: Logits
     ``assistant_model``, ...) raise ValueError naming the option.
 
     Ouroboros keywords: ``draft`` (the draft model; needed by "speculative" and "ouroboros"), ``method``, ``gamma``,
-    ``ngram``, ``window``, ``guess_set``, ``topk``, ``pool``, ``adaptive``, ``fast``, ``draft_sampling`` (speculative:
-    draft by sampling the draft's processed distribution) as in :func:`ouroboros.generate`; ``stats`` is filled with
+    ``ngram``, ``window``, ``guess_set``, ``topk``, ``pool``, ``adaptive``, ``fast``, ``draft_sampling`` (the draft
+    samples its processed distribution; None: the device default) as in :func:`ouroboros.generate`; ``stats`` is filled with
     a :class:`GenerationStats`.
     """
     generation_config = generation_config if generation_config is not None else model.generation_config

@@ -121,16 +121,17 @@ def pool_after_first(target, draft, prompt):
 
 
 @needs_triton_device
-def test_one_host_read_and_no_eager_op_outside_the_cycle():
+@pytest.mark.parametrize("extra", [{}, {"recycle": 2, "scored": True}])
+def test_one_host_read_and_no_eager_op_outside_the_cycle(extra):
     """Per cycle the host reads once (the block) and runs no op outside the cycle function, which on CUDA is one
     captured graph. The kernels run as they would on a GPU: Triton (interpreted on CPU tensors), no reference
-    fallback that reads the device."""
+    fallback that reads the device. Top-k recycling into a scored pool keeps it so (issue #29)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     target = ouroboros.patch(make_model("llama", seed=22).to(device), backend="triton")
     draft = ouroboros.patch(noisy_copy(target, 0.2).to(device), backend="triton")
     prompt = repetitive_prompt(95, 6, 4)
-    cfg = DecodeConfig(gamma=3, ngram=4, window=2, guess_set=2, topk=2)
-    pool = GpuPhrasePool(ngram=4, guess_set=2, vocab_size=96, device=device)
+    cfg = DecodeConfig(gamma=3, ngram=4, window=2, guess_set=2, topk=2, **extra)
+    pool = GpuPhrasePool(ngram=4, guess_set=2, vocab_size=96, device=device, scored=cfg.scored)
     tgt, drf = StaticRunner(target, 256, use_graphs=False), StaticRunner(draft, 256, use_graphs=False)
     cycle = DeviceCycle(tgt, drf, pool, cfg, frozenset(), use_graphs=False)
     with torch.inference_mode():
@@ -150,6 +151,7 @@ def test_one_host_read_and_no_eager_op_outside_the_cycle():
             reads.append(seen.seen)
             ops.append(counter.total - counter.counts["cycle"])
     assert stats.cycles >= 4 and stats.draft_forwards > stats.cycles      # several forwards per phase
+    assert (stats.recycled > 0) == bool(extra)
     assert all(len(r) <= 1 for r in reads), reads
     assert max(ops) <= 1, ops                        # at most the block's copy to the host (none on CPU tensors)
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 import transformers
 from conftest import chi2_pvalue, hf_greedy
-from ouroboros.core.config import resolve_config
+from ouroboros.core.config import default_draft_sampling, resolve_config
 from ouroboros.core.sampling import (
     SamplingConfig,
     TreeSampler,
@@ -414,6 +414,19 @@ def test_greedy_with_processors_equals_hf(family_models, method):
     got = ouroboros.generate(target, draft, ids, max_new_tokens=20, method=method, repetition_penalty=1.3,
                              logits_processor=user)
     assert got[0, len(prompt):].tolist() == expected.tolist()
+
+
+def test_ouroboros_samples_its_draft_by_default_on_a_cpu(small_pair):
+    """draft_sampling=None (the default) is the measured CPU choice: "ouroboros" with the host pool samples its draft
+    (the same seed gives the same text as draft_sampling=True); elsewhere it stays off."""
+    target, draft = small_pair
+    runs = [_generate(target, draft, "ouroboros", do_sample=True, temperature=1.1,
+                      generator=torch.Generator().manual_seed(8), **kw) for kw in ({}, {"draft_sampling": True})]
+    assert runs[0] == runs[1]
+    assert default_draft_sampling("cpu", "ouroboros", device_pool=False)
+    assert not default_draft_sampling("cuda", "ouroboros", device_pool=False)
+    assert not default_draft_sampling("cpu", "ouroboros", device_pool=True)
+    assert not default_draft_sampling("cpu", "speculative", device_pool=False)
 
 
 @pytest.mark.parametrize("method,draft_sampling", [("ouroboros", False), ("speculative", True), ("lookahead", False)])

@@ -460,8 +460,11 @@ jobs = [
     (k._resolve_kernel, dict(keys_ptr="*i64", key_to_slot_ptr="*i32", slot_key_ptr="*i32", prev_ptr="*i32",
                              next_ptr="*i32", num_keys_ptr="*i32", item_ptr="*i32", V="i32", S="i32", B="i32"),
      dict(B_STATIC=0, BLOCK_B=32)),
+] + [
     (k._apply_kernel, dict(new_ptr="*i64", old_ptr="*i64", counts_ptr="*i32", phrases_ptr="*i32", item_ptr="*i32",
-                           B="i32"), dict(G=20, P=6, HAS_OLD=True, BLOCK_G=32, BLOCK_P=8)),
+                           scores_ptr="*i32", weights_ptr="*i64", B="i32"),
+     dict(G=20, P=6, HAS_OLD=True, SCORED=scored, HAS_WEIGHTS=scored, BLOCK_G=32, BLOCK_P=8))
+    for scored in (False, True)
 ]
 for fn, sig, consts in jobs:
     sig = dict(sig, **{name: "constexpr" for name in consts})

@@ -368,17 +368,25 @@ def test_load_rejects_a_bad_scored_state(edit):
         PhrasePool.from_state_dict(state)
 
 
-def test_the_device_pool_loads_a_scored_state_without_its_counts(tmp_path):
+def test_the_device_pool_loads_a_scored_state_with_its_counts_unless_asked_not_to(tmp_path):
     pool = scored_pool(ngram=3, guess_set=3, max_keys=4)
     for key, phrase, w in ((1, (1, 1), 5), (1, (2, 2), 1), (1, (3, 3), 2), (2, (4, 4), 1), (2, (5, 5), 1)):
         pool.insert(key, phrase, weight=w)
     pool.save(tmp_path / "scored.pt")
-    for gpu in (GpuPhrasePool.from_cpu(pool, device=CPU, vocab_size=8, backend="reference"),
-                GpuPhrasePool.load(tmp_path / "scored.pt", device=CPU, vocab_size=8, backend="reference")):
-        assert (gpu.max_keys, gpu.guess_set) == (pool.max_keys, pool.guess_set)
-        phrases, valid = gpu.lookup(torch.tensor([1, 2]), 3)
-        assert [[tuple(p) for p, v in zip(row, ok) if v] for row, ok in zip(phrases.tolist(), valid.tolist())] \
-            == [pool.lookup(1), pool.lookup(2)]                      # the ranking, now as recency
-        back = gpu.to_cpu()
-        assert not back.scored and back.keys() == pool.keys() and back.lookup(1) == [(1, 1), (3, 3), (2, 2)]
-        assert "weights" not in gpu.state_dict()
+    for scored in (None, True, False):                               # None: the state's own mode (scored)
+        for gpu in (GpuPhrasePool.from_cpu(pool, device=CPU, vocab_size=8, backend="reference", scored=scored),
+                    GpuPhrasePool.load(tmp_path / "scored.pt", device=CPU, vocab_size=8, backend="reference",
+                                       scored=scored)):
+            assert gpu.scored is (scored is not False)
+            assert (gpu.max_keys, gpu.guess_set) == (pool.max_keys, pool.guess_set)
+            phrases, valid = gpu.lookup(torch.tensor([1, 2]), 3)
+            assert [[tuple(p) for p, v in zip(row, ok) if v] for row, ok in zip(phrases.tolist(), valid.tolist())] \
+                == [pool.lookup(1), pool.lookup(2)]                  # the ranking (an LRU pool: as recency)
+            back = gpu.to_cpu()
+            assert back.scored is gpu.scored and back.keys() == pool.keys()
+            assert back.lookup(1) == [(1, 1), (3, 3), (2, 2)]
+            if gpu.scored:                                           # with its counts
+                assert back.lookup_scored(1) == pool.lookup_scored(1)
+                assert torch.equal(gpu.state_dict()["weights"], pool.state_dict()["weights"])
+            else:                                                    # without them
+                assert "weights" not in gpu.state_dict() and back.count(1, (1, 1)) == 1

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from ouroboros.core.config import DecodeConfig
 from ouroboros.decoding.cycle_graphs import CycleGraphs
+from ouroboros.decoding.device_recycle import DeviceRecycler
 from ouroboros.decoding.stats import count_cycle
 from ouroboros.drafting.device_drafter import DeviceDrafter, FixedTree
 from ouroboros.drafting.gpu_pool import GpuPhrasePool
@@ -40,7 +41,7 @@ __all__ = ["DeviceCycle", "VerifyLayout", "BLOCK_FIELDS"]
 
 # the block read once per cycle: these counts, then the emitted tokens
 BLOCK_FIELDS = ("emitted", "done", "trunk_accepted", "branch_accepted", "draft_len", "drafted", "lived", "gamma",
-                "suffixes", "verified")
+                "suffixes", "verified", "recycled")
 
 
 class VerifyLayout(FixedTree):
@@ -78,6 +79,7 @@ class DeviceCycle:
         n1 = cfg.ngram - 1
         self.layout = VerifyLayout(cfg.max_gamma, cfg.topk, n1, dev, target.tree_kernel)
         self.emax = cfg.max_gamma + n1 + 1                      # the most tokens a cycle emits
+        self.recycler = DeviceRecycler(cfg.recycle, n1, pool.vocab_size, dev) if cfg.recycle else None
         self.block_len = len(BLOCK_FIELDS) + self.emax
         long = torch.long
         self.seq = torch.zeros(0, dtype=long, device=dev)      # sized per generation (grown, never shrunk)
@@ -116,7 +118,8 @@ class DeviceCycle:
         trunk = torch.where(self._ar_g < cut, F.pad(d.buf, (0, max(0, cfg.max_gamma - d.buf.shape[0])))[:cfg.max_gamma],
                             0)
         ids = F.pad(torch.cat([root, trunk, d.phrases.flatten()]), (0, lay.size - lay.tokens))
-        am = self.tgt.forward_device(ids.view(1, -1), *lay.inputs(cut))           # (size,) argmax
+        out = self.tgt.forward_device(ids.view(1, -1), *lay.inputs(cut), logits=self.recycler is not None)
+        am = out if self.recycler is None else out.argmax(-1)                     # (size,) argmax
         a, b, path = self._accept(ids, am, trunk, cut, d, row)
         length = a + b
         last = torch.where(length > 0, path.index_select(0, (length - 1).clamp(min=0).view(1)), 0)
@@ -131,6 +134,7 @@ class DeviceCycle:
         # target KV: keep the root and the accepted path
         self.tgt.commit_device(torch.cat([torch.zeros(1, dtype=torch.long, device=self.device), path]), 1 + length)
         self._mine(ids, am, trunk, a, cut, d)                                      # step 4
+        recycled = self._recycle(ids, am, out, cut, d, path, length)
         # the output: the text grows by ``count`` tokens, and the pool learns its n-grams
         seq.index_copy_(0, seq_len + self._ar_e, emitted)
         seq_len.add_(count)
@@ -147,7 +151,7 @@ class DeviceCycle:
             self.gamma.copy_(torch.where(a == cut, (self.gamma + 2).clamp(max=cfg.max_gamma),
                                          (self.gamma - 1).clamp(min=1)))
         counts = torch.stack([count, done.long(), a, b, cut, d.dlen, d.lived, self.gamma, d.valid.long().sum(),
-                              length + 1])
+                              length + 1, recycled])
         return torch.cat([counts, emitted])
 
     def _accept(self, ids, am, trunk, cut, d, row):
@@ -187,6 +191,21 @@ class DeviceCycle:
             key = torch.where(d.valid, ids.index_select(0, cut.view(1)), -1)
             self.pool.replace_many(key, d.phrases, self._suffix_parents(am, cut))
 
+    def _recycle(self, ids, am, logits, cut, d, path, length) -> torch.Tensor:
+        """Top-k recycling (:mod:`ouroboros.decoding.device_recycle`) of this verification: the real nodes are the
+        root, the ``cut`` trunk nodes and the filled suffixes; the verified ones the root and the accepted path.
+        Returns the phrases inserted (0 without recycling)."""
+        if self.recycler is None:
+            return torch.zeros((), dtype=torch.long, device=self.device)
+        n1, lay = self.cfg.ngram - 1, self.layout
+        valid = torch.cat([torch.ones(1, dtype=torch.bool, device=self.device), self._ar_g < cut,
+                           d.valid.repeat_interleave(n1)])
+        valid = F.pad(valid, (0, lay.size - valid.shape[0]))
+        nodes = torch.cat([torch.zeros(1, dtype=torch.long, device=self.device), path])
+        verified = torch.cat([torch.ones(1, dtype=torch.bool, device=self.device), self._ar_e < length])
+        top = logits.topk(self.recycler.k + 1, dim=-1).indices
+        return self.recycler.step(self.pool, ids, am, top, valid, nodes, verified)
+
     def _learn_text(self, old_len: torch.Tensor, count: torch.Tensor) -> None:
         """The new text's own n-grams into the pool, as the host engine inserts them (key x[i], phrase
         x[i+1 : i+N], for every i whose phrase ends in the ``count`` new tokens)."""
@@ -222,7 +241,11 @@ class DeviceCycle:
             r.prefill(list(prompt[:-1]))
         self.drafter.restart(prompt)
         self.pool.seed_from(self.seq[:len(prompt)])
+        if self.recycler is not None:
+            self.recycler.reset()
+        scores = getattr(self.pool, "scores", None)
         state = (self.seq.data_ptr(), *(t.data_ptr() for t in self.pool.tensors),
+                 *(() if scores is None else (scores.data_ptr(),)),
                  *(t.data_ptr() for r in (self.tgt, self.drf) if r.cache.stacked for t in r.cache.stacked))
         if state != self._state:                # a buffer the captured graphs read was replaced (grown, cleared)
             self.graphs.clear()

@@ -83,6 +83,7 @@ def count_cycle(stats: GenerationStats, c: dict, forwards: int, gamma: int, n1: 
     stats.guess_accepted += c["drafted"] - c["lived"]
     stats.trunk_accepted += c["trunk_accepted"]
     stats.branch_accepted += c["branch_accepted"]
+    stats.recycled += c.get("recycled", 0)
     stats.trace.append({"tree_size": 1 + c["draft_len"] + n1 * c["suffixes"], "accepted": c["emitted"],
                         "verified": c["verified"], "draft_len": c["draft_len"], "gamma": gamma,
                         "draft_forwards": forwards})

@@ -8,6 +8,12 @@ come from the same byte budget by the same rule (:func:`ouroboros.drafting.pool.
 so both pools keep the same keys and phrases; the device copy of those contents is much smaller than the Python one
 (int32 rows instead of tuples of int objects), plus the fixed ``4 V`` bytes of its key index.
 
+``scored=True`` makes it the twin of ``PhrasePool(scored=True)`` (a count per phrase, lists stored in rank order, the
+full list dropping its lowest count, replace handing ``old``'s count to ``new``): an int32 ``(S, G)`` :attr:`scores`
+tensor beside the phrase rows (``4 G`` bytes more per slot: 80 B at G=20), caps from the scored budget rule, files in
+the host's scored format. Device counts saturate at ``2**31 - 1`` (the host's at ``2**60 - 1``); scored inserts run
+on Triton or the reference (no CUDA kernel), lookups on every backend.
+
 Layout choice (details and the kernel contract: :mod:`ouroboros_kernels.ngram`)
 --------------------------------------------------------------------------------
 A dense ``key -> slot`` index of ``V`` int32 plus a bounded table of ``S = min(max_keys, V)`` slots, each holding
@@ -43,6 +49,7 @@ import torch
 from ouroboros.drafting.pool import (
     DEFAULT_MAX_BYTES,
     POOL_FORMAT,
+    POOL_FORMAT_SCORED,
     POOL_FORMATS,
     PhrasePool,
     PoolStats,
@@ -54,7 +61,9 @@ from ouroboros_kernels.ngram import (
     NgramPool,
     ngram_insert,
     ngram_lookup,
+    ngram_pool_contents,
     ngram_pool_empty,
+    ngram_pool_from_contents,
 )
 
 __all__ = ["GpuPhrasePool"]
@@ -66,14 +75,37 @@ def _default_device(device: torch.device | str | None) -> torch.device:
     return torch.device(device)
 
 
+def _state_contents(state: dict, max_keys: int, guess_set: int,
+                    scored: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(keys, counts, rows, weights)`` of a pool state cut to the caps (newest keys, best / newest phrases), for a
+    device pool that is ``scored`` (``weights``: one count per row) or not (``None``). A scored (v2) state is read
+    by :meth:`PhrasePool.from_state_dict` itself, which checks its counts and cuts it by the host's own rule; a v1
+    state read as scored gives every phrase count 1. Raises ``ValueError`` for an inconsistent state."""
+    if scored and state.get("format") == POOL_FORMAT_SCORED:
+        _check_distinct(state["keys"].long().reshape(-1))          # the host pool would merge duplicates silently
+        state = PhrasePool.from_state_dict(state).state_dict()
+        return state["keys"], state["counts"], state["phrases"], state["weights"]
+    keys, counts, rows = fit_state(state, max_keys, guess_set)
+    _check_distinct(keys)
+    return keys, counts, rows, torch.ones(rows.shape[0], dtype=torch.int64) if scored else None
+
+
+def _check_distinct(keys: torch.Tensor) -> None:
+    """Raise ``ValueError`` when a pool state's ``keys`` repeat one."""
+    if len(set(keys.tolist())) != keys.numel():
+        raise ValueError("pool state has duplicate keys")
+
+
 class GpuPhrasePool:
-    """Bounded two-level LRU phrase pool in device tensors (same guarantees as :class:`PhrasePool`).
+    """Bounded two-level phrase pool in device tensors (same guarantees as :class:`PhrasePool`): an LRU of keys, each
+    with an LRU (default) or scored (``scored=True``) list.
 
     Parameters
     ----------
     ngram, guess_set, max_keys : int
         As for :class:`PhrasePool` (phrases have ``ngram - 1`` tokens; ``max_keys=None``: as many as ``max_bytes``
-        allows). The caps are :func:`~ouroboros.drafting.pool.budget_caps` of these, exactly as the CPU pool's.
+        allows). The caps are :func:`~ouroboros.drafting.pool.budget_caps` of these and ``scored``, exactly as the
+        CPU pool's.
     vocab_size : int
         Keys are token ids in ``[0, vocab_size)``; the tensor ops skip keys outside (``-1`` is padding).
     max_bytes : int
@@ -82,13 +114,19 @@ class GpuPhrasePool:
         Where the tensors live (default: "cuda" when available, else "cpu", where the reference ops and the Triton
         interpreter run).
     backend : str, optional
-        Force "reference", "triton" or "cuda" for the ops (default: the best available).
+        Force "reference", "triton" or "cuda" for the ops (default: the best available; a scored pool's inserts run
+        on Triton where "cuda" is chosen: :func:`ouroboros_kernels.ngram.ngram_insert_backend`).
+    scored : bool
+        Keep a count per phrase, as ``PhrasePool(scored=True)``: :attr:`scores`, an int32 ``(S, G)`` tensor aligned
+        with the phrase rows (``None`` for an LRU pool). Counts saturate at ``2**31 - 1`` (the host's at
+        ``2**60 - 1``).
     """
 
     def __init__(self, ngram: int = 7, guess_set: int = 20, max_keys: int | None = None, *, vocab_size: int,
                  max_bytes: int = DEFAULT_MAX_BYTES, device: torch.device | str | None = None,
-                 backend: str | None = None) -> None:
-        max_keys, guess_set = budget_caps(ngram, guess_set, max_bytes, max_keys)
+                 backend: str | None = None, scored: bool = False) -> None:
+        self.scored = bool(scored)
+        max_keys, guess_set = budget_caps(ngram, guess_set, max_bytes, max_keys, self.scored)
         if vocab_size < 1:
             raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
         self.ngram, self.guess_set, self.max_keys, self.vocab_size = ngram, guess_set, max_keys, vocab_size
@@ -97,6 +135,9 @@ class GpuPhrasePool:
         self.backend = backend
         self.tensors: NgramPool = ngram_pool_empty(vocab_size, min(max_keys, vocab_size), guess_set, ngram - 1,
                                                    self.device)
+        self.scores: torch.Tensor | None = None
+        if self.scored:
+            self.scores = torch.zeros((self.num_slots, guess_set), dtype=torch.int32, device=self.device)
         self._stats = torch.zeros(2, dtype=torch.int64, device=self.device)  # lookups, hits
 
     # ---- sizes ---------------------------------------------------------------------------------------------------
@@ -108,10 +149,14 @@ class GpuPhrasePool:
     def num_slots(self) -> int:
         return self.tensors.num_slots
 
-    def nbytes(self) -> int:
-        """Device bytes held by the pool tensors: ``4 V`` (key index) + ``S * (4 G P + 16)`` (slots) + small."""
-        return sum(t.numel() * t.element_size() for t in self.tensors) + self._stats.numel() * 8
+    def _all_tensors(self) -> list[torch.Tensor]:
+        """Every tensor of the pool's state: the pool's, a scored pool's scores, the counters."""
+        return [*self.tensors, *([] if self.scores is None else [self.scores]), self._stats]
 
+    def nbytes(self) -> int:
+        """Device bytes held by the pool tensors: ``4 V`` (key index) + ``S * (4 G P + 16)`` (slots) + small; a scored
+        pool adds ``4 S G`` (its scores)."""
+        return sum(t.numel() * t.element_size() for t in self._all_tensors())
     def __len__(self) -> int:
         """Number of phrases stored (syncs)."""
         n = int(self.tensors.num_keys.item())
@@ -127,22 +172,26 @@ class GpuPhrasePool:
             t = torch.as_tensor(t, dtype=torch.int64)
         return t.to(self.device, non_blocking=True)
 
-    def insert_many(self, keys: torch.Tensor, phrases: torch.Tensor) -> None:
+    def insert_many(self, keys: torch.Tensor, phrases: torch.Tensor, weights: torch.Tensor | None = None) -> None:
         """Insert ``phrases[b]`` under ``keys[b]`` for ``b = 0..B-1`` in order (= :meth:`PhrasePool.insert` on each).
 
-        ``keys``: ``(B,)``; ``phrases``: ``(B, ngram-1)``. Keys outside ``[0, vocab_size)`` (e.g. ``-1``) are skipped,
-        so a fixed-shape batch can carry padding.
+        ``keys``: ``(B,)``; ``phrases``: ``(B, ngram-1)``; ``weights``: ``None`` (all 1) or ``(B,)`` integer weights
+        a scored pool adds to the counts (an LRU pool checks the shape and ignores them). Weights are not read on the
+        host: values below 1 count as 1, above ``2**31 - 1`` as that. Keys outside ``[0, vocab_size)`` (e.g. ``-1``)
+        are skipped, so a fixed-shape batch can carry padding.
         """
         keys, phrases = self._tokens(keys), self._tokens(phrases)
         self._check_phrases(phrases, keys)
-        ngram_insert(self.tensors, keys, phrases, backend=self.backend)
+        weights = None if weights is None else self._tokens(weights)
+        ngram_insert(self.tensors, keys, phrases, backend=self.backend, scores=self.scores, weights=weights)
 
     def replace_many(self, keys: torch.Tensor, old: torch.Tensor, new: torch.Tensor) -> None:
-        """:meth:`PhrasePool.replace` ``(keys[b], old[b], new[b])`` for ``b = 0..B-1`` in order."""
+        """:meth:`PhrasePool.replace` ``(keys[b], old[b], new[b])`` for ``b = 0..B-1`` in order (scored pool: ``new``
+        takes ``old``'s count plus one)."""
         keys, old, new = self._tokens(keys), self._tokens(old), self._tokens(new)
         self._check_phrases(old, keys)
         self._check_phrases(new, keys)
-        ngram_insert(self.tensors, keys, new, old=old, backend=self.backend)
+        ngram_insert(self.tensors, keys, new, old=old, backend=self.backend, scores=self.scores)
 
     def lookup(self, keys: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Up to ``k`` (default ``guess_set``) phrases per key, newest first.
@@ -186,126 +235,103 @@ class GpuPhrasePool:
         empty = ngram_pool_empty(self.vocab_size, self.num_slots, self.guess_set, self.phrase_len, self.device)
         for dst, src in zip(self.tensors, empty):
             dst.copy_(src)
+        if self.scores is not None:
+            self.scores.zero_()
         self._stats.zero_()
 
     def empty_like(self) -> "GpuPhrasePool":
         """A new empty pool with this one's settings (so the same tensor shapes)."""
         return GpuPhrasePool(self.ngram, self.guess_set, self.max_keys, vocab_size=self.vocab_size,
-                             max_bytes=self.max_bytes, device=self.device, backend=self.backend)
+                             max_bytes=self.max_bytes, device=self.device, backend=self.backend, scored=self.scored)
 
     def same_layout(self, other: "GpuPhrasePool") -> bool:
-        """True if ``other``'s tensors have this pool's shapes, device and backend (:meth:`copy_` accepts it)."""
+        """True if ``other``'s tensors have this pool's shapes, device, backend and mode (scored or not): :meth:`copy_`
+        accepts it."""
         return (isinstance(other, GpuPhrasePool) and other.device == self.device and other.backend == self.backend
-                and all(a.shape == b.shape for a, b in zip(self.tensors, other.tensors)))
+                and other.scored == self.scored
+                and all(a.shape == b.shape for a, b in zip(self._all_tensors(), other._all_tensors())))
 
     def copy_(self, other: "GpuPhrasePool") -> "GpuPhrasePool":
-        """Make this pool's contents and counters ``other``'s, in place (device copies; the tensors keep their
-        storage, so CUDA graphs captured on them stay valid)."""
+        """Make this pool's contents (a scored pool's counts too) and counters ``other``'s, in place (device copies;
+        the tensors keep their storage, so CUDA graphs captured on them stay valid)."""
         if not self.same_layout(other):
-            raise ValueError("copy_ needs a pool with the same ngram, guess_set, key cap, vocabulary, device and backend")
-        for dst, src in zip(self.tensors, other.tensors):
+            raise ValueError("copy_ needs a pool with the same ngram, guess_set, key cap, vocabulary, device, backend "
+                             "and mode (scored or not)")
+        for dst, src in zip(self._all_tensors(), other._all_tensors()):
             dst.copy_(src)
-        self._stats.copy_(other._stats)
         return self
 
     # ---- conversion and persistence (sync) -----------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """The :meth:`PhrasePool.state_dict` format (keys oldest first, phrases oldest first) plus ``vocab_size``."""
-        t = [x.cpu() for x in self.tensors]
-        pool = NgramPool(*t)
-        nxt = pool.lru_next.tolist()
-        sentinel = self.num_slots
-        order = []
-        s = nxt[sentinel]
-        while s != sentinel:
-            order.append(s)
-            s = nxt[s]
-        idx = torch.tensor(order, dtype=torch.int64)
-        counts = pool.counts[idx].long()
-        rows = pool.phrases[idx]
-        keep = torch.arange(self.guess_set)[None, :] < counts[:, None]
-        return {
+        """The :meth:`PhrasePool.state_dict` format (keys oldest first, phrases in stored order) plus ``vocab_size``:
+        an LRU pool's :data:`~ouroboros.drafting.pool.POOL_FORMAT`, a scored one's the host's scored format (v2:
+        ``"scored": True`` and ``"weights"``, the int64 counts aligned with the ``"phrases"`` rows)."""
+        keys, counts, rows, weights = ngram_pool_contents(self.tensors, self.scores)
+        state = {
             "format": POOL_FORMAT,
             "ngram": self.ngram,
             "guess_set": self.guess_set,
             "max_keys": self.max_keys,
             "max_bytes": self.max_bytes,
-            "keys": pool.slot_key[idx].long(),
+            "keys": keys,
             "counts": counts,
-            "phrases": rows[keep].long().reshape(-1, self.phrase_len),
+            "phrases": rows.reshape(-1, self.phrase_len),
             "vocab_size": self.vocab_size,
         }
+        if self.scored:
+            state.update(format=POOL_FORMAT_SCORED, scored=True, weights=weights)
+        return state
 
     @classmethod
     def from_state_dict(cls, state: dict, device: torch.device | str | None = None, vocab_size: int | None = None,
-                        backend: str | None = None) -> "GpuPhrasePool":
+                        backend: str | None = None, scored: bool | None = None) -> "GpuPhrasePool":
         """A pool from a :meth:`PhrasePool.state_dict` / :meth:`state_dict` dict (cut to the caps as the CPU pool's
-        :meth:`~PhrasePool.from_state_dict` does: newest keys and phrases kept).
+        :meth:`~PhrasePool.from_state_dict` does: newest keys, and per key its newest / best ranked phrases).
 
         ``vocab_size`` defaults to the dict's ``vocab_size`` or else one past the largest token it holds (later keys
         at or beyond it would be skipped: pass the model's vocabulary size).
 
-        A scored state (``PhrasePool(scored=True)``, format v2) loads without its counts (``"weights"`` is ignored):
-        the device pool is an LRU, and each key's phrases keep their stored rank order as their recency order, so its
-        lookups return them in the scored pool's ranking until the next insert; its :meth:`to_cpu` is an LRU pool.
+        ``scored`` (default: the state's own mode, v2 = scored) picks the device pool's mode. A scored state loads
+        into a scored pool with its counts (clamped to ``2**31 - 1``); into ``scored=False`` without them
+        (``"weights"`` ignored): each key's phrases keep their stored rank order as their recency order, so lookups
+        return them in the scored ranking until the next insert. An LRU (v1) state into ``scored=True`` gives every
+        phrase count 1 (its recency order is then the rank order of equal counts). Raises ``ValueError`` for another
+        format or a state the pool cannot hold.
         """
         if state.get("format") not in POOL_FORMATS:
             raise ValueError(f"not an ouroboros phrase pool (format {state.get('format')!r}, expected one of "
                              f"{POOL_FORMATS})")
+        scored = state.get("format") == POOL_FORMAT_SCORED if scored is None else bool(scored)
         ngram, max_keys = int(state["ngram"]), int(state["max_keys"])
         max_bytes = int(state.get("max_bytes", DEFAULT_MAX_BYTES))
-        max_keys, guess_set = budget_caps(ngram, int(state["guess_set"]), max_bytes, max_keys)
-        keys, counts, rows = fit_state(state, max_keys, guess_set)
+        max_keys, guess_set = budget_caps(ngram, int(state["guess_set"]), max_bytes, max_keys, scored)
+        keys, counts, rows, weights = _state_contents(state, max_keys, guess_set, scored)
         if vocab_size is None:
             vocab_size = state.get("vocab_size")
         if vocab_size is None:
             top = max([0] + [int(keys.max()) if keys.numel() else 0] + [int(rows.max()) if rows.numel() else 0])
             vocab_size = top + 1
         pool = cls(ngram, int(state["guess_set"]), max_keys, vocab_size=int(vocab_size), max_bytes=max_bytes,
-                   device=device, backend=backend)
-        n = keys.numel()
-        if n > pool.num_slots:
-            raise ValueError(f"pool state holds {n} keys, more than vocab_size = {vocab_size} allows")
-        if n and (int(keys.min()) < 0 or int(keys.max()) >= vocab_size):
-            raise ValueError(f"pool state has keys outside [0, {vocab_size})")
-        if n and len(set(keys.tolist())) != n:
-            raise ValueError("pool state has duplicate keys")
-        s = pool.num_slots
-        i32 = dict(dtype=torch.int32)
-        key_to_slot = torch.full((vocab_size,), -1, **i32)
-        key_to_slot[keys] = torch.arange(n, **i32)
-        slot_key = torch.full((s,), -1, **i32)
-        slot_key[:n] = keys.to(torch.int32)
-        cnt = torch.zeros((s,), **i32)
-        cnt[:n] = counts.to(torch.int32)
-        phrases = torch.zeros((s, guess_set, ngram - 1), **i32)
-        slot_of_row = torch.repeat_interleave(torch.arange(n), counts)
-        starts = torch.cumsum(counts, 0) - counts
-        row_in_slot = torch.arange(rows.shape[0]) - starts[slot_of_row]
-        phrases[slot_of_row, row_in_slot] = rows.to(torch.int32)
-        prev = torch.full((s + 1,), s, **i32)
-        nxt = torch.full((s + 1,), s, **i32)
-        if n:
-            order = torch.arange(n, **i32)
-            prev[1:n] = order[:-1]
-            nxt[:n - 1] = order[1:]
-            prev[0], nxt[n - 1] = s, s
-            nxt[s], prev[s] = 0, n - 1
-        host = NgramPool(key_to_slot, slot_key, cnt, phrases, prev, nxt, torch.tensor([n], **i32))
-        pool.tensors = NgramPool(*(x.to(pool.device) for x in host))
+                   device=device, backend=backend, scored=scored)
+        pool.tensors, scores = ngram_pool_from_contents(pool.vocab_size, pool.num_slots, guess_set, keys, counts,
+                                                        rows.reshape(-1, ngram - 1), weights, pool.device)
+        pool.scores = scores
         return pool
 
     def to_cpu(self) -> PhrasePool:
-        """An equal CPU :class:`PhrasePool` (same order everywhere, same counters)."""
+        """An equal CPU :class:`PhrasePool` (same order everywhere, same counters; scored when this pool is, with its
+        counts)."""
         pool = PhrasePool.from_state_dict(self.state_dict())
         pool.stats = self.stats
         return pool
 
     @classmethod
     def from_cpu(cls, pool: PhrasePool, device: torch.device | str | None = None, vocab_size: int | None = None,
-                 backend: str | None = None) -> "GpuPhrasePool":
-        """A device pool equal to ``pool`` (see :meth:`from_state_dict` for ``vocab_size``); counters copied too."""
-        out = cls.from_state_dict(pool.state_dict(), device=device, vocab_size=vocab_size, backend=backend)
+                 backend: str | None = None, scored: bool | None = None) -> "GpuPhrasePool":
+        """A device pool equal to ``pool`` (see :meth:`from_state_dict` for ``vocab_size`` and ``scored``, which
+        defaults to ``pool.scored``); counters copied too."""
+        out = cls.from_state_dict(pool.state_dict(), device=device, vocab_size=vocab_size, backend=backend,
+                                  scored=scored)
         out.stats = pool.stats
         return out
 
@@ -315,10 +341,10 @@ class GpuPhrasePool:
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str | None = None, vocab_size: int | None = None,
-             backend: str | None = None) -> "GpuPhrasePool":
-        """Read a pool written by :meth:`save` or :meth:`PhrasePool.save`."""
+             backend: str | None = None, scored: bool | None = None) -> "GpuPhrasePool":
+        """Read a pool written by :meth:`save` or :meth:`PhrasePool.save` (``scored``: see :meth:`from_state_dict`)."""
         return cls.from_state_dict(torch.load(str(path), weights_only=True), device=device, vocab_size=vocab_size,
-                                   backend=backend)
+                                   backend=backend, scored=scored)
 
     # ---- PhrasePool-compatible slow path -------------------------------------------------------------------------
     @property
@@ -329,4 +355,4 @@ class GpuPhrasePool:
     def __repr__(self) -> str:
         return (f"GpuPhrasePool(ngram={self.ngram}, guess_set={self.guess_set}, max_keys={self.max_keys}, "
                 f"max_bytes={self.max_bytes}, vocab_size={self.vocab_size}, device={self.device}, "
-                f"backend={self.backend})")
+                f"backend={self.backend}, scored={self.scored})")

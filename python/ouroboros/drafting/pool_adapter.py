@@ -2,6 +2,7 @@
 the device tensors (each call may sync; the engine uses it only off the hot path)."""
 from __future__ import annotations
 
+import operator
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -10,6 +11,21 @@ import torch
 from ouroboros.drafting.pool import PoolStats
 
 __all__ = ["HostPoolAdapter"]
+
+_MAX_DEVICE_COUNT = (1 << 31) - 1  # the device pool's counts are int32 (ouroboros_kernels.ngram.MAX_SCORE)
+
+
+def _check_weight(weight: int) -> int:
+    """``weight`` as an int >= 1, capped at the device's largest count (``ValueError`` for floats, bools, < 1)."""
+    try:
+        if isinstance(weight, bool):
+            raise TypeError
+        weight = operator.index(weight)
+    except TypeError:
+        raise ValueError(f"weight must be an integer >= 1, got {weight!r}") from None
+    if weight < 1:
+        raise ValueError(f"weight must be an integer >= 1, got {weight}")
+    return min(weight, _MAX_DEVICE_COUNT)
 
 
 class HostPoolAdapter:
@@ -27,6 +43,7 @@ class HostPoolAdapter:
     max_keys = property(lambda self: self.gpu.max_keys)
     max_bytes = property(lambda self: self.gpu.max_bytes)
     phrase_len = property(lambda self: self.gpu.phrase_len)
+    scored = property(lambda self: self.gpu.scored)
 
     def nbytes(self) -> int:
         return self.gpu.nbytes()
@@ -61,8 +78,12 @@ class HostPoolAdapter:
             raise ValueError(f"phrase must have ngram-1 = {self.gpu.phrase_len} tokens, got {len(phrase)}")
         return phrase
 
-    def insert(self, key: int, phrase: Sequence[int]) -> None:
-        self.gpu.insert_many([self._key(key)], [self._phrase(phrase)])
+    def insert(self, key: int, phrase: Sequence[int], weight: int = 1) -> None:
+        """:meth:`PhrasePool.insert`: ``weight`` (an integer >= 1, else ``ValueError``) adds to a scored pool's count
+        (saturating at ``2**31 - 1`` on the device); an LRU pool checks and ignores it."""
+        weight = _check_weight(weight)
+        weights = [weight] if self.gpu.scored and weight != 1 else None
+        self.gpu.insert_many([self._key(key)], [self._phrase(phrase)], weights)
 
     def insert_many(self, items: Iterable[tuple[int, Sequence[int]]]) -> None:
         items = [(self._key(k), self._phrase(p)) for k, p in items]
@@ -87,16 +108,44 @@ class HostPoolAdapter:
         out = [tuple(r[1:]) for r in rows if r[0]]
         return out if k is None else out[:k]
 
-    def phrases(self, key: int) -> list[tuple[int, ...]]:
-        """All phrases of ``key``, oldest first (no counters touched)."""
+    def _list(self, key: int) -> tuple[list[tuple[int, ...]], list[int] | None]:
+        """``key``'s phrases in stored order and (scored pool) their counts, else ``None``; empty for a key outside
+        the vocabulary or absent (no counters touched)."""
         key = int(key)
-        if not 0 <= key < self.gpu.vocab_size:
-            return []
-        t = self.gpu.tensors
-        slot = int(t.key_to_slot[key].item())
+        t, scores = self.gpu.tensors, self.gpu.scores
+        slot = int(t.key_to_slot[key].item()) if 0 <= key < self.gpu.vocab_size else -1
         if slot < 0:
-            return []
-        return [tuple(r) for r in t.phrases[slot, :int(t.counts[slot].item())].tolist()]
+            return [], None if scores is None else []
+        c = int(t.counts[slot].item())
+        return [tuple(r) for r in t.phrases[slot, :c].tolist()], None if scores is None else scores[slot, :c].tolist()
+
+    def phrases(self, key: int) -> list[tuple[int, ...]]:
+        """All phrases of ``key`` in stored order (no counters touched): LRU oldest first; scored in rank order,
+        lowest count first (ties oldest first)."""
+        return self._list(key)[0]
+
+    def lookup_scored(self, key: int, k: int | None = None, prior: float = 0) -> list[tuple[tuple[int, ...], float]]:
+        """:meth:`PhrasePool.lookup_scored`: the phrases :meth:`lookup` would return, each with its count over the
+        sum of ``key``'s counts plus ``prior`` (an LRU pool counts each phrase once). No counters touched."""
+        if prior < 0:
+            raise ValueError(f"prior must be >= 0, got {prior!r}")
+        phrases, counts = self._list(key)
+        counts = [1] * len(phrases) if counts is None else counts
+        total = sum(counts) + prior
+        return [(p, c / total) for p, c in zip(reversed(phrases), reversed(counts))][:k]
+
+    def best(self, key: int, prior: float = 0) -> tuple[tuple[int, ...], float] | None:
+        """:meth:`PhrasePool.best`: ``key``'s first phrase by lookup order with its probability, or ``None``."""
+        found = self.lookup_scored(key, 1, prior)
+        return found[0] if found else None
+
+    def count(self, key: int, phrase: Sequence[int]) -> int:
+        """:meth:`PhrasePool.count`: ``phrase``'s count under ``key`` (an LRU pool: 1), 0 when absent."""
+        phrases, counts = self._list(key)
+        phrase = tuple(int(t) for t in phrase)
+        if phrase not in phrases:
+            return 0
+        return 1 if counts is None else counts[phrases.index(phrase)]
 
     def keys(self) -> list[int]:
         return self.gpu.state_dict()["keys"].tolist()
