@@ -19,6 +19,22 @@ from pathlib import Path
 from bench.common import utc_now, write_json
 
 COMPONENTS = ("scored", "model_free", "recycle")
+# A sampling run's plain "ouroboros" label is the library default, which became a sampling draft on a CPU on
+# 2026-12-07 (commit 36149d6, ``ouroboros.core.config.default_draft_sampling``): runs started after this time ran it,
+# earlier ones (the 0-4 tuning run among them) proposed one-hot tokens.
+SAMPLING_DRAFT_DEFAULT_SINCE = "2026-12-07 15:10"
+EXPLICIT_DRAFT = {"ouroboros_ds": "sampled", "speculative_ds": "sampled", "ouroboros_onehot": "one-hot"}
+
+
+def draft_of(run: dict, label: str) -> str | None:
+    """How a sampling run's ``label`` drafted ("sampled" / "one-hot"); None for greedy runs and the HF baselines."""
+    if run.get("sampling") is None or label.startswith("hf_"):
+        return None
+    name = label.split("[")[0]
+    if name in EXPLICIT_DRAFT:
+        return EXPLICIT_DRAFT[name]
+    new_default = name.startswith("ouroboros") and run["date_utc"] >= SAMPLING_DRAFT_DEFAULT_SINCE
+    return "sampled" if new_default else "one-hot"
 
 
 def _engine_sum(per_prompt: list[dict], name: str) -> int:
@@ -37,7 +53,7 @@ def rows_of(path: str | Path) -> list[dict]:
         out.append({
             "workload": run["dataset"], "prompts": f"{run['offset']}-{run['offset'] + run['n_prompts'] - 1}",
             "label": label, "pool": "warm" if label.startswith("ouroboros_warm") else "cold",
-            **{c: cfg.get(c) for c in COMPONENTS},
+            **{c: cfg.get(c) for c in COMPONENTS}, "draft": draft_of(run, label),
             "tokens_per_target_forward": round(s["accepted_per_target_forward"], 2),
             "draft_forwards_per_token": round(s["draft_forwards"] / tokens, 3) if tokens else None,
             "tokens_per_s": round(s["tokens_per_s"], 3),
@@ -51,11 +67,12 @@ def rows_of(path: str | Path) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     """The rows as a markdown table."""
-    lines = ["| workload | prompts | label | tok/target fwd | draft fwd/tok | tok/s | vs HF | identical | "
-             "model-free cycles | recycled |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| workload | prompts | label | sampling draft | tok/target fwd | draft fwd/tok | tok/s | vs HF | identical | "
+             "model-free cycles | recycled |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = r.get("vs_hf_greedy", r.get("vs_hf_sample"))
-        lines.append(f"| {r['workload']} | {r['prompts']} | {r['label']} | {r['tokens_per_target_forward']} | "
+        lines.append(f"| {r['workload']} | {r['prompts']} | {r['label']} | {r['draft'] or '-'} | "
+                     f"{r['tokens_per_target_forward']} | "
                      f"{r['draft_forwards_per_token']} | {r['tokens_per_s']:.2f} | {ratio:.2f}x | "
                      f"{r['identical'] if r['identical'] is not None else '-'} | {r['model_free_cycles']} | "
                      f"{r['recycled']} |")

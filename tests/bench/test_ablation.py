@@ -19,6 +19,8 @@ def test_rows_carry_components_counters_and_ratios(tmp_path, capsys):
     assert any(r["model_free_cycles"] > 0 for r in ours if r["model_free"]) or not any(r["model_free"] for r in ours)
     assert all(r["recycled"] == 0 for r in ours if not r["recycle"])
     assert {r["pool"] for r in ours} <= {"cold", "warm"}
+    assert {r["draft"] for r in ours} <= {None, "sampled", "one-hot"}
+    assert any(r["draft"] == "sampled" for r in ours) and any(r["draft"] == "one-hot" for r in ours)
     out = tmp_path / "table.json"
     ablation.main([*map(str, RUNS), "--out", str(out)])
     ablation.main([*map(str, RUNS), str(out)])         # the table file among the inputs is skipped

@@ -9,6 +9,7 @@ import pytest
 import torch
 from ouroboros.drafting.gpu_pool import GpuPhrasePool
 from ouroboros.drafting.pool import POOL_FORMAT, POOL_FORMAT_SCORED, PhrasePool
+from test_gpu_pool import CASES as LRU_CASES
 from test_gpu_pool import (
     BACKENDS,
     CPU,
@@ -83,12 +84,7 @@ def pools(ngram: int, guess_set: int, max_keys: int, vocab: int, backend: str) -
 
 
 # (vocab, ngram, guess_set, max_keys, alphabet, max_batch, steps): eviction-heavy, roomy, one phrase, two keys
-CASES = {
-    "evicting": (10, 3, 3, 4, 3, 6, 30),
-    "roomy": (8, 4, 4, 1 << 20, 2, 5, 20),
-    "g1": (6, 2, 1, 3, 3, 4, 20),
-    "churn": (12, 3, 2, 2, 2, 8, 30),
-}
+CASES = {**LRU_CASES, "churn": (12, 3, 2, 2, 2, 8, 30)}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

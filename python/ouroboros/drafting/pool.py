@@ -62,7 +62,7 @@ POOL_FORMATS = (POOL_FORMAT, POOL_FORMAT_SCORED)
 Phrase = tuple[int, ...]
 
 
-def _weight(weight: int) -> int:
+def check_weight(weight: int) -> int:
     """``weight`` as an int >= 1 (``ValueError`` otherwise: floats, bools, < 1)."""
     try:
         if isinstance(weight, bool):
@@ -191,7 +191,7 @@ class PhrasePool:
         what a scored pool adds to the phrase's count; an LRU pool checks and ignores it."""
         phrase = self._check(phrase)
         if type(weight) is not int or weight != 1:                   # the common weight 1 costs one check
-            weight = _weight(weight)
+            weight = check_weight(weight)
         phrases = self._touch_key(int(key))
         if self.scored:
             self._add(phrases, phrase, weight)

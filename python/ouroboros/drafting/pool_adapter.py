@@ -2,13 +2,12 @@
 the device tensors (each call may sync; the engine uses it only off the hot path)."""
 from __future__ import annotations
 
-import operator
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
 
-from ouroboros.drafting.pool import PoolStats
+from ouroboros.drafting.pool import PoolStats, check_weight
 
 __all__ = ["HostPoolAdapter"]
 
@@ -16,16 +15,9 @@ _MAX_DEVICE_COUNT = (1 << 31) - 1  # the device pool's counts are int32 (ourobor
 
 
 def _check_weight(weight: int) -> int:
-    """``weight`` as an int >= 1, capped at the device's largest count (``ValueError`` for floats, bools, < 1)."""
-    try:
-        if isinstance(weight, bool):
-            raise TypeError
-        weight = operator.index(weight)
-    except TypeError:
-        raise ValueError(f"weight must be an integer >= 1, got {weight!r}") from None
-    if weight < 1:
-        raise ValueError(f"weight must be an integer >= 1, got {weight}")
-    return min(weight, _MAX_DEVICE_COUNT)
+    """``weight`` as an int >= 1 (:func:`~ouroboros.drafting.pool.check_weight`), capped at the device's largest
+    count."""
+    return min(check_weight(weight), _MAX_DEVICE_COUNT)
 
 
 class HostPoolAdapter:
