@@ -243,7 +243,7 @@ class DeviceCycle:
         self.pool.seed_from(self.seq[:len(prompt)])
         if self.recycler is not None:
             self.recycler.reset()
-        scores = getattr(self.pool, "scores", None)
+        scores = self.pool.scores                                                  # a scored pool's counts
         state = (self.seq.data_ptr(), *(t.data_ptr() for t in self.pool.tensors),
                  *(() if scores is None else (scores.data_ptr(),)),
                  *(t.data_ptr() for r in (self.tgt, self.drf) if r.cache.stacked for t in r.cache.stacked))

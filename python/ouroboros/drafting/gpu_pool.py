@@ -157,6 +157,7 @@ class GpuPhrasePool:
         """Device bytes held by the pool tensors: ``4 V`` (key index) + ``S * (4 G P + 16)`` (slots) + small; a scored
         pool adds ``4 S G`` (its scores)."""
         return sum(t.numel() * t.element_size() for t in self._all_tensors())
+
     def __len__(self) -> int:
         """Number of phrases stored (syncs)."""
         n = int(self.tensors.num_keys.item())

@@ -46,6 +46,8 @@ __all__ = [
     "POOL_FORMATS",
     "POOL_FORMAT_SCORED",
     "PhrasePool",
+    "check_weight",
+    "ranked_shares",
     "PoolStats",
     "budget_caps",
     "fit_rows",
@@ -73,6 +75,18 @@ def check_weight(weight: int) -> int:
     if weight < 1:
         raise ValueError(f"weight must be an integer >= 1, got {weight}")
     return weight
+
+
+def ranked_shares(phrases: list[Phrase], counts: list[int] | None, k: int | None,
+                  prior: float) -> list[tuple[Phrase, float]]:
+    """A key's phrases best first (``phrases`` in stored order reversed, at most ``k``), each with its count over the
+    sum of all ``counts`` plus ``prior`` (``counts=None``: an LRU list, every phrase counted once). ``ValueError`` for
+    ``prior < 0``. :meth:`PhrasePool.lookup_scored` and its device adapter's twin."""
+    if prior < 0:
+        raise ValueError(f"prior must be >= 0, got {prior!r}")
+    counts = [1] * len(phrases) if counts is None else counts
+    total = sum(counts) + prior
+    return [(p, c / total) for p, c in zip(reversed(phrases), reversed(counts))][:k]
 
 
 def _rank_last(phrases: OrderedDict[Phrase, int], count: int) -> None:
@@ -272,16 +286,8 @@ class PhrasePool:
         ``key``'s counts (all its phrases, not only the ``k`` returned; an LRU pool counts each phrase once) plus
         ``prior``, a pseudo-count >= 0 of continuations not seen yet (``prior=1``: a phrase seen once, alone, is a
         coin flip). With ``prior=0`` the probabilities of a full lookup sum to 1. No counters touched."""
-        if prior < 0:
-            raise ValueError(f"prior must be >= 0, got {prior!r}")
-        phrases = self._table.get(int(key))
-        if not phrases:
-            return []
-        if not self.scored:
-            share = 1.0 / (len(phrases) + prior)
-            return [(p, share) for p in reversed(phrases)][:k]
-        total = sum(phrases.values()) + prior
-        return [(p, c / total) for p, c in reversed(phrases.items())][:k]
+        phrases = self._table.get(int(key)) or {}
+        return ranked_shares(list(phrases), list(phrases.values()) if self.scored else None, k, prior)
 
     def best(self, key: int, prior: float = 0) -> tuple[Phrase, float] | None:
         """``key``'s first phrase by :meth:`lookup` order with its probability (:meth:`lookup_scored`, same

@@ -7,17 +7,16 @@ from typing import Iterable, Sequence
 
 import torch
 
-from ouroboros.drafting.pool import PoolStats, check_weight
+from ouroboros.drafting.pool import PoolStats, check_weight, ranked_shares
+from ouroboros_kernels.ngram import MAX_SCORE
 
 __all__ = ["HostPoolAdapter"]
-
-_MAX_DEVICE_COUNT = (1 << 31) - 1  # the device pool's counts are int32 (ouroboros_kernels.ngram.MAX_SCORE)
 
 
 def _check_weight(weight: int) -> int:
     """``weight`` as an int >= 1 (:func:`~ouroboros.drafting.pool.check_weight`), capped at the device's largest
-    count."""
-    return min(check_weight(weight), _MAX_DEVICE_COUNT)
+    count (:data:`ouroboros_kernels.ngram.MAX_SCORE`)."""
+    return min(check_weight(weight), MAX_SCORE)
 
 
 class HostPoolAdapter:
@@ -119,12 +118,7 @@ class HostPoolAdapter:
     def lookup_scored(self, key: int, k: int | None = None, prior: float = 0) -> list[tuple[tuple[int, ...], float]]:
         """:meth:`PhrasePool.lookup_scored`: the phrases :meth:`lookup` would return, each with its count over the
         sum of ``key``'s counts plus ``prior`` (an LRU pool counts each phrase once). No counters touched."""
-        if prior < 0:
-            raise ValueError(f"prior must be >= 0, got {prior!r}")
-        phrases, counts = self._list(key)
-        counts = [1] * len(phrases) if counts is None else counts
-        total = sum(counts) + prior
-        return [(p, c / total) for p, c in zip(reversed(phrases), reversed(counts))][:k]
+        return ranked_shares(*self._list(key), k, prior)
 
     def best(self, key: int, prior: float = 0) -> tuple[tuple[int, ...], float] | None:
         """:meth:`PhrasePool.best`: ``key``'s first phrase by lookup order with its probability, or ``None``."""
