@@ -10,7 +10,8 @@ row leaves the batch (:meth:`drop`), so it costs nothing afterwards; rows prefil
 (:meth:`absorb`), so a long prefill is not padded across every row (a server's requests come and go).
 
 Rows get position ``length + depth`` (their own length, whatever their padding), so each row computes what it would
-alone; only float rounding of the padded batch can differ from batch 1.
+alone; only float rounding of the padded batch can differ from batch 1. The linear layers compute the real slots
+only (:mod:`ouroboros.hf.real_slots`): pads cost no matrix products.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from ouroboros.core.tokentree import TokenTree
 from ouroboros.hf.cache import filled_layers, new_cache
 from ouroboros.hf.cpu_linear import small_m_linear
 from ouroboros.hf.masks import layer_masks
+from ouroboros.hf.real_slots import real_slots
 from ouroboros.hf.runner import cache_kwarg
 from ouroboros_kernels import ancestor_mask
 
@@ -79,7 +81,8 @@ class BatchModel:
         q_pos = lengths[:, None] + depths
         visible = torch.cat([self.valid[:, None, :].expand(b, t, self.valid.shape[1]), anc], dim=2)
         mask = layer_masks(self.config, visible, q_pos, torch.cat([self.pos, q_pos], dim=1), self.model.dtype)
-        with small_m_linear(self.model, enabled=self.device.type == "cpu"):
+        sizes = torch.tensor([len(trees[r]) if r in trees else 0 for r in self.rows], device=self.device)
+        with small_m_linear(self.model, enabled=self.device.type == "cpu"), real_slots(self.model, sizes, t):
             out = self.model(input_ids=ids, position_ids=q_pos, attention_mask=mask, use_cache=True,
                              **{self._cache_kw: self.cache})
         self._last_start = self.valid.shape[1]
