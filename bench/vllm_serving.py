@@ -130,7 +130,7 @@ def summarize(results: list[dict]) -> list[dict]:
         for name, run in r.get("runs", {}).items():
             base = plain["runs"][name] if plain else None
             tps = run["tokens"] / run["time"] if run["time"] else 0.0
-            base_tps = base["tokens"] / base["time"] if base else 0.0
+            base_tps = base["tokens"] / base["time"] if base and base["time"] else 0.0
             rows.append({"method": r["method"], "run": name, "tokens": run["tokens"], "time": round(run["time"], 2),
                          "tok_s": round(tps, 3), "vs_plain": round(tps / base_tps, 3) if base_tps else None,
                          "acceptance_length": round(1 + run["accepted"] / run["drafts"], 3) if run["drafts"] else 1.0,

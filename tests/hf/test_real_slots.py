@@ -102,4 +102,5 @@ def test_outside_the_block_and_for_other_shapes_the_module_is_unchanged():
     torch.testing.assert_close(y[1, :1], F.linear(x[1, :1], lin.weight, lin.bias))
     assert not y[0, 3:].any() and not y[1, 1:].any()            # pads: zero
     real_slots.uninstall(model)
-    assert "forward" not in lin.__dict__ or lin.__dict__["forward"].func is not real_slots._forward
+    installed = getattr(lin.__dict__.get("forward"), "func", None)
+    assert getattr(installed, "__module__", None) != "ouroboros.hf.real_slots"

@@ -28,6 +28,7 @@ from typing import Iterator
 
 import torch
 from torch import nn
+from torch.ao.nn.quantized import dynamic as qdynamic
 
 from ouroboros.hf import cpu_linear
 
@@ -36,16 +37,12 @@ __all__ = ["real_slots", "install", "uninstall", "enabled"]
 _ACTIVE: contextvars.ContextVar[tuple[torch.Tensor, int] | None] = contextvars.ContextVar(
     "ouroboros_real_slots", default=None)
 _INSTALLED = "_ouroboros_real_slots"
+_LINEARS = (nn.Linear, qdynamic.Linear)           # float, and int8 dynamic (ouroboros.hf.quantize)
 
 
 def enabled() -> bool:
     """False when ``OUROBOROS_REAL_SLOTS=0`` is set (the padded forward as HF runs it)."""
     return os.environ.get("OUROBOROS_REAL_SLOTS", "1") != "0"
-
-
-def _linear_types() -> tuple[type, ...]:
-    from torch.ao.nn.quantized import dynamic as qdynamic      # int8 drafts (ouroboros.hf.quantize)
-    return nn.Linear, qdynamic.Linear
 
 
 def _forward(inner, head: bool, input: torch.Tensor) -> torch.Tensor:
@@ -72,7 +69,7 @@ def install(model: nn.Module) -> None:
     cpu_linear.install(model)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     for module in model.modules():
-        if isinstance(module, _linear_types()):
+        if isinstance(module, _LINEARS):
             inner = module.__dict__.get("forward") or type(module).forward.__get__(module)
             module.forward = functools.partial(_forward, inner, module is head)
     model.__dict__[_INSTALLED] = True
