@@ -14,7 +14,7 @@ from conftest import VOCAB, loop_greedy, make_model, make_tokenizer
 from ouroboros.drafting.pool import PhrasePool
 from ouroboros.vllm import OuroborosProposer, ProposerSettings
 from ouroboros.vllm.chains import MergedPool, context_key, harvest, pool_chain
-from ouroboros.vllm.draft_mode import BatchDraft
+from ouroboros.vllm.draft_mode import BatchDraft, restrict_head
 from ouroboros.vllm.requests import RequestTable
 
 MAX_LEN = 256
@@ -42,6 +42,8 @@ def test_settings_default_to_pool_mode_and_draft_mode_follows_a_draft_path(tmp_p
     ({"OUROBOROS_VLLM_GUESS_SET": "three"}, "OUROBOROS_VLLM_GUESS_SET"),
     ({"OUROBOROS_VLLM_POOL_SAVE_SECONDS": "-1"}, "OUROBOROS_VLLM_POOL_SAVE_SECONDS"),
     ({"OUROBOROS_VLLM_DRAFT_QUANT": "int4"}, "OUROBOROS_VLLM_DRAFT_QUANT"),
+    ({"OUROBOROS_VLLM_DRAFT_VOCAB": "-1"}, "OUROBOROS_VLLM_DRAFT_VOCAB"),
+    ({"OUROBOROS_VLLM_DRAFT_VOCAB": "32k"}, "OUROBOROS_VLLM_DRAFT_VOCAB"),
     ({"OUROBOROS_VLLM_NGRAMS": "4"}, "OUROBOROS_VLLM_NGRAMS"),
     ({"OUROBOROS_VLLM_POOL": "/nonexistent/dir/pool.pt"}, "OUROBOROS_VLLM_POOL"),
 ])
@@ -221,3 +223,36 @@ def test_the_pool_file_is_written_as_requests_finish_and_warms_the_next_server(t
     assert len(warm.shared) == len(cold.shared)
     _, _, acc_warm = simulate(warm, target, _prompts(), 24)
     assert acc_warm >= acc_cold
+
+
+def test_a_restricted_head_scores_its_ids_as_the_full_head_does():
+    model, full = make_model("qwen2"), make_model("qwen2")
+    ids = [0, 2, 5, 40, VOCAB - 1]
+    assert restrict_head(model, ids) == ids
+    x = torch.tensor([[3, 9, 4, 17]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, full(x).logits[..., ids])
+        assert model.get_input_embeddings().weight.shape[0] == VOCAB        # the input embeddings keep every token
+
+
+def test_draft_mode_with_a_restricted_head_proposes_only_its_tokens_and_stays_exact(tmp_path):
+    target = make_model("llama")
+    target.save_pretrained(tmp_path)
+    keep = VOCAB // 2
+    proposer = OuroborosProposer(vllm_config(k=4), env={"OUROBOROS_VLLM_DRAFT": str(tmp_path),
+                                                        "OUROBOROS_VLLM_DRAFT_QUANT": "none",
+                                                        "OUROBOROS_VLLM_DRAFT_VOCAB": str(keep)})
+    assert proposer.draft.head_ids == list(range(keep))
+    seen: list[int] = []
+    propose = proposer.propose
+
+    def recording(*args):
+        chains = propose(*args)
+        seen.extend(t for c in chains for t in c)
+        return chains
+
+    proposer.propose = recording
+    out, proposed, accepted = simulate(proposer, target, _prompts(), 24)
+    assert out == [loop_greedy(target, p, 24) for p in _prompts()]
+    assert proposed > 0 and accepted > 0
+    assert seen and all(t < keep for t in seen)  # a pooled token is kept only where the draft's argmax agrees

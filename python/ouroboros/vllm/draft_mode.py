@@ -24,7 +24,7 @@ from ouroboros.hf.quantize import quantize_draft, resolve_draft_quant
 from ouroboros.hf.refusals import patch_refusal
 from ouroboros.vllm.chains import MergedPool
 
-__all__ = ["load_draft", "DraftRequest", "BatchDraft"]
+__all__ = ["load_draft", "restrict_head", "DraftRequest", "BatchDraft"]
 
 
 def _eos_ids(model) -> frozenset[int]:
@@ -34,10 +34,13 @@ def _eos_ids(model) -> frozenset[int]:
     return frozenset([eos] if isinstance(eos, int) else (eos or []))
 
 
-def load_draft(path: Path, quant: str, target_vocab: int, device: torch.device | None = None):
+def load_draft(path: Path, quant: str, target_vocab: int, device: torch.device | None = None,
+               head_vocab: int = 0) -> tuple[torch.nn.Module, list[int] | None]:
     """The draft model in ``path`` in eval mode (float32 on a CPU, int8 there when ``quant`` resolves to it, with
-    ouroboros attention where the model takes it; bfloat16 on a GPU). Raises ``ValueError`` naming ``OUROBOROS_VLLM_DRAFT`` when it cannot be loaded or its
-    vocabulary size differs from the target's ``target_vocab``."""
+    ouroboros attention where the model takes it; bfloat16 on a GPU), and the token id of each output of its head:
+    None for the whole vocabulary, else the ids kept by :func:`restrict_head` (``0 < head_vocab <`` the vocabulary).
+    Raises ``ValueError`` naming ``OUROBOROS_VLLM_DRAFT`` when it cannot be loaded or its vocabulary size differs
+    from the target's ``target_vocab``."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     try:
@@ -48,10 +51,44 @@ def load_draft(path: Path, quant: str, target_vocab: int, device: torch.device |
     if vocab != target_vocab:
         raise ValueError(f"OUROBOROS_VLLM_DRAFT={str(path)!r} has a vocabulary of {vocab} tokens, the target "
                          f"{target_vocab}: the draft must share the target's tokenizer")
+    head_ids = None
+    if 0 < head_vocab < vocab:
+        head_ids = restrict_head(model, sorted(set(range(head_vocab)) | _eos_ids(model)))
     model = quantize_draft(model, resolve_draft_quant(quant, device, dtype))
     if device.type == "cpu" and patch_refusal(model) is None:
         patch(model)      # masked attention with GQA, not K/V repeated per query head: ~20% off a CPU draft forward
-    return model
+    return model, head_ids
+
+
+def restrict_head(model, ids: list[int]) -> list[int]:
+    """Give ``model`` an output head of the rows ``ids`` of its own (an untied copy; the input embeddings are
+    unchanged), so output ``j`` scores token ``ids[j]``; returns ``ids``. The draft then proposes only those tokens
+    (the target still verifies every proposal: the output cannot change, only acceptance), at a fraction of the head's
+    cost (FR-Spec's frequency-ranked draft head)."""
+    head = model.get_output_embeddings()
+    index = torch.tensor(ids, dtype=torch.long, device=head.weight.device)
+    small = torch.nn.Linear(head.in_features, len(ids), bias=head.bias is not None,
+                            device=head.weight.device, dtype=head.weight.dtype)
+    with torch.no_grad():
+        small.weight.copy_(head.weight.index_select(0, index))
+        if head.bias is not None:
+            small.bias.copy_(head.bias.index_select(0, index))
+    model.set_output_embeddings(small)
+    return list(ids)
+
+
+class _HeadRowRunner(RowRunner):
+    """A draft row whose model's head scores only ``ids``: its argmax outputs are mapped back to token ids."""
+
+    def __init__(self, scheduler: BatchScheduler, model: BatchModel, row: int, ids: list[int]) -> None:
+        super().__init__(scheduler, model, row)
+        self.ids = ids
+
+    def forward_tree(self, tree: TokenTree) -> list[int]:
+        return [self.ids[j] for j in super().forward_tree(tree)]
+
+    def forward_tree_logits(self, tree: TokenTree) -> torch.Tensor:
+        raise ValueError("a draft with a restricted head (OUROBOROS_VLLM_DRAFT_VOCAB) has no full-vocabulary logits")
 
 
 class DraftRequest:
@@ -83,8 +120,9 @@ class BatchDraft:
     prefix). :meth:`free` releases a request's rows.
     """
 
-    def __init__(self, model, guess_set: int) -> None:
+    def __init__(self, model, guess_set: int, head_ids: list[int] | None = None) -> None:
         self.model, self.guess_set, self.eos = model, guess_set, _eos_ids(model)
+        self.head_ids = head_ids                 # token id of each head output (None: the whole vocabulary)
         self.batch = BatchModel(model, [])
         self._next_row = 0
         self.prefill_forwards = 0
@@ -141,7 +179,9 @@ class BatchDraft:
 
         def draft_row(row: int):
             request, history, gamma = by_row[row]
-            drafter = HostDrafter(RowRunner(scheduler, self.batch, row), self.eos, pool=request.pools,
+            runner = (RowRunner(scheduler, self.batch, row) if self.head_ids is None
+                      else _HeadRowRunner(scheduler, self.batch, row, self.head_ids))
+            drafter = HostDrafter(runner, self.eos, pool=request.pools,
                                   guess_set=self.guess_set)
             draft = drafter.draft(history, gamma)
             request.cached = draft.seq[:self.batch.length[row]]

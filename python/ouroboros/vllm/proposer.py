@@ -74,9 +74,10 @@ class OuroborosProposer:
         self.shared = load_shared_pool(self.settings)
         self.draft: BatchDraft | None = None
         if self.settings.mode == "draft":
-            self.draft = BatchDraft(load_draft(self.settings.draft, self.settings.draft_quant,
-                                               int(vllm_config.model_config.get_vocab_size())),
-                                    self.settings.guess_set)
+            model, head_ids = load_draft(self.settings.draft, self.settings.draft_quant,
+                                         int(vllm_config.model_config.get_vocab_size()),
+                                         head_vocab=self.settings.draft_vocab)
+            self.draft = BatchDraft(model, self.settings.guess_set, head_ids)
         self.table: RequestTable[_Request] = RequestTable(self._new_request, self._free_request)
         self.steps = self.proposed = 0
         self._saved_at = time.monotonic()

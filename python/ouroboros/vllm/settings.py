@@ -21,6 +21,8 @@ SETTINGS = {
     "MODE": "pool (model-free, default without a draft) or draft (default when OUROBOROS_VLLM_DRAFT is set)",
     "DRAFT": "path of an HF draft model folder of the target's tokenizer (draft mode)",
     "DRAFT_QUANT": "auto (int8 for a float32 draft on a CPU), int8 or none",
+    "DRAFT_VOCAB": "draft mode: the draft's output head keeps only the token ids below this number (a BPE "
+                   "vocabulary's first, most frequent merges) and its EOS ids; 0, the default: the whole vocabulary",
     "POOL": "phrase pool file: loaded at start when it exists, written as requests finish and at exit",
     "POOL_SAVE_SECONDS": "least seconds between two writes of the pool file (default 60; 0: at every finish)",
     "POOL_BYTES": f"byte budget of the shared phrase pool (default {DEFAULT_MAX_BYTES})",
@@ -68,6 +70,7 @@ class ProposerSettings:
     mode: str = "pool"
     draft: Path | None = None
     draft_quant: str = "auto"
+    draft_vocab: int = 0
     pool_file: Path | None = None
     pool_save_seconds: float = 60.0
     pool_bytes: int = DEFAULT_MAX_BYTES
@@ -93,7 +96,7 @@ class ProposerSettings:
             raise ValueError(f"{PREFIX}DRAFT={str(draft)!r} is not a model folder (no config.json there)")
         settings = cls(mode=mode, draft=draft if mode == "draft" else None,
                        draft_quant=_choice(env, "DRAFT_QUANT", "auto", DRAFT_QUANT + ("auto",)),
-                       pool_file=_pool_file(env),
+                       draft_vocab=_int(env, "DRAFT_VOCAB", 0, 0), pool_file=_pool_file(env),
                        pool_save_seconds=_seconds(env, "POOL_SAVE_SECONDS", 60.0),
                        pool_bytes=_int(env, "POOL_BYTES", DEFAULT_MAX_BYTES, 1 << 16),
                        ngram=_int(env, "NGRAM", 4, 2), guess_set=_int(env, "GUESS_SET", 3, 1),
