@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from bench.common import machine_info, utc_now, write_json
+from bench.vllm_serving import encoded_prompts
 from ouroboros.vllm import OuroborosProposer
 
 __all__ = ["TimedProposer", "main"]
@@ -61,7 +62,6 @@ def main(argv=None) -> None:
         raise SystemExit("set VLLM_ENABLE_V1_MULTIPROCESSING=0: the proposer is timed in this process")
     os.environ.update({"OUROBOROS_VLLM_DRAFT": args.draft, "OUROBOROS_VLLM_DRAFT_VOCAB": str(args.draft_vocab)})
     import vllm  # optional: vllm (the vLLM environment only)
-    from bench.vllm_serving import encoded_prompts
     llm = vllm.LLM(model=args.target, max_model_len=1024, dtype="float32", enforce_eager=True, seed=0,
                    max_num_seqs=args.n_prompts, speculative_config={
                        "method": "custom_class", "model": f"{__name__}.TimedProposer",

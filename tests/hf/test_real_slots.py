@@ -94,7 +94,7 @@ def test_outside_the_block_and_for_other_shapes_the_module_is_unchanged():
     real_slots.install(model)
     real_slots.install(model)                                  # idempotent
     torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias))
-    with real_slots.real_slots(model, torch.tensor([3, 1]), 4):
+    with real_slots.real_slots(model, [3, 1], 4, torch.device("cpu")):
         y = lin(x)
         other = lin(torch.randn(5, 8))                          # not 2 x 4 rows: computed as is
     assert other.shape == (5, 6)

@@ -11,7 +11,7 @@ row leaves the batch (:meth:`drop`), so it costs nothing afterwards; rows prefil
 
 Rows get position ``length + depth`` (their own length, whatever their padding), so each row computes what it would
 alone; only float rounding of the padded batch can differ from batch 1. The linear layers compute the real slots
-only (:mod:`ouroboros.hf.real_slots`): pads cost no matrix products.
+only on a CPU (:mod:`ouroboros.hf.real_slots`): pads cost no matrix products there.
 """
 from __future__ import annotations
 
@@ -81,8 +81,9 @@ class BatchModel:
         q_pos = lengths[:, None] + depths
         visible = torch.cat([self.valid[:, None, :].expand(b, t, self.valid.shape[1]), anc], dim=2)
         mask = layer_masks(self.config, visible, q_pos, torch.cat([self.pos, q_pos], dim=1), self.model.dtype)
-        sizes = torch.tensor([len(trees[r]) if r in trees else 0 for r in self.rows], device=self.device)
-        with small_m_linear(self.model, enabled=self.device.type == "cpu"), real_slots(self.model, sizes, t):
+        sizes = [len(trees[r]) if r in trees else 0 for r in self.rows]
+        cpu = self.device.type == "cpu"
+        with small_m_linear(self.model, enabled=cpu), real_slots(self.model, sizes, t, self.device, enabled=cpu):
             out = self.model(input_ids=ids, position_ids=q_pos, attention_mask=mask, use_cache=True,
                              **{self._cache_kw: self.cache})
         self._last_start = self.valid.shape[1]
@@ -92,7 +93,7 @@ class BatchModel:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.forwards += 1
-        self.row_tokens += sum(len(tree) for tree in trees.values())
+        self.row_tokens += sum(sizes)
         self.forward_time += time.perf_counter() - start
         return logits
 

@@ -24,7 +24,7 @@ import contextlib
 import contextvars
 import functools
 import os
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -32,7 +32,7 @@ from torch.ao.nn.quantized import dynamic as qdynamic
 
 from ouroboros.hf import cpu_linear
 
-__all__ = ["real_slots", "install", "uninstall", "enabled"]
+__all__ = ["real_slots", "install", "uninstall", "env_enabled"]
 
 _ACTIVE: contextvars.ContextVar[tuple[torch.Tensor, int] | None] = contextvars.ContextVar(
     "ouroboros_real_slots", default=None)
@@ -40,7 +40,7 @@ _INSTALLED = "_ouroboros_real_slots"
 _LINEARS = (nn.Linear, qdynamic.Linear)           # float, and int8 dynamic (ouroboros.hf.quantize)
 
 
-def enabled() -> bool:
+def env_enabled() -> bool:
     """False when ``OUROBOROS_REAL_SLOTS=0`` is set (the padded forward as HF runs it)."""
     return os.environ.get("OUROBOROS_REAL_SLOTS", "1") != "0"
 
@@ -89,15 +89,17 @@ def uninstall(model: nn.Module) -> None:
 
 
 @contextlib.contextmanager
-def real_slots(model: nn.Module, lengths: torch.Tensor, width: int) -> Iterator[None]:
-    """Within the block, the linear modules of ``model`` compute only slot ``j < lengths[i]`` of row ``i`` of a
-    ``(len(lengths), width)`` forward. A no-op when no slot is a pad or when turned off (:func:`enabled`)."""
-    if not enabled() or bool((lengths >= width).all()):
+def real_slots(model: nn.Module, lengths: Sequence[int], width: int, device: torch.device,
+               *, enabled: bool = True) -> Iterator[None]:
+    """Within the block, the linear modules of ``model`` (on ``device``) compute only slot ``j < lengths[i]`` of row
+    ``i`` of a ``(len(lengths), width)`` forward. A no-op when no slot is a pad, when not ``enabled`` (the caller's
+    choice: a GPU's small-M linears are not row-bound) or when turned off (:func:`env_enabled`)."""
+    if not enabled or not env_enabled() or min(lengths) >= width:
         yield
         return
     install(model)
-    slots = torch.arange(width, device=lengths.device)
-    index = (slots[None, :] < lengths[:, None]).reshape(-1).nonzero().squeeze(1)
+    index = torch.tensor([i * width + j for i, n in enumerate(lengths) for j in range(n)], dtype=torch.long,
+                         device=device)
     token = _ACTIVE.set((index, len(lengths) * width))
     try:
         yield
