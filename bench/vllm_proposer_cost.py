@@ -31,6 +31,8 @@ class TimedProposer(OuroborosProposer):
 
     seconds = 0.0
     calls = 0
+    draft_forwards = 0                   # the draft's batched forwards so far (all runs)
+    head_rows = 0                        # the draft head's rows after the last step (0: the whole vocabulary)
 
     def propose(self, *args, **kwargs):
         start = time.perf_counter()
@@ -39,6 +41,8 @@ class TimedProposer(OuroborosProposer):
         finally:
             TimedProposer.seconds += time.perf_counter() - start
             TimedProposer.calls += 1
+            TimedProposer.draft_forwards = self.draft.forwards + self.draft.prefill_forwards
+            TimedProposer.head_rows = len(self.draft.head.ids) if self.draft.head is not None else 0
 
 
 def parse_args(argv=None):
@@ -73,18 +77,25 @@ def main(argv=None) -> None:
                    for p in encoded_prompts(args.target, dataset, args.n_prompts, 0)]
         llm.generate(prompts[:1], vllm.SamplingParams(max_tokens=8, temperature=0), use_tqdm=False)   # warm-up
         TimedProposer.seconds, TimedProposer.calls = 0.0, 0
+        forwards = TimedProposer.draft_forwards
         start = time.perf_counter()
         outs = llm.generate(prompts, greedy, use_tqdm=False)
         wall = time.perf_counter() - start
         tokens = sum(len(o.outputs[0].token_ids) for o in outs)
         runs[dataset] = {"wall": round(wall, 3), "tokens": tokens, "tok_s": round(tokens / wall, 3),
                          "proposer_seconds": round(TimedProposer.seconds, 3), "steps": TimedProposer.calls,
-                         "proposer_per_step": round(TimedProposer.seconds / max(1, TimedProposer.calls), 4)}
+                         "proposer_per_step": round(TimedProposer.seconds / max(1, TimedProposer.calls), 4),
+                         "draft_forwards": TimedProposer.draft_forwards - forwards,
+                         "head_rows_at_end": TimedProposer.head_rows}
         print(dataset, runs[dataset], flush=True)
     out = Path(args.out)
     data = json.loads(out.read_text()) if out.is_file() else {"configs": {}}
     data.update({"date_utc": utc_now(), "machine": machine_info(), "vllm": vllm.__version__})
-    data["configs"][f"draft_vocab={args.draft_vocab}"] = {
+    # a head of N > 0 ids also scores the running requests' tokens (ouroboros.vllm.draft_head, since 2026-12-08)
+    name = f"draft_vocab={args.draft_vocab}" + ("+history" if args.draft_vocab else "")
+    if os.environ.get("OUROBOROS_VLLM_GUESS_SET"):                # another setting of the proposer, from outside
+        name += f",guess_set={os.environ['OUROBOROS_VLLM_GUESS_SET']}"
+    data["configs"][name] = {
         "settings": {k: v for k, v in vars(args).items() if k != "out"}, "date_utc": utc_now(), "runs": runs}
     write_json(out, data)
 

@@ -15,10 +15,11 @@ def _chain(tokens: list[int]) -> tuple[TokenTree, list[int]]:
     return tree, tree.add_path(-1, tokens)
 
 
-def _prefilled(model, row: int, tokens: list[int]) -> BatchModel:
+def _prefilled(model, row: int, tokens: list[int], logits: bool = True) -> BatchModel:
     batch = BatchModel(model, [row])
     tree, nodes = _chain(tokens)
-    batch.forward({row: tree})
+    out = batch.forward({row: tree}, logits=logits)
+    assert (row in out) == logits
     batch.keep(row, 0, nodes)
     return batch
 
@@ -42,6 +43,14 @@ def test_absorbed_rows_compute_what_they_compute_alone(family):
     together = batch.forward({row: tree for row in prompts})
     for row in prompts:
         torch.testing.assert_close(together[row].float(), alone[row], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_a_prefill_without_logits_fills_the_same_cache(family):
+    model = make_model(family)
+    prompt = [5, 9, 2, 7, 7, 1, 4, 8, 3, 3, 6]
+    expect = _next_logits(_prefilled(model, 0, prompt), 0, [11, 12])
+    torch.testing.assert_close(_next_logits(_prefilled(model, 0, prompt, logits=False), 0, [11, 12]), expect)
 
 
 def test_a_row_joins_after_others_left_and_dropping_every_row_frees_the_cache():

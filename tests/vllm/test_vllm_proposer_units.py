@@ -13,8 +13,9 @@ from conftest import VOCAB, loop_greedy, make_model, make_tokenizer
 
 from ouroboros.drafting.pool import PhrasePool
 from ouroboros.vllm import OuroborosProposer, ProposerSettings
-from ouroboros.vllm.chains import MergedPool, context_key, harvest, pool_chain
-from ouroboros.vllm.draft_mode import BatchDraft, restrict_head
+from ouroboros.vllm.chains import MergedPool, context_key, harvest, pool_chain, scored_chain
+from ouroboros.vllm.confidence import MAX_THRESHOLD, AcceptanceModel, Proposal, step_threshold
+from ouroboros.vllm.draft_mode import BatchDraft
 from ouroboros.vllm.requests import RequestTable
 
 MAX_LEN = 256
@@ -46,6 +47,10 @@ def test_settings_default_to_pool_mode_and_draft_mode_follows_a_draft_path(tmp_p
     ({"OUROBOROS_VLLM_DRAFT_VOCAB": "32k"}, "OUROBOROS_VLLM_DRAFT_VOCAB"),
     ({"OUROBOROS_VLLM_NGRAMS": "4"}, "OUROBOROS_VLLM_NGRAMS"),
     ({"OUROBOROS_VLLM_POOL": "/nonexistent/dir/pool.pt"}, "OUROBOROS_VLLM_POOL"),
+    ({"OUROBOROS_VLLM_POOL_CONFIDENCE": "high"}, "OUROBOROS_VLLM_POOL_CONFIDENCE"),
+    ({"OUROBOROS_VLLM_POOL_CONFIDENCE": "-0.1"}, "OUROBOROS_VLLM_POOL_CONFIDENCE"),
+    ({"OUROBOROS_VLLM_POOL_CONFIDENCE": "1.5"}, "OUROBOROS_VLLM_POOL_CONFIDENCE"),
+    ({"OUROBOROS_VLLM_POOL_CONFIDENCE": "nan"}, "OUROBOROS_VLLM_POOL_CONFIDENCE"),
 ])
 def test_a_bad_setting_raises_naming_the_variable(env, names):
     with pytest.raises(ValueError, match=names):
@@ -117,6 +122,63 @@ def test_pool_chain_prefers_the_longest_known_context_and_stops_at_k():
     assert pool_chain(pools, [8, 8], 4, 3, 1) == []
     harvest(shared, [8, 8, 7, 7], 0, 3)
     assert pool_chain(pools, [8, 8], 1, 3, 1) == [7]
+
+
+# ---- pool mode's confidence cut -------------------------------------------------------------------------------
+def test_estimates_rise_with_accepted_tokens_fall_with_rejected_ones_and_stay_bounded():
+    model = AcceptanceModel(window=16)
+    low, high = model.estimate((1, 0)), model.estimate((3, 0))
+    assert 0 < low < high < 1                                     # the prior: a one-token context is a weak guess
+    for _ in range(5):
+        model.update((1, 0), True)
+    assert model.estimate((1, 0)) > low and model.estimate((3, 0)) == high      # cells learn apart
+    up = model.estimate((1, 0))
+    for _ in range(200):
+        model.update((1, 0), False)
+        model.tick()
+    down = model.estimate((1, 0))
+    assert down < min(up, low) and model.counts[(1, 0)][1] < 16   # decayed every step: bounded weight
+    for _ in range(200):                                          # no longer observed: back towards the prior
+        model.tick()
+    assert down < model.estimate((1, 0)) <= low
+
+
+def test_the_next_history_shows_which_tokens_were_accepted():
+    model = AcceptanceModel()
+    cells = [(2, 0), (2, 1), (2, 2), (3, 0)]
+    last = Proposal([7, 8, 9, 10], cells, at=3)
+    assert last.accepted([1, 2, 3]) is None                       # not verified yet
+    history = [1, 2, 3, 7, 8, 5]                                  # 7 8 accepted, 9 rejected (5 the bonus)
+    assert last.accepted(history) == 2
+    estimates = [model.estimate(c) for c in cells]
+    model.observe(last, history)
+    after = [model.estimate(c) for c in cells]
+    assert after[0] > estimates[0] and after[1] > estimates[1] and after[2] < estimates[2]
+    assert after[3] == estimates[3]                               # after the first rejection: never judged
+    model.observe(Proposal([7, 8], cells[:2], at=3), [1, 2, 3, 7, 8, 4])     # all accepted, then the bonus
+    assert model.estimate(cells[1]) > after[1]
+
+
+def test_the_chain_is_cut_where_its_estimated_acceptance_falls_below_the_threshold():
+    own = PhrasePool(ngram=3)
+    harvest(own, [1, 2, 3, 4, 9, 2, 3, 5, 6, 7, 8], 0, 3)
+    pools = MergedPool(own, PhrasePool(ngram=3))
+    whole = pool_chain(pools, [9, 2, 3], 4, 3, 1)
+    chain, cells = scored_chain(pools, [9, 2, 3], 4, 3, 1)
+    assert chain == whole and len(cells) == len(chain) == 4 and cells[0] == (3, 0) and cells[1] == (3, 1)
+    model = AcceptanceModel()
+    products = np.cumprod([model.estimate(c) for c in cells])
+    threshold = (products[1] + products[2]) / 2                   # between the 2nd and the 3rd token's product
+    assert scored_chain(pools, [9, 2, 3], 4, 3, 1, model, threshold) == (whole[:2], cells[:2])
+    assert scored_chain(pools, [9, 2, 3], 4, 3, 1, model, 0.0)[0] == whole      # 0: the whole chain
+    assert scored_chain(pools, [9, 2, 3], 4, 3, 1, model, 0.999)[0] == []
+
+
+def test_the_threshold_is_lower_at_batch_one_than_with_several_requests():
+    assert step_threshold(0.15, 1) < step_threshold(0.15, 2) < step_threshold(0.15, 4) <= MAX_THRESHOLD
+    assert step_threshold(0.15, 1) == 0.0 and step_threshold(0.15, 4) == pytest.approx(0.45)
+    assert step_threshold(0.5, 64) == MAX_THRESHOLD and step_threshold(0.0, 64) == 0.0
+    assert ProposerSettings.from_env({"OUROBOROS_VLLM_POOL_CONFIDENCE": "0"}).pool_confidence == 0.0
 
 
 # ---- both modes against a simulated engine --------------------------------------------------------------------
@@ -225,34 +287,42 @@ def test_the_pool_file_is_written_as_requests_finish_and_warms_the_next_server(t
     assert acc_warm >= acc_cold
 
 
-def test_a_restricted_head_scores_its_ids_as_the_full_head_does():
-    model, full = make_model("qwen2"), make_model("qwen2")
-    ids = [0, 2, 5, 40, VOCAB - 1]
-    assert restrict_head(model, ids) == ids
-    x = torch.tensor([[3, 9, 4, 17]])
-    with torch.no_grad():
-        torch.testing.assert_close(model(x).logits, full(x).logits[..., ids])
-        assert model.get_input_embeddings().weight.shape[0] == VOCAB        # the input embeddings keep every token
-
-
-def test_draft_mode_with_a_restricted_head_proposes_only_its_tokens_and_stays_exact(tmp_path):
+def test_draft_mode_with_a_history_head_proposes_only_its_tokens_and_stays_exact(tmp_path):
     target = make_model("llama")
     target.save_pretrained(tmp_path)
     keep = VOCAB // 2
     proposer = OuroborosProposer(vllm_config(k=4), env={"OUROBOROS_VLLM_DRAFT": str(tmp_path),
                                                         "OUROBOROS_VLLM_DRAFT_QUANT": "none",
                                                         "OUROBOROS_VLLM_DRAFT_VOCAB": str(keep)})
-    assert proposer.draft.head_ids == list(range(keep))
+    head = proposer.draft.head
+    assert head.base_ids == list(range(keep))
     seen: list[int] = []
+    histories: set[int] = set()
     propose = proposer.propose
 
-    def recording(*args):
-        chains = propose(*args)
-        seen.extend(t for c in chains for t in c)
+    def recording(sampled, n, tokens, *rest):
+        chains = propose(sampled, n, tokens, *rest)
+        for i, chain in enumerate(chains):
+            histories.update(int(t) for t in tokens[i, :int(n[i])])
+            seen.extend(chain)
         return chains
 
     proposer.propose = recording
     out, proposed, accepted = simulate(proposer, target, _prompts(), 24)
     assert out == [loop_greedy(target, p, 24) for p in _prompts()]
     assert proposed > 0 and accepted > 0
-    assert seen and all(t < keep for t in seen)  # a pooled token is kept only where the draft's argmax agrees
+    # a proposal is a base token or one the running requests had seen (a pooled token only where the argmax agrees)
+    assert seen and all(t < keep or t in histories for t in seen)
+    assert head.rebuilds > 0 and set(head.extra_ids) <= histories
+
+
+def test_pool_mode_learns_from_its_steps_and_a_high_confidence_proposes_less():
+    target = make_model("llama")
+    counts = {}
+    for confidence in ("0", "0.15"):
+        proposer = OuroborosProposer(vllm_config(), env={"OUROBOROS_VLLM_POOL_CONFIDENCE": confidence})
+        out, proposed, accepted = simulate(proposer, target, _prompts(), 24)
+        assert out == [loop_greedy(target, p, 24) for p in _prompts()]
+        assert proposer.acceptance.counts                         # it learnt from the next steps' histories
+        counts[confidence] = proposed
+    assert counts["0.15"] < counts["0"]

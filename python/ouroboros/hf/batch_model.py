@@ -15,6 +15,7 @@ only on a CPU (:mod:`ouroboros.hf.real_slots`): pads cost no matrix products the
 """
 from __future__ import annotations
 
+import inspect
 import time
 from typing import Mapping, Sequence
 
@@ -41,6 +42,7 @@ class BatchModel:
         self.device = model.device
         self.cache = new_cache()
         self._cache_kw = cache_kwarg(model)
+        self._logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.rows = list(range(rows)) if isinstance(rows, int) else [int(r) for r in rows]   # row id per index
         if len(set(self.rows)) != len(self.rows):
             raise ValueError(f"row ids must differ, got {self.rows}")
@@ -68,10 +70,11 @@ class BatchModel:
                 anc[i, :n, :n] = ancestor_mask(tree.parents)
         return ids.to(self.device), depths.to(self.device), anc.to(self.device)
 
-    def forward(self, trees: Mapping[int, TokenTree]) -> dict[int, torch.Tensor]:
+    def forward(self, trees: Mapping[int, TokenTree], logits: bool = True) -> dict[int, torch.Tensor]:
         """One forward of each given row's tree appended to its cache; rows not given run pads only.
 
-        Returns row -> logits (T_row, V) in the model's dtype. The new slots stay invalid until :meth:`keep`."""
+        Returns row -> logits (T_row, V) in the model's dtype; with ``logits=False`` (a prefill that only fills the
+        cache) {} and the output head runs at one slot at most. The new slots stay invalid until :meth:`keep`."""
         if not trees or any(r not in self.length for r in trees):
             raise ValueError(f"trees for rows {sorted(trees)}, but the batch holds rows {self.rows}")
         start = time.perf_counter()
@@ -83,19 +86,21 @@ class BatchModel:
         mask = layer_masks(self.config, visible, q_pos, torch.cat([self.pos, q_pos], dim=1), self.model.dtype)
         sizes = [len(trees[r]) if r in trees else 0 for r in self.rows]
         cpu = self.device.type == "cpu"
+        skip = {"logits_to_keep": 1} if not logits and self._logits_to_keep else {}
         with small_m_linear(self.model, enabled=cpu), real_slots(self.model, sizes, t, self.device, enabled=cpu):
             out = self.model(input_ids=ids, position_ids=q_pos, attention_mask=mask, use_cache=True,
-                             **{self._cache_kw: self.cache})
+                             **{self._cache_kw: self.cache}, **skip)
         self._last_start = self.valid.shape[1]
         self.valid = torch.cat([self.valid, torch.zeros(b, t, dtype=torch.bool, device=self.device)], dim=1)
         self.pos = torch.cat([self.pos, q_pos], dim=1)
-        logits = {row: out.logits[i, :len(trees[row])] for i, row in enumerate(self.rows) if row in trees}
+        rows_logits = ({row: out.logits[i, :len(trees[row])] for i, row in enumerate(self.rows) if row in trees}
+                       if logits else {})
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.forwards += 1
         self.row_tokens += sum(sizes)
         self.forward_time += time.perf_counter() - start
-        return logits
+        return rows_logits
 
     def keep(self, row: int, prefix_len: int, nodes: Sequence[int]) -> None:
         """After :meth:`forward`: ``row`` keeps its ``prefix_len`` tokens plus the tree entries ``nodes`` (a

@@ -8,12 +8,13 @@ a negative hash."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from ouroboros.drafting.contexts import context_key, context_phrases
 from ouroboros.drafting.pool import PhrasePool
+from ouroboros.vllm.confidence import AcceptanceModel, Cell
 
-__all__ = ["context_key", "harvest", "MergedPool", "pool_chain", "HistoryPools", "OWN_POOL_BYTES"]
+__all__ = ["context_key", "harvest", "MergedPool", "pool_chain", "scored_chain", "HistoryPools", "OWN_POOL_BYTES"]
 
 OWN_POOL_BYTES = 4 << 20          # one request's own-history pool (the shared pool has its own budget)
 
@@ -47,24 +48,47 @@ class MergedPool:
         return out if k is None else out[:k]
 
 
+def _phrases(pools: MergedPool, tokens: Sequence[int], orders: int,
+             min_order: int) -> Iterator[tuple[tuple[int, ...], int]]:
+    """Phrase after phrase of pool mode's chain after ``tokens``, each with its context order: the newest phrase
+    under the longest context (``orders`` tokens down to ``min_order``) that either pool knows, own history first,
+    the context then extended by the phrase; ends when no context of at least ``min_order`` tokens is known."""
+    context = [int(t) for t in tokens[-orders:]]
+    while True:
+        for o in range(min(orders, len(context)), min_order - 1, -1):
+            found = pools.lookup(context_key(context[-o:]), 1)
+            if found:
+                yield found[0], o
+                context = (context + list(found[0]))[-orders:]
+                break
+        else:
+            return
+
+
 def pool_chain(pools: MergedPool, tokens: Sequence[int], k: int, orders: int, min_order: int) -> list[int]:
     """The chain pool mode proposes after ``tokens``: phrase after phrase, each the newest one under the longest
     context (``orders`` tokens down to ``min_order``) that either pool knows, own history first; at most ``k``
     tokens, [] when no context of at least ``min_order`` tokens is known."""
+    return scored_chain(pools, tokens, k, orders, min_order)[0]
+
+
+def scored_chain(pools: MergedPool, tokens: Sequence[int], k: int, orders: int, min_order: int,
+                 model: AcceptanceModel | None = None, threshold: float = 0.0) -> tuple[list[int], list[Cell]]:
+    """:func:`pool_chain`'s chain, each token with its cell (its phrase's context order, its position in the
+    phrase), cut by ``model`` at ``threshold`` (:meth:`~ouroboros.vllm.confidence.AcceptanceModel.cut`): a prefix
+    of :func:`pool_chain`'s chain, the whole of it without a model or with ``threshold`` 0."""
     chain: list[int] = []
-    context = [int(t) for t in tokens[-orders:]]
-    while len(chain) < k:
-        phrase = None
-        for o in range(min(orders, len(context)), min_order - 1, -1):
-            found = pools.lookup(context_key(context[-o:]), 1)
-            if found:
-                phrase = found[0]
-                break
-        if phrase is None:
-            break
+    cells: list[Cell] = []
+    for phrase, order in _phrases(pools, tokens, orders, min_order):
         chain.extend(phrase)
-        context = (context + list(phrase))[-orders:]
-    return chain[:k]
+        cells.extend((order, i) for i in range(len(phrase)))
+        if len(chain) >= k:
+            break
+    chain, cells = chain[:k], cells[:k]
+    if model is not None:
+        n = model.cut(cells, threshold)
+        chain, cells = chain[:n], cells[:n]
+    return chain, cells
 
 
 class HistoryPools:

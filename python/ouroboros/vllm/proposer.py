@@ -21,7 +21,8 @@ from typing import Sequence
 import numpy as np
 
 from ouroboros.drafting.pool import PhrasePool
-from ouroboros.vllm.chains import HistoryPools, pool_chain
+from ouroboros.vllm.chains import HistoryPools, scored_chain
+from ouroboros.vllm.confidence import AcceptanceModel, Proposal, step_threshold
 from ouroboros.vllm.draft_mode import BatchDraft, DraftRequest, load_draft
 from ouroboros.vllm.requests import RequestTable
 from ouroboros.vllm.settings import PREFIX, ProposerSettings
@@ -48,16 +49,20 @@ def load_shared_pool(settings: ProposerSettings) -> PhrasePool:
 
 
 class _Request:
-    """What the proposer keeps per request: its pools, and in draft mode its draft state."""
+    """What the proposer keeps per request: its pools, in draft mode its draft state, in pool mode its last chain
+    (what the next step's history is compared with)."""
 
     def __init__(self, pools: HistoryPools, draft: DraftRequest | None) -> None:
         self.pools, self.draft = pools, draft
+        self.last: Proposal | None = None
 
 
 class OuroborosProposer:
     """A vLLM proposer in one of two modes (``OUROBOROS_VLLM_MODE``, :mod:`ouroboros.vllm.settings`):
 
-    - **pool**: the chain out of the phrase pools (the request's own history; every request's output, shared);
+    - **pool**: the chain out of the phrase pools (the request's own history; every request's output, shared),
+      cut where its estimated acceptance, learnt online from every request's steps, falls below a threshold that
+      grows with the step's running requests (:mod:`ouroboros.vllm.confidence`);
     - **draft**: the draft model's phrase-level draft (pooled phrases verified in each draft forward, adaptive
       length), its KV cache kept per request, the step's requests drafting in one batch.
 
@@ -73,11 +78,12 @@ class OuroborosProposer:
         self.max_model_len = int(vllm_config.model_config.max_model_len)
         self.shared = load_shared_pool(self.settings)
         self.draft: BatchDraft | None = None
+        self.acceptance = AcceptanceModel()           # pool mode's acceptance estimates, shared by all requests
         if self.settings.mode == "draft":
-            model, head_ids = load_draft(self.settings.draft, self.settings.draft_quant,
+            model, head = load_draft(self.settings.draft, self.settings.draft_quant,
                                          int(vllm_config.model_config.get_vocab_size()),
                                          head_vocab=self.settings.draft_vocab)
-            self.draft = BatchDraft(model, self.settings.guess_set, head_ids)
+            self.draft = BatchDraft(model, self.settings.guess_set, head)
         self.table: RequestTable[_Request] = RequestTable(self._new_request, self._free_request)
         self.steps = self.proposed = 0
         self._saved_at = time.monotonic()
@@ -107,6 +113,8 @@ class OuroborosProposer:
         states = self.table.step(histories)
         out: list[list[int]] = [[] for _ in histories]
         jobs, job_rows = [], []
+        threshold = step_threshold(self.settings.pool_confidence, len(histories))
+        self.acceptance.tick()
         for i, (state, row) in enumerate(zip(states, histories)):
             if state is None:
                 continue
@@ -117,7 +125,7 @@ class OuroborosProposer:
                 jobs.append((state.data.draft, tokens, k))
                 job_rows.append(i)
             else:
-                out[i] = pool_chain(state.data.pools.pools, tokens, k, self.settings.orders, min_order=1)
+                out[i] = self._pool_chain(state.data, tokens, k, threshold)
         if jobs:
             for i, chain in zip(job_rows, self.draft.propose(jobs)):
                 out[i] = chain
@@ -127,6 +135,15 @@ class OuroborosProposer:
         if self.table.freed > before:
             self._maybe_save()
         return out
+
+    def _pool_chain(self, request: _Request, tokens: list[int], k: int, threshold: float) -> list[int]:
+        """Pool mode's chain for one row: the estimates first learn what ``tokens`` shows of the request's last
+        chain, then the chain is cut at ``threshold``; it is kept as the request's last chain."""
+        self.acceptance.observe(request.last, tokens)
+        chain, cells = scored_chain(request.pools.pools, tokens, k, self.settings.orders, 1, self.acceptance,
+                                    threshold)
+        request.last = Proposal(chain, cells, len(tokens))
+        return chain
 
     def _maybe_save(self) -> None:
         if self.settings.pool_file is None:

@@ -10,10 +10,12 @@ from typing import Mapping
 
 from ouroboros.drafting.pool import DEFAULT_MAX_BYTES
 from ouroboros.hf.quantize import DRAFT_QUANT
+from ouroboros.vllm.confidence import DEFAULT_CONFIDENCE, MAX_THRESHOLD
 
 __all__ = ["ProposerSettings", "SETTINGS", "MODES", "PREFIX"]
 
 PREFIX = "OUROBOROS_VLLM_"
+DEFAULT_DRAFT_VOCAB = 65536       # a head of the first 65,536 ids + the requests' tokens (no-op for a smaller vocabulary)
 MODES = ("pool", "draft")
 
 # variable (without the prefix) -> what it sets; README's "Serving with vLLM" lists the same
@@ -22,13 +24,19 @@ SETTINGS = {
     "DRAFT": "path of an HF draft model folder of the target's tokenizer (draft mode)",
     "DRAFT_QUANT": "auto (int8 for a float32 draft on a CPU), int8 or none",
     "DRAFT_VOCAB": "draft mode: the draft's output head keeps only the token ids below this number (a BPE "
-                   "vocabulary's first, most frequent merges) and its EOS ids; 0, the default: the whole vocabulary",
+                   "vocabulary's first, most frequent merges), its EOS ids and every token of the running "
+                   "requests' prompts and outputs (default 65536: measured fastest at 4 concurrent requests, "
+                   "bench/results/vllm_proposer_cost_cpu.json); 0: the whole vocabulary",
     "POOL": "phrase pool file: loaded at start when it exists, written as requests finish and at exit",
     "POOL_SAVE_SECONDS": "least seconds between two writes of the pool file (default 60; 0: at every finish)",
     "POOL_BYTES": f"byte budget of the shared phrase pool (default {DEFAULT_MAX_BYTES})",
     "NGRAM": "n-gram size N: phrases hold N-1 tokens (default 4)",
-    "GUESS_SET": "phrases kept per key, and pooled phrases verified per draft forward (default 3)",
+    "GUESS_SET": "phrases kept per key, and pooled phrases a lone request verifies per draft forward (default 3; "
+                 "with R requests drafting together, each verifies ceil(GUESS_SET / R))",
     "ORDERS": "pool mode: the longest context (in tokens) a phrase is keyed by (default 3)",
+    "POOL_CONFIDENCE": f"pool mode: a chain stops where the estimated chance that all of it is accepted falls below "
+                       f"this number times the step's running requests less one (at most {MAX_THRESHOLD}: a lone "
+                       f"request's chain is never cut); 0 proposes every chain whole (default {DEFAULT_CONFIDENCE})",
 }
 
 
@@ -51,6 +59,14 @@ def _int(env: Mapping[str, str], name: str, default: int, low: int) -> int:
     return _number(env, name, default, low, int, "an integer")
 
 
+def _fraction(env: Mapping[str, str], name: str, default: float) -> float:
+    """:func:`_number` as a float in [0, 1]; ``ValueError`` naming the variable above 1."""
+    value = _number(env, name, default, 0, float, "a number")
+    if value > 1:
+        raise ValueError(f"{PREFIX}{name}={value} must be <= 1")
+    return value
+
+
 def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
     value = env.get(PREFIX + name) or default
     if value not in choices:
@@ -70,13 +86,14 @@ class ProposerSettings:
     mode: str = "pool"
     draft: Path | None = None
     draft_quant: str = "auto"
-    draft_vocab: int = 0
+    draft_vocab: int = DEFAULT_DRAFT_VOCAB
     pool_file: Path | None = None
     pool_save_seconds: float = 60.0
     pool_bytes: int = DEFAULT_MAX_BYTES
     ngram: int = 4
     guess_set: int = 3
     orders: int = 3
+    pool_confidence: float = DEFAULT_CONFIDENCE
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "ProposerSettings":
@@ -96,11 +113,12 @@ class ProposerSettings:
             raise ValueError(f"{PREFIX}DRAFT={str(draft)!r} is not a model folder (no config.json there)")
         settings = cls(mode=mode, draft=draft if mode == "draft" else None,
                        draft_quant=_choice(env, "DRAFT_QUANT", "auto", DRAFT_QUANT + ("auto",)),
-                       draft_vocab=_int(env, "DRAFT_VOCAB", 0, 0), pool_file=_pool_file(env),
+                       draft_vocab=_int(env, "DRAFT_VOCAB", DEFAULT_DRAFT_VOCAB, 0), pool_file=_pool_file(env),
                        pool_save_seconds=_seconds(env, "POOL_SAVE_SECONDS", 60.0),
                        pool_bytes=_int(env, "POOL_BYTES", DEFAULT_MAX_BYTES, 1 << 16),
                        ngram=_int(env, "NGRAM", 4, 2), guess_set=_int(env, "GUESS_SET", 3, 1),
-                       orders=_int(env, "ORDERS", 3, 1))
+                       orders=_int(env, "ORDERS", 3, 1),
+                       pool_confidence=_fraction(env, "POOL_CONFIDENCE", DEFAULT_CONFIDENCE))
         return settings
 
 
