@@ -56,6 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
     p.add_argument("--draft-vocab", type=int, default=0, help="OUROBOROS_VLLM_DRAFT_VOCAB (0: the whole vocabulary)")
+    p.add_argument("--label", default="", help="added to the configuration's name in the JSON (another code version)")
     p.add_argument("--out", default="bench/results/vllm_proposer_cost_cpu.json")
     return p.parse_args(argv)
 
@@ -95,6 +96,7 @@ def main(argv=None) -> None:
     name = f"draft_vocab={args.draft_vocab}" + ("+history" if args.draft_vocab else "")
     if os.environ.get("OUROBOROS_VLLM_GUESS_SET"):                # another setting of the proposer, from outside
         name += f",guess_set={os.environ['OUROBOROS_VLLM_GUESS_SET']}"
+    name += f",{args.label}" if args.label else ""
     data["configs"][name] = {
         "settings": {k: v for k, v in vars(args).items() if k != "out"}, "date_utc": utc_now(), "runs": runs}
     write_json(out, data)
