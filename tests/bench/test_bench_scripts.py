@@ -287,7 +287,8 @@ def test_every_committed_result_is_reported():
     assert sorted(k for k, v in kinds.items() if v == "generic") == ["ablation/ablation_cpu.json", "cost_model.json",
                                                                          "cpu_tuning.json", "vllm_proposer_cost_cpu.json",
                                                                          "vllm_replay_continuations.json",
-                                                                         "vllm_replay_cpu.json", "vllm_serving_cpu.json"]
+                                                                         "vllm_replay_cpu.json", "vllm_serving_cpu.json",
+                                                                         "vllm_serving_k_cpu.json"]
 
 
 def test_report_cli_redraws_a_gpu_run_on_a_cpu(tmp_path):
