@@ -81,8 +81,8 @@ class OuroborosProposer:
         self.acceptance = AcceptanceModel()           # pool mode's acceptance estimates, shared by all requests
         if self.settings.mode == "draft":
             model, head = load_draft(self.settings.draft, self.settings.draft_quant,
-                                         int(vllm_config.model_config.get_vocab_size()),
-                                         head_vocab=self.settings.draft_vocab)
+                                     int(vllm_config.model_config.get_vocab_size()),
+                                     head_vocab=self.settings.draft_vocab)
             self.draft = BatchDraft(model, self.settings.guess_set, head)
         self.table: RequestTable[_Request] = RequestTable(self._new_request, self._free_request)
         self.steps = self.proposed = 0
