@@ -13,14 +13,13 @@ configurations run one after another land in one file.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
 from pathlib import Path
 
 from bench.common import machine_info, utc_now, write_json
-from bench.vllm_serving import encoded_prompts
+from bench.vllm_serving import encoded_prompts, pair_parser
 from ouroboros.vllm import OuroborosProposer
 
 __all__ = ["TimedProposer", "main"]
@@ -46,15 +45,7 @@ class TimedProposer(OuroborosProposer):
 
 
 def parse_args(argv=None):
-    from ouroboros.cli.pairs import PAIRS, cache_root  # optional: resolves the default pair folders only
-    pair = PAIRS["qwen2.5-coder-1.5b/0.5b"]
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--target", default=str(cache_root() / pair.target.model_id))
-    p.add_argument("--draft", default=str(cache_root() / pair.draft.model_id))
-    p.add_argument("--datasets", default="humaneval,gsm8k")
-    p.add_argument("--n-prompts", type=int, default=4)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
+    p = pair_parser(__doc__.splitlines()[0], 64)
     p.add_argument("--draft-vocab", type=int, default=0, help="OUROBOROS_VLLM_DRAFT_VOCAB (0: the whole vocabulary)")
     p.add_argument("--label", default="", help="added to the configuration's name in the JSON (another code version)")
     p.add_argument("--out", default="bench/results/vllm_proposer_cost_cpu.json")

@@ -17,7 +17,6 @@ proposed and accepted, proposer seconds, estimated wall time, and the ratio to r
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 
 from bench.common import machine_info, utc_now, write_json
-from bench.vllm_serving import encoded_prompts
+from bench.vllm_serving import encoded_prompts, pair_parser
 from ouroboros.vllm import OuroborosProposer
 from ouroboros.vllm.settings import PREFIX
 
@@ -157,15 +156,7 @@ def parse_configs(text: list[str], draft: str) -> dict[str, dict[str, str]]:
 
 
 def parse_args(argv=None):
-    from ouroboros.cli.pairs import PAIRS, cache_root  # optional: resolves the default pair folders only
-    pair = PAIRS["qwen2.5-coder-1.5b/0.5b"]
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--target", default=str(cache_root() / pair.target.model_id))
-    p.add_argument("--draft", default=str(cache_root() / pair.draft.model_id))
-    p.add_argument("--datasets", default="humaneval,gsm8k")
-    p.add_argument("--n-prompts", type=int, default=4)
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--k", type=int, default=4)
+    p = pair_parser(__doc__.splitlines()[0], 128)
     p.add_argument("--configs", nargs="*", default=list(DEFAULT_CONFIGS))
     p.add_argument("--cases", default="cold/concurrent,warm/concurrent,cold/batch1",
                    help="comma-separated cold|warm / batch1|concurrent")

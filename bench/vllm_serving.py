@@ -148,20 +148,27 @@ def print_table(rows: list[dict]) -> None:
               f"{r['acceptance_length']:.2f} | {r['same_as_plain']}/{r['outputs']} |")
 
 
-def parse_args(argv=None):
+def pair_parser(description: str, max_new_tokens: int) -> argparse.ArgumentParser:
+    """The arguments every vLLM benchmark takes: the real pair's folders (default: the cached
+    qwen2.5-coder-1.5b/0.5b), data sets, prompts per data set, new tokens, ``num_speculative_tokens``."""
     from ouroboros.cli.pairs import PAIRS, cache_root  # optional: resolves the default pair folders only
     pair = PAIRS["qwen2.5-coder-1.5b/0.5b"]
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--target", default=str(cache_root() / pair.target.model_id))
     p.add_argument("--draft", default=str(cache_root() / pair.draft.model_id))
-    p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--datasets", default="humaneval,gsm8k")
     p.add_argument("--n-prompts", type=int, default=4, help="prompts per data set, served at once (concurrent)")
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
+    return p
+
+
+def parse_args(argv=None):
+    p = pair_parser(__doc__.splitlines()[0], 128)
+    p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--batch1-prompts", type=int, default=1, help="of those, how many also run one at a time")
-    p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--max-model-len", type=int, default=1024)
     p.add_argument("--warmup-tokens", type=int, default=128, help="ours_pool_warm: new tokens per warm-up prompt")
-    p.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
     p.add_argument("--out", default="bench/results/vllm_serving_cpu.json")
     p.add_argument("--serve-one", dest="method", default=None, help=argparse.SUPPRESS)
     p.add_argument("--pool-file", default=None, help=argparse.SUPPRESS)
