@@ -47,7 +47,6 @@ class HistoryHead(nn.Module):
         bias = head.bias.detach() if head.bias is not None else None
         self._full = (weight, bias)                   # the full rows (the tied input embeddings: no copy)
         self.vocab = weight.shape[0]
-        self.in_features = weight.shape[1]
         self.base = _linear_rows(weight, bias, self.base_ids)
         self.extra = _linear_rows(weight, bias, [0])  # replaced by track(); unused while extra_ids is empty
         self.extra_ids: list[int] = []
@@ -79,11 +78,9 @@ class HistoryHead(nn.Module):
         if isinstance(self.extra, qdynamic.Linear):
             quantized = quantize_draft(nn.Sequential(rows))[0]
             self.extra.set_weight_bias(quantized.weight(), quantized.bias())
-            self.extra.out_features = len(ids)
         else:
-            self.extra.weight = rows.weight
-            self.extra.bias = rows.bias
-            self.extra.out_features = len(ids)
+            self.extra.weight, self.extra.bias = rows.weight, rows.bias
+        self.extra.out_features = len(ids)
         self.extra_ids, self._extra_set = ids, frozenset(ids)
         self.ids = self.base_ids + ids
         self.rebuilds += 1
